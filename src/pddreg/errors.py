@@ -1,0 +1,14 @@
+"""Errors that reach the user as one line (the command line prints ``pddreg: error: <message>``)."""
+
+from __future__ import annotations
+
+
+class PddregError(Exception):
+    """Base class of the errors pddreg reports to the user as one line."""
+
+
+class InputError(PddregError, ValueError):
+    """Bad user input: a missing or unreadable file, a wrong shape, non-finite values, ...
+
+    The message names the file (or argument) and the problem, on one line.
+    """
