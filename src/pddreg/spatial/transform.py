@@ -1,0 +1,219 @@
+"""Sampling, warping, composition and resizing of displacement fields.
+
+Convention:
+    Displacements are ``(B, ndim, *spatial)`` in voxel units, component ``i`` along array axis
+    ``i``; ``warped(x) = moving(x + u(x))``. Coarse grids relate to fine ones as
+    ``F.interpolate(..., align_corners=False)`` does: point ``k`` of a grid of size ``G`` sits at
+    voxel ``(k + 0.5) * S / G - 0.5`` of a grid of size ``S``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .grid import identity_grid, voxel_to_normalised
+
+__all__ = ["compose", "resize_field", "sample", "warp", "warp_labels"]
+
+_MODES = {"linear": "bilinear", "nearest": "nearest"}
+_PADDINGS = {"border": "border", "zeros": "zeros"}
+_INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def _check_image(image: torch.Tensor, fn: str, name: str = "image") -> int:
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{fn}: '{name}' must be a torch.Tensor, got {type(image).__name__}")
+    if image.dim() < 3:
+        raise ValueError(
+            f"{fn}: '{name}' must have shape (B, C, *spatial), got {tuple(image.shape)}"
+        )
+    return image.dim() - 2
+
+
+def _check_disp(disp: torch.Tensor, ndim: int, fn: str, name: str = "disp") -> None:
+    if not isinstance(disp, torch.Tensor):
+        raise TypeError(f"{fn}: '{name}' must be a torch.Tensor, got {type(disp).__name__}")
+    if disp.dim() != ndim + 2 or disp.shape[1] != ndim:
+        raise ValueError(
+            f"{fn}: '{name}' must have shape (B, {ndim}, *spatial), got {tuple(disp.shape)}"
+        )
+    if not disp.is_floating_point():
+        raise ValueError(f"{fn}: '{name}' must be floating point, got {disp.dtype}")
+
+
+def _match_batch(
+    a: torch.Tensor, b: torch.Tensor, fn: str, names: tuple[str, str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Broadcast a batch of 1 against a batch of B."""
+    if a.shape[0] == b.shape[0]:
+        return a, b
+    if a.shape[0] == 1:
+        return a.expand(b.shape[0], *a.shape[1:]), b
+    if b.shape[0] == 1:
+        return a, b.expand(a.shape[0], *b.shape[1:])
+    raise ValueError(
+        f"{fn}: batch sizes of '{names[0]}' ({a.shape[0]}) and '{names[1]}' ({b.shape[0]}) differ"
+    )
+
+
+def sample(
+    image: torch.Tensor,
+    coords: torch.Tensor,
+    mode: str = "linear",
+    padding: str = "border",
+) -> torch.Tensor:
+    """Sample an image at voxel coordinates.
+
+    Args:
+        image: ``(B, C, *S)`` floating-point image.
+        coords: ``(B, ndim, *out)`` voxel coordinates into ``image`` (component ``i`` along
+            array axis ``i``); a batch of 1 on either side broadcasts against the other.
+        mode: ``"linear"`` (bi/trilinear) or ``"nearest"``.
+        padding: ``"border"`` (repeat edge voxels) or ``"zeros"`` outside the image.
+
+    Returns:
+        ``(B, C, *out)`` samples, same dtype as ``image``. Differentiable w.r.t. ``image`` and
+        ``coords`` (linear mode).
+
+    Convention: voxel units, axis order of the array; see :mod:`pddreg.spatial`.
+    """
+    fn = "sample()"
+    ndim = _check_image(image, fn)
+    if mode not in _MODES:
+        raise ValueError(f"{fn}: 'mode' must be 'linear' or 'nearest', got {mode!r}")
+    if padding not in _PADDINGS:
+        raise ValueError(f"{fn}: 'padding' must be 'border' or 'zeros', got {padding!r}")
+    if ndim not in (1, 2, 3):
+        raise ValueError(f"{fn}: only 1-D, 2-D and 3-D images are supported, got {ndim}-D")
+    _check_disp(coords, ndim, fn, "coords")
+    if not image.is_floating_point():
+        raise ValueError(f"{fn}: 'image' must be floating point, got {image.dtype}")
+    if ndim == 1:
+        # grid_sample has no 1-D form: add a trailing axis of size 1 (coordinate 0 on it).
+        coords2 = torch.cat([coords, torch.zeros_like(coords)], dim=1).unsqueeze(-1)
+        return sample(image.unsqueeze(-1), coords2, mode, padding).squeeze(-1)
+    image, coords = _match_batch(image, coords, fn, ("image", "coords"))
+    coords = coords.to(image.dtype)
+    grid = voxel_to_normalised(coords, image.shape[2:])
+    return F.grid_sample(
+        image, grid, mode=_MODES[mode], padding_mode=_PADDINGS[padding], align_corners=True
+    )
+
+
+def _coords(disp: torch.Tensor) -> torch.Tensor:
+    return identity_grid(disp.shape[2:], disp.device, disp.dtype).unsqueeze(0) + disp
+
+
+def warp(
+    image: torch.Tensor,
+    disp: torch.Tensor,
+    mode: str = "linear",
+    padding: str = "border",
+) -> torch.Tensor:
+    """Warp an image by a displacement field: ``warped(x) = image(x + disp(x))``.
+
+    Args:
+        image: ``(B, C, *S)`` floating-point moving image.
+        disp: ``(B, ndim, *T)`` displacement in voxels of ``image``, defined on the output grid
+            ``T`` (normally ``T == S``); a batch of 1 broadcasts.
+        mode: ``"linear"`` or ``"nearest"``; padding: ``"border"`` or ``"zeros"``.
+
+    Returns:
+        ``(B, C, *T)`` warped image. Differentiable w.r.t. ``image`` and ``disp``.
+
+    Convention: voxel units, axis ``i`` component ``i``, backward mapping; see
+    :mod:`pddreg.spatial`.
+    """
+    ndim = _check_image(image, "warp()")
+    _check_disp(disp, ndim, "warp()")
+    return sample(image, _coords(disp.to(image.dtype)), mode=mode, padding=padding)
+
+
+def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+    """Warp an integer label map by nearest neighbour: ``out(x) = labels(round(x + disp(x)))``.
+
+    Args:
+        labels: ``(B, 1, *S)`` (or ``(B, C, *S)``) integer (or bool) label map.
+        disp: ``(B, ndim, *T)`` displacement in voxels; a batch of 1 broadcasts.
+
+    Returns:
+        ``(B, C, *T)`` with the dtype of ``labels`` (values are copied, never interpolated;
+        positions outside the image take the nearest border voxel).
+
+    Convention: see :mod:`pddreg.spatial`.
+    """
+    fn = "warp_labels()"
+    ndim = _check_image(labels, fn, "labels")
+    _check_disp(disp, ndim, fn)
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{fn}: 'labels' must be an integer tensor, got {labels.dtype}")
+    labels, disp = _match_batch(labels, disp, fn, ("labels", "disp"))
+    b, c = labels.shape[:2]
+    in_shape = labels.shape[2:]
+    out_shape = disp.shape[2:]
+    coords = _coords(disp)
+    # Round half to even, as grid_sample(mode="nearest") does, then clamp (border padding).
+    index = torch.zeros((b,) + tuple(out_shape), dtype=torch.long, device=labels.device)
+    for i, size in enumerate(in_shape):
+        idx = torch.round(coords[:, i]).clamp_(0, size - 1).long()
+        index = index * size + idx
+    flat = labels.reshape(b, c, -1)
+    out = torch.gather(flat, 2, index.reshape(b, 1, -1).expand(b, c, -1))
+    return out.reshape((b, c) + tuple(out_shape))
+
+
+def compose(first: torch.Tensor, second: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """Compose two displacement fields so that one warp equals two.
+
+    ``warp(warp(m, first), second) == warp(m, compose(first, second))``, i.e.
+    ``c(x) = second(x) + first(x + second(x))`` = ``second + warp(first, second)``.
+
+    Args:
+        first: ``(B, ndim, *S)`` the displacement applied first to the moving image.
+        second: ``(B, ndim, *S)`` the displacement applied to the result.
+        padding: how ``first`` is extended outside its grid (``"border"`` or ``"zeros"``).
+
+    Returns:
+        ``(B, ndim, *S)`` composed displacement in voxels.
+
+    Convention: see :mod:`pddreg.spatial`.
+    """
+    ndim = _check_image(first, "compose()", "first")
+    _check_disp(first, ndim, "compose()", "first")
+    _check_disp(second, ndim, "compose()", "second")
+    return second + warp(first, second, mode="linear", padding=padding)
+
+
+def resize_field(disp: torch.Tensor, shape: Sequence[int] | torch.Size) -> torch.Tensor:
+    """Resample a displacement field to another grid size and rescale its vectors.
+
+    Args:
+        disp: ``(B, ndim, *G)`` displacement in voxels of a grid of size ``G``.
+        shape: the target spatial shape ``(*S)``.
+
+    Returns:
+        ``(B, ndim, *S)`` displacement in voxels of the ``S`` grid: values interpolated
+        (bi/trilinear, ``align_corners=False``, so point ``k`` of ``G`` sits at voxel
+        ``(k + 0.5) * S / G - 0.5``) and component ``i`` multiplied by ``S[i] / G[i]``.
+
+    Convention: see :mod:`pddreg.spatial`.
+    """
+    fn = "resize_field()"
+    ndim = _check_image(disp, fn, "disp")
+    _check_disp(disp, ndim, fn)
+    target = tuple(int(s) for s in shape)
+    if len(target) != ndim or any(s < 1 for s in target):
+        raise ValueError(f"{fn}: 'shape' must hold {ndim} positive sizes, got {tuple(shape)}")
+    grid = tuple(disp.shape[2:])
+    if target == grid:
+        return disp.clone()
+    if ndim not in _INTERP:
+        raise ValueError(f"{fn}: only 1-D, 2-D and 3-D fields are supported, got {ndim}-D")
+    out = F.interpolate(disp, size=target, mode=_INTERP[ndim], align_corners=False)
+    factors = torch.tensor(
+        [t / g for t, g in zip(target, grid, strict=True)], device=disp.device, dtype=disp.dtype
+    )
+    return out * factors.view((1, ndim) + (1,) * ndim)
