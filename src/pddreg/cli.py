@@ -1,7 +1,336 @@
-"""The ``pddreg`` command (placeholder until the command-line work lands)."""
+"""The ``pddreg`` command: ``register``, ``track``, ``demo`` here; ``train``, ``evaluate`` and
+``slices`` registered by their own modules through ``add_subcommand(subparsers)``.
+
+Errors of the user's input (:class:`pddreg.errors.PddregError`) end as ONE line on stderr,
+``pddreg: error: <file or argument>: <problem>``, with exit status 2 and no output written.
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, PddregError
+
+logger = logging.getLogger("pddreg")
+
+__all__ = ["atomic_output_dir", "main", "output_suffix"]
+
+# Subcommands that live in other modules, each offering ``add_subcommand(subparsers)``.
+_EXTERNAL_COMMANDS = ("pddreg.train.command", "pddreg.report.evaluate", "pddreg.data.command")
+
+# Files ``register`` may write; stale ones from an earlier run into the same OUT are removed.
+_REGISTER_OUTPUTS = ("disp.npy", "disp.nii.gz", "warped.*", "warped_seg.*", "metrics.json")
+
+
+def output_suffix(path: str | os.PathLike[str]) -> str:
+    """The suffix to write an image like ``path`` with: .nii.gz / .nii / .png / .npy.
+
+    JPEG inputs give .png (no second lossy compression); other formats (MHA, NRRD, ...) .nii.gz.
+    """
+    name = os.fspath(path).lower()
+    for suffix in (".nii.gz", ".nii", ".png", ".npy"):
+        if name.endswith(suffix):
+            return suffix
+    if name.endswith((".jpg", ".jpeg")):
+        return ".png"
+    return ".nii.gz"
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike[str], owned: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; on success its files are moved into ``out``.
+
+    If ``out`` does not exist the folder is renamed to it (atomic); otherwise each file replaces
+    its namesake (``os.replace``) and files matching ``owned`` (glob patterns) that the new run
+    did not write are removed. On any error the temporary folder is deleted and ``out`` is left
+    exactly as it was.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as err:
+        raise InputError(f"{out}: cannot create the output folder ({err.strerror})") from err
+    try:
+        yield tmp
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        new = {p.name for p in tmp.iterdir()}
+        for pattern in owned:
+            for old in out.glob(pattern):
+                if old.name not in new and old.is_file():
+                    old.unlink()
+        for p in tmp.iterdir():
+            os.replace(p, out / p.name)
+    except OSError as err:
+        raise InputError(f"{out}: cannot write the outputs ({err.strerror or err})") from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_field_nifti(path: Path, disp: np.ndarray, affine: np.ndarray | None) -> None:
+    """Write a 3D field ``(3, *S)`` in the Learn2Reg layout ``(*S, 3)`` (voxel units)."""
+    import nibabel as nib
+
+    arr = np.moveaxis(np.asarray(disp, dtype=np.float32), 0, -1)
+    nib.save(nib.Nifti1Image(arr, np.eye(4) if affine is None else np.asarray(affine)), str(path))
+
+
+# ----------------------------------------------------------------------------- register
+def _cmd_register(args: argparse.Namespace) -> int:
+    from .api import register
+    from .data.io import read_image, read_labels, write_image
+
+    fixed = read_image(args.fixed)
+    moving = read_image(args.moving)
+    fseg = read_labels(args.fixed_seg) if args.fixed_seg else None
+    mseg = read_labels(args.moving_seg) if args.moving_seg else None
+    result = register(
+        fixed,
+        moving,
+        method=args.method,
+        model=args.model,
+        fixed_seg=fseg,
+        moving_seg=mseg,
+        device=args.device,
+        instance_opt=args.instance_opt,
+    )
+    suffix = output_suffix(args.moving)
+    with atomic_output_dir(args.output, _REGISTER_OUTPUTS) as tmp:
+        np.save(tmp / "disp.npy", result.disp)
+        if result.disp.shape[0] == 3:
+            write_field_nifti(tmp / "disp.nii.gz", result.disp, fixed.affine)
+        write_image(str(tmp / f"warped{suffix}"), result.warped, like=fixed)
+        if result.warped_seg is not None:
+            seg_suffix = output_suffix(args.moving_seg)
+            write_image(str(tmp / f"warped_seg{seg_suffix}"), result.warped_seg, like=fixed)
+        if result.metrics is not None:
+            doc = {
+                "fixed": args.fixed,
+                "moving": args.moving,
+                "fixed_seg": args.fixed_seg,
+                "moving_seg": args.moving_seg,
+                "method": result.method,
+                "runtime_s": result.runtime_s,
+                "spacing": list(result.spacing),
+                **result.metrics,
+            }
+            (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
+    summary = f"{result.method}: {result.runtime_s:.2f} s"
+    if result.metrics is not None and result.metrics.get("mean_dice") is not None:
+        before = result.metrics.get("mean_dice_before")
+        summary += f", mean Dice {before:.3f} -> {result.metrics['mean_dice']:.3f}"
+    print(f"{summary}; wrote {args.output}")
+    return 0
+
+
+def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "register",
+        parents=[common],
+        help="register two images (2D or 3D)",
+        description="Register MOVING onto FIXED and write OUT/disp.npy, OUT/disp.nii.gz (3D), "
+        "OUT/warped.*, OUT/warped_seg.* (with --moving-seg) and OUT/metrics.json (with both "
+        "segmentations). Nothing is written unless the whole registration succeeds.",
+    )
+    p.add_argument("fixed", help="fixed image (.nii/.nii.gz, .png/.jpg, .npy, .mha/.nrrd)")
+    p.add_argument("moving", help="moving image, same shape as the fixed one")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--method", choices=("pdd", "mind", "none"), default="pdd")
+    p.add_argument("--model", metavar="PATH", help="saved model for pdd (default: shipped)")
+    p.add_argument("--fixed-seg", metavar="F", help="fixed label map (for metrics.json)")
+    p.add_argument("--moving-seg", metavar="M", help="moving label map (warped_seg.*)")
+    p.add_argument(
+        "--instance-opt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="instance optimisation after the network (pdd; default: the model's setting)",
+    )
+    p.set_defaults(func=_cmd_register)
+
+
+# ----------------------------------------------------------------------------- track / demo
+def _cmd_track(args: argparse.Namespace) -> int:
+    from .report.track import track_files
+
+    summary = track_files(
+        args.frames,
+        args.seg,
+        args.output,
+        method=args.method,
+        mode=args.mode,
+        model=args.model,
+        device=args.device,
+    )
+    print(
+        f"tracked {len(summary['frames'])} frames ({args.method}, {args.mode}) "
+        f"in {summary['runtime_s']:.1f} s; wrote {args.output}"
+    )
+    return 0
+
+
+def _add_track(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "track",
+        parents=[common],
+        help="propagate the first frame's segmentation through a 2D+t sequence",
+        description="Propagate FIRST_SEG (the labels of the first frame) through the frames and "
+        "write OUT/seg_TTTT.* per frame, OUT/disp_TTTT.npy and OUT/summary.json. Mode "
+        "'anchored' (default) registers every frame to the first one, starting from the "
+        "previous frame's field; 'sequential' registers each frame to the one before and "
+        "composes the fields.",
+    )
+    p.add_argument("frames", nargs="+", help="frames in time order (first = reference)")
+    p.add_argument("--seg", required=True, metavar="FIRST_SEG", help="labels of the first frame")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--method", choices=("pdd", "mind", "none"), default="mind")
+    p.add_argument("--mode", choices=("anchored", "sequential"), default="anchored")
+    p.add_argument("--model", metavar="PATH", help="saved model for pdd (default: shipped)")
+    p.set_defaults(func=_cmd_track)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .report.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        output=args.output,
+        seed=args.seed,
+        quick=args.quick,
+        subjects=args.subjects,
+        held_out=args.held_out,
+        steps=args.steps,
+        max_pairs=args.pairs,
+        device=args.device,
+    )
+    result = run_demo(config)
+    print(result.table)
+    print(f"report: {result.report}")
+    return 0
+
+
+def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="end to end on built-in phantoms: fine-tune, register, table, report",
+        description="Fine-tune the shipped 2D PDD-Net on built-in abdominal phantoms, register "
+        "the held-out pairs with none / mind / pdd, print the table and write figures and "
+        "report.html to OUT.",
+    )
+    p.add_argument("-o", "--output", default="pddreg_demo", metavar="OUT")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="fewer subjects, steps and pairs")
+    p.add_argument("--subjects", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--held-out", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--pairs", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_demo)
+
+
+# ----------------------------------------------------------------------------- main
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """--log-level and --device, accepted before and after the subcommand."""
+    p = argparse.ArgumentParser(add_help=False)
+    default_level = argparse.SUPPRESS if suppress else "warning"
+    default_device = argparse.SUPPRESS if suppress else None
+    p.add_argument(
+        "--log-level",
+        default=default_level,
+        choices=("debug", "info", "warning", "error"),
+        help="logging level (default: warning)",
+    )
+    p.add_argument(
+        "--device",
+        default=default_device,
+        help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pddreg`` parser with every subcommand that is installed."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pddreg",
+        parents=[_common_options(suppress=False)],
+        description="Deformable image registration by discrete displacement search (PDD-Net).",
+    )
+    parser.add_argument("--version", action="version", version=f"pddreg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    common = _common_options(suppress=True)
+    _add_register(sub, common)
+    _add_track(sub, common)
+    _add_demo(sub, common)
+    for name in _EXTERNAL_COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            logger.debug("subcommand module %s not available: %s", name, err)
+            continue
+        add: Callable[[Any], Any] | None = getattr(module, "add_subcommand", None)
+        if add is None:
+            logger.debug("%s has no add_subcommand()", name)
+            continue
+        add(sub)
+    return parser
+
+
+def _resolve_device_option(args: argparse.Namespace) -> None:
+    from .api import default_device
+
+    if getattr(args, "device", None) is None:
+        args.device = str(default_device())
+    import torch
+
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"--device: not a device: {args.device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device: {args.device} requested but CUDA is not available")
+
 
 def main(argv: list[str] | None = None) -> int:
-    raise SystemExit("pddreg: the command line is being built")
+    """Run the ``pddreg`` command; returns the exit status (0 ok, 2 bad input)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--log-level", default="warning")
+    known, _ = pre.parse_known_args(argv)
+    level = getattr(logging, str(known.log_level).upper(), logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.getLogger().setLevel(getattr(logging, args.log_level.upper()))
+    try:
+        _resolve_device_option(args)
+        return int(args.func(args) or 0)
+    except PddregError as err:
+        message = " ".join(str(err).split())
+        print(f"pddreg: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pddreg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
