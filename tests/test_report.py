@@ -1,0 +1,215 @@
+"""Figures, the HTML report and 2D+t tracking (pddreg.report.figures / html / track)."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from pddreg.errors import InputError
+from pddreg.report.figures import (
+    figure_to_png,
+    four_panel_figure,
+    grid_figure,
+    jacobian_figure,
+    middle_slices,
+    save_pair_figures,
+)
+from pddreg.report.html import ReportFigure, render_report, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _disc_labels(shape: tuple[int, ...], centre_shift: float = 0.0) -> np.ndarray:
+    grid = np.indices(shape).astype(np.float32)
+    centre = np.array([s / 2 + centre_shift for s in shape], dtype=np.float32)
+    r = np.sqrt(((grid - centre.reshape(-1, *([1] * len(shape)))) ** 2).sum(0))
+    labels = np.zeros(shape, dtype=np.int64)
+    labels[r < min(shape) / 3] = 1
+    labels[r < min(shape) / 6] = 2
+    return labels
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_MAGIC
+    w = int.from_bytes(data[16:20], "big")
+    h = int.from_bytes(data[20:24], "big")
+    return w, h
+
+
+# ----------------------------------------------------------------------------- figures
+def test_middle_slices_2d_and_3d():
+    a = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    planes = middle_slices(a)
+    assert [p.shape for _, p in planes] == [(5, 6), (4, 6), (4, 5)]
+    np.testing.assert_array_equal(planes[0][1], a[2])
+    np.testing.assert_array_equal(planes[2][1], a[:, :, 3])
+    field = np.zeros((3, 4, 5, 6))
+    assert [p.shape for _, p in middle_slices(field, ndim=3)] == [(3, 5, 6), (3, 4, 6), (3, 4, 5)]
+    assert middle_slices(a[0])[0][1].shape == (5, 6)
+
+
+@pytest.mark.parametrize("shape", [(24, 32), (12, 14, 16)])
+def test_four_panel_figure(shape):
+    rng = np.random.default_rng(0)
+    fixed = rng.random(shape).astype(np.float32)
+    seg = _disc_labels(shape)
+    fig = four_panel_figure(fixed, fixed * 0.5, fixed, seg, _disc_labels(shape, 1.0), title="t")
+    rows = 1 if len(shape) == 2 else 3
+    axes = fig.get_axes()
+    assert len(axes) == 4 * rows
+    titles = [ax.get_title() for ax in axes[:4]]
+    assert titles[0].startswith("fixed scan + fixed labels")
+    assert titles[1].startswith("moving scan + fixed labels")
+    assert titles[2].startswith("fixed scan + warped moving labels")
+    assert titles[3].startswith("warped moving scan + fixed labels")
+    png = figure_to_png(fig, dpi=40)
+    w, h = _png_size(png)
+    assert w > h > 0  # four panels side by side
+    # no labels at all still draws
+    assert len(four_panel_figure(fixed, fixed, fixed).get_axes()) == 4 * rows
+    with pytest.raises(ValueError, match=r"\(\*S\)"):
+        four_panel_figure(fixed, fixed[:-1], fixed)
+
+
+def test_grid_figure_draws_lines_at_x_plus_u():
+    shape = (16, 20)
+    disp = np.zeros((2, *shape), dtype=np.float32)
+    disp[0] = 1.5  # all fixed points map 1.5 rows down
+    disp[1] = -2.0
+    fig = grid_figure(disp, image=np.ones(shape), step=4)
+    ax = fig.get_axes()[0]
+    lines = ax.get_lines()
+    assert len(lines) == len(range(0, 16, 4)) + len(range(0, 20, 4))
+    # first horizontal line: row 0 -> y = 1.5, x = cols - 2
+    x, y = lines[0].get_data()
+    np.testing.assert_allclose(y, 1.5)
+    np.testing.assert_allclose(x, np.arange(20) - 2.0)
+    # 3D: one panel per middle slice, in-plane components
+    fig3 = grid_figure(np.zeros((3, 8, 10, 12), dtype=np.float32), step=2)
+    assert len(fig3.get_axes()) == 3
+    with pytest.raises(ValueError, match="ndim"):
+        grid_figure(np.zeros((2, 4, 4, 4)))
+
+
+def test_jacobian_figure_reports_folding():
+    shape = (20, 20)
+    disp = np.zeros((2, *shape), dtype=np.float32)
+    # compress strongly along axis 1 in a band -> det J <= 0 there
+    disp[1, :, 8:12] = -2.5 * (np.arange(4) - 1.5)[None, :]
+    from pddreg.spatial import jacobian_det
+
+    jac = jacobian_det(torch.from_numpy(disp)[None])[0].numpy()
+    expected = 100 * float(np.mean(jac <= 0))
+    assert expected > 0
+    fig = jacobian_figure(disp)
+    assert f"{expected:.2f}% folding" in fig._suptitle.get_text()
+    assert len(fig.get_axes()) == 2  # map + colour bar
+    identity = jacobian_figure(np.zeros((3, 6, 6, 6), dtype=np.float32))
+    assert "0.00% folding" in identity._suptitle.get_text()
+
+
+def test_save_pair_figures(tmp_path):
+    shape = (24, 28)
+    img = np.random.default_rng(1).random(shape).astype(np.float32)
+    seg = _disc_labels(shape)
+    paths = save_pair_figures(
+        tmp_path, "p0", img, img, img, np.zeros((2, *shape)), seg, seg, title="x"
+    )
+    assert set(paths) == {"pair", "grid", "jacobian"}
+    for p in paths.values():
+        assert p.read_bytes()[:8] == PNG_MAGIC
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+# ----------------------------------------------------------------------------- html
+def test_report_is_self_contained(tmp_path):
+    png = figure_to_png(grid_figure(np.zeros((2, 8, 8))), dpi=30)
+    rows = [
+        {"method": "none", "dice_mean": 0.41, "time": 0.0},
+        {"method": "pdd <b>", "dice_mean": float("nan"), "time": 0.07},
+    ]
+    path = write_report(
+        tmp_path / "r" / "report.html",
+        title="T & t",
+        table_rows=rows,
+        table_text="a  b\n1  2",
+        figures=[("Pair 0", [ReportFigure("grid <x>", png)])],
+        settings={"seed": 3},
+        notes=["note"],
+    )
+    text = path.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    assert "T &amp; t" in text and "pdd &lt;b&gt;" in text and "grid &lt;x&gt;" in text
+    assert "<td>0.41</td>" in text and "&ndash;" in text  # NaN shown as a dash
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(embedded) == 1 and base64.b64decode(embedded[0]) == png
+    assert "http" not in text and "<link" not in text  # nothing external
+    assert "seed" in text
+    # a figure given as a path is embedded too
+    p = tmp_path / "f.png"
+    p.write_bytes(png)
+    assert base64.b64encode(png).decode() in render_report("x", figures=[ReportFigure("f", p)])
+
+
+# ----------------------------------------------------------------------------- tracking
+def _phase_shift(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """Oracle for periodic integer translations: u with fixed(x) = moving(x + u)."""
+    f = torch.fft.fftn(fixed[0, 0])
+    m = torch.fft.fftn(moving[0, 0])
+    r = torch.fft.ifftn(m * f.conj() / ((m * f.conj()).abs() + 1e-9)).real
+    idx = np.unravel_index(int(r.argmax()), r.shape)
+    shift = [i if i <= s // 2 else i - s for i, s in zip(idx, r.shape, strict=True)]
+    disp = torch.zeros((1, fixed.dim() - 2, *fixed.shape[2:]))
+    for a, s in enumerate(shift):
+        disp[0, a] = float(s)
+    return disp
+
+
+def _smooth_texture(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))[None, None]
+    for _ in range(3):
+        noise = torch.nn.functional.avg_pool2d(
+            noise, 5, stride=1, padding=2, count_include_pad=False
+        )
+    out = noise[0, 0].numpy()
+    return (out - out.min()) / (out.max() - out.min())
+
+
+@pytest.mark.parametrize("mode", ["anchored", "sequential"])
+def test_track_composes_fields_exactly(mode):
+    from pddreg.report.track import track_sequence
+
+    shape = (32, 32)
+    base = _smooth_texture(shape, 0)
+    seg = _disc_labels(shape)
+    step = (1, 2)  # frame t(x) = frame0(x + t*step)
+    frames = [np.roll(base, (-t * step[0], -t * step[1]), axis=(0, 1)) for t in range(5)]
+    res = track_sequence(frames, seg, _phase_shift, mode=mode, progress=False)
+    assert len(res.segs) == len(res.disps) == len(res.frames) == 5
+    np.testing.assert_array_equal(res.segs[0], seg)
+    for t in range(1, 5):
+        np.testing.assert_allclose(res.disps[t][0], t * step[0], atol=1e-4)
+        np.testing.assert_allclose(res.disps[t][1], t * step[1], atol=1e-4)
+        expect = np.roll(seg, (-t * step[0], -t * step[1]), axis=(0, 1))
+        np.testing.assert_array_equal(res.segs[t][4:-10, 4:-10], expect[4:-10, 4:-10])
+        assert res.frames[t]["folding_fraction"] == 0.0
+    assert res.frames[4]["mean_displacement_vox"] == pytest.approx(np.hypot(4, 8), abs=1e-3)
+
+
+def test_track_rejects_bad_input():
+    from pddreg.report.track import track_sequence
+
+    a = np.zeros((8, 8), dtype=np.float32)
+    with pytest.raises(InputError, match="frames"):
+        track_sequence([a], a.astype(np.int64), _phase_shift)
+    with pytest.raises(InputError, match="frame 1"):
+        track_sequence([a, a[:-1]], a.astype(np.int64), _phase_shift)
+    with pytest.raises(InputError, match="--mode"):
+        track_sequence([a, a], a.astype(np.int64), _phase_shift, mode="x")
+    with pytest.raises(InputError, match="--seg"):
+        track_sequence([a, a], np.zeros((4, 4), np.int64), _phase_shift)
