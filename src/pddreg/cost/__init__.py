@@ -1,1 +1,34 @@
+"""Cost volumes: correlation layer, regularisation (min-convolution, mean-field), soft fields.
 
+Layout ``(B, |L|, *G)`` (displacement-major); the displacement set is
+``displacement_set(radius, spacing, ndim)`` (C order, axis 0 slowest); control point ``k`` of a
+grid ``G`` inside a map ``S`` sits at ``(k + 0.5) * S / G - 0.5`` per axis.
+"""
+
+from __future__ import annotations
+
+from .correlation import correlation, displacement_set, expected_values
+from .field import expected_displacement, probabilities, soft_field
+from .regularise import (
+    DEFAULT_ALPHA,
+    EXACT_WEIGHT,
+    meanfield,
+    minconv,
+    minconv_exact,
+    regularise,
+)
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "EXACT_WEIGHT",
+    "correlation",
+    "displacement_set",
+    "expected_displacement",
+    "expected_values",
+    "meanfield",
+    "minconv",
+    "minconv_exact",
+    "probabilities",
+    "regularise",
+    "soft_field",
+]

@@ -1,0 +1,285 @@
+"""Private machinery shared by the correlation layer and ``expected_values``.
+
+Convention: control point ``k`` of a grid of size ``G`` inside a moving map of size ``S`` sits at
+``p_k = (k + 0.5) * S / G - 0.5`` per axis (``align_corners=False``); displacement ``j`` (index
+``0 .. 2r``) adds ``(j - r) * spacing``.  Every needed sample position ``p_k + d_j`` lies on a
+regular 1D *lattice* per axis, ``x_n = offset + h * n`` with ``S / G = a * h`` and
+``spacing = b * h`` for integers ``a, b`` (``h`` is the rational gcd of the two), so that the
+sample of point ``k`` at displacement ``j`` is lattice node ``n = a * k + b * j``.
+
+The moving features are resampled once onto that lattice (separable linear interpolation, an
+exact copy when the nodes are integer voxels), then the control grid is cut into *tiles* of
+``T`` points per axis.  Each tile needs a window of ``W = a * (T - 1) + 2 * r * b + 1`` lattice
+nodes per axis; one batched matmul of the tile's (augmented) fixed features with the window's
+(augmented) moving features gives every (point, node) product at once, and a gather with a
+precomputed index ``(point in tile, displacement) -> node in window`` keeps the ones needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+# Default bound on the extra working memory of one chunk (bytes).
+DEFAULT_MAX_MEMORY = 256 * 2**20
+
+# Largest lattice step ratios handled by the tiled path; beyond it the direct path samples the
+# moving map at every (point, displacement) per chunk of displacements.
+_MAX_RATIO = 16
+
+
+def _as_fraction(x: float) -> Fraction | None:
+    """Rational value of ``x`` when it is one with a small denominator (within 1e-9), else None."""
+    f = Fraction(x).limit_denominator(64)
+    if abs(float(f) - x) > 1e-9 * max(1.0, abs(x)):
+        return None
+    return f
+
+
+def _frac_gcd(x: Fraction, y: Fraction) -> Fraction:
+    return Fraction(
+        math.gcd(x.numerator * y.denominator, y.numerator * x.denominator),
+        x.denominator * y.denominator,
+    )
+
+
+@dataclass(frozen=True)
+class AxisLattice:
+    """One axis: node ``n`` at ``offset + h * n``; point k, displacement j -> node a*k + b*j."""
+
+    offset: float
+    h: float
+    a: int
+    b: int
+
+
+def axis_lattice(size: int, grid: int, radius: int, spacing: float) -> AxisLattice | None:
+    """The lattice of one axis, or None when stride and spacing have no small common step."""
+    stride = Fraction(size, grid)
+    if radius == 0:
+        h = stride
+    else:
+        sp = _as_fraction(spacing)
+        if sp is None:
+            return None
+        h = _frac_gcd(stride, sp)
+    a = int(stride / h)
+    b = int(Fraction(spacing).limit_denominator(64) / h) if radius > 0 else 1
+    if a > _MAX_RATIO or b > _MAX_RATIO:
+        return None
+    offset = (float(stride) * 0.5 - 0.5) - radius * spacing
+    return AxisLattice(offset=offset, h=float(h), a=a, b=b)
+
+
+def resample_axis(x: torch.Tensor, dim: int, positions: torch.Tensor, padding: str) -> torch.Tensor:
+    """Linear interpolation of ``x`` along ``dim`` at voxel ``positions`` (float64, 1D).
+
+    ``padding="zeros"``: samples outside contribute 0 (as ``grid_sample``); ``"border"``: the
+    coordinate is clamped to the edge.  Integer positions give an exact copy.
+    """
+    size = x.shape[dim]
+    if padding == "border":
+        positions = positions.clamp(0, size - 1)
+    i0 = torch.floor(positions)
+    frac = positions - i0
+    i0 = i0.long()
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    integer = bool((frac == 0).all())
+    taps = [(i0, 1.0 - frac)] if integer else [(i0, 1.0 - frac), (i0 + 1, frac)]
+    out = None
+    for idx, w in taps:
+        valid = (idx >= 0) & (idx < size)
+        w = w * valid
+        vals = x.index_select(dim, idx.clamp(0, size - 1).to(x.device))
+        if not (integer and bool(valid.all())):
+            vals = vals * w.to(device=x.device, dtype=x.dtype).view(shape)
+        out = vals if out is None else out + vals
+    assert out is not None
+    return out
+
+
+@dataclass
+class TilePlan:
+    """How the control grid is cut into tiles and where each tile's lattice window lies."""
+
+    ndim: int
+    grid: tuple[int, ...]  # G
+    radius: int
+    axes: tuple[AxisLattice, ...]
+    tile: tuple[int, ...]  # T
+    ntiles: tuple[int, ...]  # nT
+    window: tuple[int, ...]  # W
+    nodes: tuple[int, ...]  # lattice size N per axis
+
+    @property
+    def padded_grid(self) -> tuple[int, ...]:
+        return tuple(t * n for t, n in zip(self.tile, self.ntiles, strict=True))
+
+    @property
+    def tile_points(self) -> int:
+        return math.prod(self.tile)
+
+    @property
+    def window_nodes(self) -> int:
+        return math.prod(self.window)
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """(Kt, |L|) int64: node in the flattened window of (point in tile, displacement)."""
+        n = 2 * self.radius + 1
+        # build explicitly with broadcasting: shape (*tile, *(n,)*ndim)
+        parts = []
+        for ax in range(self.ndim):
+            stride = math.prod(self.window[ax + 1 :])
+            shape_t = [1] * (2 * self.ndim)
+            shape_t[ax] = self.tile[ax]
+            shape_j = [1] * (2 * self.ndim)
+            shape_j[self.ndim + ax] = n
+            t = (torch.arange(self.tile[ax]) * self.axes[ax].a * stride).view(shape_t)
+            j = (torch.arange(n) * self.axes[ax].b * stride).view(shape_j)
+            parts.append(t + j)
+        idx = parts[0]
+        for p in parts[1:]:
+            idx = idx + p
+        return idx.reshape(self.tile_points, n**self.ndim).to(device)
+
+    def lattice_positions(self, ax: int) -> torch.Tensor:
+        """Voxel positions (float64) of the lattice nodes of axis ``ax``."""
+        lat = self.axes[ax]
+        return lat.offset + lat.h * torch.arange(self.nodes[ax], dtype=torch.float64)
+
+
+def _tile_cost(tile: Sequence[int], axes: Sequence[AxisLattice], grid, radius, channels) -> float:
+    """Rough time model of one plan (arbitrary units per control point)."""
+    win = [lat.a * (t - 1) + 2 * radius * lat.b + 1 for t, lat in zip(tile, axes, strict=True)]
+    kt = math.prod(tile)
+    wt = math.prod(win)
+    pad = math.prod(math.ceil(g / t) * t / g for g, t in zip(grid, tile, strict=True))
+    # matmul MACs per point + copying the window (amortised over the tile) + the output rows
+    per_point = wt * channels + 6.0 * (channels * wt / kt + wt)
+    return per_point * pad
+
+
+def make_plan(
+    grid: Sequence[int], size: Sequence[int], radius: int, spacing: float, channels: int
+) -> TilePlan | None:
+    """A tiled plan for these sizes, or None when the lattice route does not apply."""
+    ndim = len(grid)
+    axes = []
+    for g, s in zip(grid, size, strict=True):
+        lat = axis_lattice(s, g, radius, spacing)
+        if lat is None:
+            return None
+        axes.append(lat)
+    cands = []
+    for g in grid:
+        c = {t for t in (1, 2, 3, 4, 5, 6, 8, 10, 12, 16) if t <= g}
+        cands.append(sorted(c) or [1])
+    best = None
+    for tile in itertools.product(*cands):
+        if math.prod(tile) > 512:
+            continue
+        cost = _tile_cost(tile, axes, grid, radius, channels + 2)
+        if best is None or cost < best[0]:
+            best = (cost, tile)
+    assert best is not None
+    tile = best[1]
+    ntiles = tuple(math.ceil(g / t) for g, t in zip(grid, tile, strict=True))
+    window = tuple(
+        lat.a * (t - 1) + 2 * radius * lat.b + 1 for t, lat in zip(tile, axes, strict=True)
+    )
+    nodes = tuple(
+        lat.a * t * (n - 1) + w for lat, t, n, w in zip(axes, tile, ntiles, window, strict=True)
+    )
+    return TilePlan(
+        ndim=ndim,
+        grid=tuple(grid),
+        radius=radius,
+        axes=tuple(axes),
+        tile=tile,
+        ntiles=ntiles,
+        window=window,
+        nodes=nodes,
+    )
+
+
+def to_lattice(x: torch.Tensor, plan: TilePlan, padding: str) -> torch.Tensor:
+    """Resample ``x`` (B, C, *S) onto the plan's lattice -> (B, C, *N)."""
+    for ax in range(plan.ndim):
+        x = resample_axis(x, 2 + ax, plan.lattice_positions(ax), padding)
+    return x
+
+
+def windows(lat: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """Strided view (B, C, *nT, *W) of the tile windows of a lattice tensor (B, C, *N)."""
+    v = lat
+    for ax in range(plan.ndim):
+        v = v.unfold(2 + ax, plan.window[ax], plan.axes[ax].a * plan.tile[ax])
+    return v
+
+
+def tiles_view(x: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """View (B, C, nT0, T0, nT1, T1, ...) of a grid tensor (B, C, *padded_grid)."""
+    shape = list(x.shape[:2])
+    for n, t in zip(plan.ntiles, plan.tile, strict=True):
+        shape += [n, t]
+    return x.view(shape)
+
+
+def pad_grid(x: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """Zero-pad the grid axes of (B, C, *G) to the plan's padded grid."""
+    pg = plan.padded_grid
+    if tuple(x.shape[2:]) == pg:
+        return x
+    pads: list[int] = []
+    for g, p in zip(reversed(plan.grid), reversed(pg), strict=True):
+        pads += [0, p - g]
+    return torch.nn.functional.pad(x, pads)
+
+
+def chunk_shape(ntiles: Sequence[int], per_tile_bytes: int, max_memory: int) -> tuple[int, ...]:
+    """Largest block of tiles (inner axes first) whose working memory fits ``max_memory``."""
+    budget = max(1, max_memory // max(1, per_tile_bytes))
+    shape = [1] * len(ntiles)
+    for ax in reversed(range(len(ntiles))):
+        inner = math.prod(shape[ax + 1 :])
+        take = max(1, min(ntiles[ax], budget // inner))
+        shape[ax] = take
+        if take < ntiles[ax]:
+            break
+    return tuple(shape)
+
+
+def run_chunks(
+    fn: Callable[[tuple[slice, ...]], torch.Tensor | None],
+    ntiles: Sequence[int],
+    chunk: Sequence[int],
+) -> torch.Tensor | None:
+    """Call ``fn`` on every block of tiles; concatenate returned blocks along the tile axes."""
+    nd = len(ntiles)
+
+    def rec(ax: int, prefix: tuple[slice, ...]) -> torch.Tensor | None:
+        if ax == nd:
+            return fn(prefix)
+        parts = [
+            rec(ax + 1, prefix + (slice(s, min(s + chunk[ax], ntiles[ax])),))
+            for s in range(0, ntiles[ax], chunk[ax])
+        ]
+        if parts[0] is None:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts, ax)  # type: ignore[arg-type]
+
+    return rec(0, ())
+
+
+def interleave_perm(ndim: int, lead: int) -> list[int]:
+    """Permutation taking (*lead, *nT, *T, X) to (*lead, X, nT0, T0, nT1, T1, ...)."""
+    perm = list(range(lead)) + [lead + 2 * ndim]
+    for ax in range(ndim):
+        perm += [lead + ax, lead + ndim + ax]
+    return perm
