@@ -97,8 +97,8 @@ class LectureNet(nn.Module):
         half = width // 2
         self.body = nn.Sequential(
             *_block(ndim, 1, half, 5, 2, norm),
-            *_block(ndim, half, width, 3, 1, norm),
-            *_block(ndim, width, width, 3, 2, norm),
+            *_block(ndim, half, width, 3, 2, norm),
+            *_block(ndim, width, width, 3, 1, norm),
             *_block(ndim, width, width, 3, 1, norm),
             layer("conv", ndim)(width, channels, 1),
             nn.Sigmoid(),

@@ -1,0 +1,320 @@
+"""PDD-Net: probabilistic dense displacement network (Heinrich, MICCAI 2019), 2D and 3D.
+
+features (learned, shared by both images) -> correlation over a dense discrete displacement
+set on a coarse control grid -> min-convolution / mean-field regularisation with six learned
+scalar weights -> probabilities -> expected (soft) displacement -> dense field.
+Optionally a second level on the moving features warped by the first field (smaller range,
+finer steps, its own six weights; fields composed) and instance optimisation at inference.
+
+Inference (:meth:`PDDNet.register`) runs the same computation through the generic
+:func:`pddreg.optim.discrete_register` with the learned features and weights (memory-lean,
+no graph), followed by its instance optimisation when asked for.
+
+Units: the displacement set of a level is ``spacing * {-r..r}^ndim`` in voxels of the moving
+feature map (size ``S_f = ceil(S / stride)``); the control grid ``G = ceil(S_f / grid_stride)``.
+``disp_grid`` is returned in voxels of ``G`` (so ``resize_field(disp_grid, S) == disp``);
+``disp`` is in voxels of the image, ``warped(x) = moving(x + disp(x))``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pddreg.features.nets import build_feature_net
+
+__all__ = ["PDDNet", "PDDNetConfig"]
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("lecture", "obelisk", "mind")
+LABEL_LOSSES = ("nonlocal", "warped")
+
+
+@dataclass
+class PDDNetConfig:
+    """Configuration of :class:`PDDNet` (saved with the weights).
+
+    Attributes:
+        ndim: 2 or 3.
+        features: "lecture" (small CNN), "obelisk" (learned sampling offsets) or "mind"
+            (MIND-SSC, no weights: only the six regularisation weights are learned).
+        feature_kwargs: extra arguments of the feature net (e.g. ``{"channels": 16}``).
+        radius, spacing, grid_stride: level 1 displacement set ``spacing * {-r..r}^ndim`` (in
+            moving feature voxels) and control grid (feature grid pooled by ``grid_stride``).
+        levels: 1 or 2; level 2 runs on the moving image warped by level 1 with
+            ``radius2``, ``spacing2``, ``grid_stride2``.
+        use_meanfield: mean-field smoothing over the control grid (ablation switch).
+        exact_minconv: exact lower-envelope min-convolution instead of the lecture's approximation.
+        alpha: initial regularisation weights (six); None takes ``pddreg.cost.DEFAULT_ALPHA``.
+        padding: how the moving features are padded outside the image ("border" or "zeros").
+        label_loss: "nonlocal" (PDD-Net's loss on the probabilities) or "warped" (warp the
+            moving one-hot labels with the soft field; ablation).
+        lambda_diffusion: weight of the diffusion penalty of the control-grid field.
+        instance_opt: run instance optimisation in :meth:`PDDNet.register` by default.
+        io_iters, io_lambda, io_lr: instance optimisation settings (None: the optimiser's own).
+    """
+
+    ndim: int = 2
+    features: str = "lecture"
+    feature_kwargs: dict[str, Any] = field(default_factory=dict)
+    radius: int = 6
+    spacing: float = 1.0
+    grid_stride: int = 1
+    levels: int = 1
+    radius2: int = 2
+    spacing2: float = 0.5
+    grid_stride2: int = 1
+    use_meanfield: bool = True
+    exact_minconv: bool = False
+    alpha: list[float] | None = None
+    padding: str = "border"
+    label_loss: str = "nonlocal"
+    lambda_diffusion: float = 0.1
+    instance_opt: bool = False
+    io_iters: int | None = None
+    io_lambda: float | None = None
+    io_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.ndim not in (2, 3):
+            raise ValueError(f"PDDNetConfig: ndim must be 2 or 3, got {self.ndim}")
+        if self.features not in FEATURES:
+            raise ValueError(
+                f"PDDNetConfig: features must be one of {FEATURES}, got {self.features!r}"
+            )
+        if self.levels not in (1, 2):
+            raise ValueError(f"PDDNetConfig: levels must be 1 or 2, got {self.levels}")
+        if self.label_loss not in LABEL_LOSSES:
+            raise ValueError(
+                f"PDDNetConfig: label_loss must be one of {LABEL_LOSSES}, got {self.label_loss!r}"
+            )
+        for name in ("radius", "radius2", "grid_stride", "grid_stride2"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PDDNetConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.spacing <= 0 or self.spacing2 <= 0:
+            raise ValueError("PDDNetConfig: spacing and spacing2 must be > 0")
+
+
+def _area(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if tuple(x.shape[2:]) == shape:
+        return x
+    pool = F.adaptive_avg_pool2d if x.dim() == 4 else F.adaptive_avg_pool3d
+    return pool(x, shape)
+
+
+class PDDNet(nn.Module):
+    """PDD-Net with a learned feature net and learned regularisation weights.
+
+    ``model(fixed, moving)`` with images ``(B, 1, *S)`` in ``[0, 1]`` returns a dict:
+    ``"disp"`` ``(B, ndim, *S)`` (image voxels), ``"disp_grid"`` ``(B, ndim, *G)`` (voxels of
+    ``G``), ``"prob"`` ``(B, |L|, *G)`` and ``"cost"`` (regularised) of the last level, and
+    ``"levels"``: a list with those entries (plus ``"raw_cost"``, ``"radius"``, ``"spacing"``,
+    ``"feature_shape"``, and ``"disp_feat"``: the field so far on the feature grid ``F`` in
+    voxels of ``F``) per level.
+    """
+
+    def __init__(self, config: PDDNetConfig | None = None) -> None:
+        super().__init__()
+        from pddreg.cost import DEFAULT_ALPHA
+
+        self.config = config = config if config is not None else PDDNetConfig()
+        self.features = build_feature_net(config.features, config.ndim, **config.feature_kwargs)
+        alpha = config.alpha if config.alpha is not None else DEFAULT_ALPHA
+        alpha = torch.as_tensor(alpha, dtype=torch.float32).flatten()
+        if alpha.numel() != 6:
+            raise ValueError(f"PDDNetConfig: alpha must have 6 values, got {alpha.numel()}")
+        self.alpha = nn.Parameter(alpha.clone())
+        self.alpha2 = nn.Parameter(alpha.clone()) if config.levels == 2 else None
+
+    # ------------------------------------------------------------------ helpers
+    def _check(self, fixed: Tensor, moving: Tensor) -> None:
+        nd = self.config.ndim
+        if fixed.dim() != nd + 2 or fixed.shape[1] != 1:
+            raise ValueError(
+                f"PDDNet: 'fixed' must have shape (B, 1, *spatial) with {nd} spatial axes, "
+                f"got {tuple(fixed.shape)}"
+            )
+        if moving.shape != fixed.shape:
+            raise ValueError(
+                f"PDDNet: 'moving' must have the shape of 'fixed' {tuple(fixed.shape)}, "
+                f"got {tuple(moving.shape)}"
+            )
+
+    def _level(
+        self,
+        feat_fixed: Tensor,
+        feat_moving: Tensor,
+        alpha: Tensor,
+        radius: int,
+        spacing: float,
+        grid_stride: int,
+    ) -> dict[str, Any]:
+        from pddreg.cost import (
+            correlation,
+            displacement_set,
+            expected_displacement,
+            probabilities,
+            regularise,
+        )
+
+        cfg = self.config
+        feat_shape = tuple(feat_moving.shape[2:])
+        grid = tuple(-(-s // grid_stride) for s in feat_shape)
+        raw = correlation(
+            _area(feat_fixed, grid), feat_moving, radius, spacing, padding=cfg.padding
+        )
+        cost = regularise(
+            raw, alpha.to(raw.dtype), use_meanfield=cfg.use_meanfield, exact=cfg.exact_minconv
+        )
+        prob = probabilities(cost)
+        disps = displacement_set(radius, spacing, cfg.ndim, device=raw.device, dtype=raw.dtype)
+        field_f = expected_displacement(prob, disps)  # voxels of the moving feature map
+        scale = torch.tensor(
+            [g / f for g, f in zip(grid, feat_shape, strict=True)], dtype=raw.dtype
+        )
+        disp_grid = field_f * scale.to(raw.device).view(1, -1, *([1] * cfg.ndim))
+        return {
+            "raw_cost": raw,
+            "cost": cost,
+            "prob": prob,
+            "disp_grid": disp_grid,
+            "radius": radius,
+            "spacing": spacing,
+            "feature_shape": feat_shape,
+        }
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, fixed: Tensor, moving: Tensor) -> dict[str, Any]:
+        """Register ``moving`` to ``fixed`` (both ``(B, 1, *S)``); see the class docstring."""
+        from pddreg.spatial import compose, resize_field, warp
+
+        self._check(fixed, moving)
+        b = fixed.shape[0]
+        feats = self.features(torch.cat([fixed, moving]))
+        feat_fixed, feat_moving = feats[:b], feats[b:]
+        fshape = tuple(feats.shape[2:])
+        levels = []
+        disp = None  # (B, ndim, *F) in voxels of F
+        for i, (alpha, radius, spacing, stride) in enumerate(self._levels()):
+            moved = feat_moving if disp is None else warp(feat_moving, disp, padding="border")
+            lv = self._level(feat_fixed, moved, alpha, radius, spacing, stride)
+            residual = resize_field(lv["disp_grid"], fshape)
+            disp = residual if i == 0 else compose(disp, residual)
+            lv["disp_feat"] = disp
+            levels.append(lv)
+        last = levels[-1]
+        return {
+            "disp": resize_field(disp, tuple(fixed.shape[2:])),
+            "disp_grid": last["disp_grid"],
+            "prob": last["prob"],
+            "cost": last["cost"],
+            "levels": levels,
+        }
+
+    def _levels(self) -> list[tuple[Tensor, int, float, int]]:
+        """``(alpha, radius, spacing, grid_stride)`` per level."""
+        cfg = self.config
+        levels = [(self.alpha, cfg.radius, cfg.spacing, cfg.grid_stride)]
+        if cfg.levels == 2:
+            levels.append((self.alpha2, cfg.radius2, cfg.spacing2, cfg.grid_stride2))
+        return levels
+
+    # ------------------------------------------------------------------ interface
+    @torch.no_grad()
+    def register(
+        self, fixed: Tensor, moving: Tensor, instance_opt: bool | None = None, **kwargs: Any
+    ) -> Tensor:
+        """Dense displacement ``(B, ndim, *S)`` mapping the fixed grid into ``moving``.
+
+        ``fixed``, ``moving``: ``(B, 1, *S)`` in ``[0, 1]``, on the model's device. The same
+        computation as :meth:`forward`, run by :func:`pddreg.optim.discrete_register`.
+        ``instance_opt``: then refine the field by instance optimisation on the learned features
+        (default: ``config.instance_opt``); keyword arguments override the fields of
+        :class:`pddreg.optim.InstanceConfig` (``iters``, ``lr``, ``lambda_``, ``mode``...).
+        """
+        from pddreg.optim import InstanceConfig, LevelConfig, discrete_register
+
+        self._check(fixed, moving)
+        cfg = self.config
+        levels = self._levels()
+        instance = None
+        if cfg.instance_opt if instance_opt is None else instance_opt:
+            opts = {"iters": cfg.io_iters, "lr": cfg.io_lr, "lambda_": cfg.io_lambda}
+            opts = {k: v for k, v in opts.items() if v is not None}
+            opts.update(kwargs)
+            instance = InstanceConfig(**opts)
+        was_training = self.training
+        self.eval()
+        try:
+            return discrete_register(
+                fixed,
+                moving,
+                self.features,
+                [LevelConfig(1, s, r, sp) for _, r, sp, s in levels],
+                alpha=[a.detach() for a, _, _, _ in levels],
+                instance=instance,
+                padding=cfg.padding,
+            )
+        finally:
+            self.train(was_training)
+
+    def training_loss(
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        fixed_seg: Tensor | None,
+        moving_seg: Tensor | None,
+        num_labels: int,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Weakly supervised loss on a batch: label loss of every level + lambda * diffusion.
+
+        ``fixed``, ``moving``: ``(B, 1, *S)``; ``fixed_seg``, ``moving_seg``: ``(B, 1, *S)``
+        int64 (or None: MIND similarity of the dense field instead). Returns ``(loss, logs)``.
+        """
+        from pddreg.losses import (
+            diffusion,
+            nonlocal_label_loss,
+            similarity_loss,
+            warped_label_loss,
+        )
+        from pddreg.spatial import resize_field, warp_labels
+
+        cfg = self.config
+        out = self(fixed, moving)
+        logs: dict[str, float] = {}
+        total = fixed.new_zeros(())
+        seg = moving_seg
+        for i, lv in enumerate(out["levels"]):
+            last = i == len(out["levels"]) - 1
+            if fixed_seg is None or moving_seg is None:
+                data = similarity_loss(fixed, moving, out["disp"]) if last else None
+            elif cfg.label_loss == "nonlocal":
+                data = nonlocal_label_loss(
+                    lv["prob"],
+                    fixed_seg,
+                    seg,
+                    num_labels,
+                    lv["radius"],
+                    lv["spacing"],
+                    moving_shape=lv["feature_shape"],
+                )
+            else:
+                data = warped_label_loss(lv["disp_grid"], fixed_seg, seg, num_labels)
+            reg = diffusion(lv["disp_grid"])
+            if data is not None:
+                total = total + data
+                key = f"label{i + 1}" if fixed_seg is not None else "similarity"
+                logs[key] = float(data.detach())
+            total = total + cfg.lambda_diffusion * reg
+            logs[f"diffusion{i + 1}"] = float(reg.detach())
+            if not last and moving_seg is not None:
+                dense = resize_field(lv["disp_feat"].detach(), tuple(fixed.shape[2:]))
+                seg = warp_labels(moving_seg, dense)
+        logs["loss"] = float(total.detach())
+        return total, logs

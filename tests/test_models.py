@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from pddreg.errors import InputError
+from pddreg.models import PDDNet, PDDNetConfig, load_model, pretrained, save_model
+
+CASES = [
+    (PDDNetConfig(ndim=2, radius=3), (40, 48)),
+    (PDDNetConfig(ndim=2, radius=3, levels=2, features="obelisk"), (40, 48)),
+    (PDDNetConfig(ndim=3, radius=2, grid_stride=2, levels=2), (24, 20, 28)),
+]
+
+
+@pytest.mark.parametrize("config,shape", CASES)
+def test_forward_shapes_and_register_agree(config, shape):
+    model = PDDNet(config).eval()
+    f, m = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
+    with torch.no_grad():
+        out = model(f, m)
+    nd = len(shape)
+    feat = tuple(-(-s // 4) for s in shape)
+    grid = tuple(
+        -(-s // config.grid_stride2 if config.levels == 2 else -s // config.grid_stride)
+        for s in feat
+    )
+    assert out["disp"].shape == (2, nd, *shape)
+    assert out["disp_grid"].shape == (2, nd, *grid)
+    assert out["prob"].shape[2:] == grid and out["cost"].shape == out["prob"].shape
+    assert torch.allclose(out["prob"].sum(1), torch.ones(()), atol=1e-5)
+    assert len(out["levels"]) == config.levels
+    # inference through pddreg.optim.discrete_register computes the same field
+    disp = model.register(f, m)
+    assert torch.allclose(disp, out["disp"], atol=1e-4)
+
+
+def test_mind_features_learn_only_alpha():
+    model = PDDNet(PDDNetConfig(ndim=2, features="mind"))
+    assert [n for n, p in model.named_parameters()] == ["alpha"]
+
+
+def test_training_loss_backward_all_params():
+    model = PDDNet(PDDNetConfig(ndim=2, radius=2, levels=2, label_loss="warped"))
+    shape = (32, 32)
+    seg = torch.randint(0, 3, (2, 1, *shape))
+    loss, logs = model.training_loss(
+        torch.rand(2, 1, *shape), torch.rand(2, 1, *shape), seg, seg.flip(-1), 3
+    )
+    loss.backward()
+    assert set(logs) >= {"loss", "label1", "label2", "diffusion1", "diffusion2"}
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_bad_inputs():
+    model = PDDNet(PDDNetConfig(ndim=2))
+    with pytest.raises(ValueError, match=r"\(B, 1, \*spatial\)"):
+        model(torch.rand(1, 2, 16, 16), torch.rand(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="shape of 'fixed'"):
+        model(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 20))
+    with pytest.raises(ValueError, match="features"):
+        PDDNetConfig(features="unet")
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(3)
+    model = PDDNet(PDDNetConfig(ndim=2, radius=2, features="obelisk", levels=2))
+    with torch.no_grad():
+        model.alpha.add_(0.1)
+    path = tmp_path / "m.pt"
+    save_model(model, path)
+    again = load_model(path)
+    assert isinstance(again, PDDNet) and again.config == model.config
+    f, m = torch.rand(1, 1, 32, 40), torch.rand(1, 1, 32, 40)
+    assert torch.equal(model.register(f, m), again.register(f, m))
+    assert not list(tmp_path.glob("*.tmp"))  # atomic: no leftovers
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(InputError, match="nope.pt: model file not found"):
+        load_model(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="bad.pt: not a readable model file"):
+        load_model(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    with pytest.raises(InputError, match="other.pt: not a pddreg model file"):
+        load_model(other)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_pretrained_loads(ndim):
+    model = pretrained(ndim)
+    assert isinstance(model, PDDNet) and model.config.ndim == ndim and not model.training
+    shape = (48, 40) if ndim == 2 else (24, 24, 24)
+    img = torch.rand(1, 1, *shape)
+    disp = model.register(img, img)
+    assert disp.shape == (1, ndim, *shape) and torch.isfinite(disp).all()
