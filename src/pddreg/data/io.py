@@ -386,12 +386,7 @@ def _affine_for(like: Image | None, ndim: int) -> np.ndarray:
 def _write_nifti(tmp: str, arr: np.ndarray, like: Image | None) -> None:
     import nibabel as nib
 
-    img = nib.Nifti1Image(arr, _affine_for(like, arr.ndim))
-    if like is not None and like.affine is None and like.spacing:
-        img.header.set_zooms(
-            tuple(like.spacing[: arr.ndim]) + (1.0,) * (arr.ndim - len(like.spacing))
-        )
-    nib.save(img, tmp)
+    nib.save(nib.Nifti1Image(arr, _affine_for(like, arr.ndim)), tmp)
 
 
 def _write_pillow(tmp: str, arr: np.ndarray, ext: str, path: str) -> None:
