@@ -270,3 +270,42 @@ def test_diffusion_known_values_and_gradient():
     d = disp.clone().requires_grad_()
     diffusion(d).backward()
     assert d.grad is not None and torch.isfinite(d.grad).all()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_warp_labels_onehot_mode(ndim):
+    shape = SHAPES[ndim]
+    labels = torch.randint(0, 5, (1, 1) + shape) * 3  # values 0, 3, ..., 12
+    zero = torch.zeros((1, ndim) + shape)
+    assert torch.equal(warp_labels(labels, zero, mode="onehot"), labels)
+    shift = zero.clone()
+    shift[:, 0] = 1.0
+    out = warp_labels(labels, shift, mode="onehot")
+    assert out.dtype == labels.dtype
+    assert torch.equal(out[:, :, :-1], labels[:, :, 1:])
+    # A half-voxel shift of a two-label map keeps only existing labels.
+    shift[:, 0] = 0.4
+    assert set(warp_labels(labels, shift, mode="onehot").unique().tolist()) <= set(
+        labels.unique().tolist()
+    )
+
+
+def test_warp_labels_survives_non_finite_displacements():
+    labels = torch.randint(0, 3, (1, 1, 5, 5))
+    disp = torch.zeros(1, 2, 5, 5)
+    disp[0, 0, 2, 2] = float("nan")
+    out = warp_labels(labels, disp)
+    assert out[0, 0, 0, 0] == labels[0, 0, 0, 0] and out.shape == labels.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_images_keep_accurate_coordinates(dtype):
+    # Half-precision coordinates near 300 would be rounded to multiples of 0.25 or worse.
+    image = torch.linspace(0, 1, 400, dtype=torch.float64).view(1, 1, 1, 400)
+    disp = torch.zeros(1, 2, 1, 400, dtype=torch.float32)
+    disp[:, 1] = 0.1
+    expected = warp(image, disp.double())[..., :-1]
+    out = warp(image.to(dtype), disp)
+    assert out.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    assert torch.allclose(out[..., :-1].double(), expected, atol=tol)

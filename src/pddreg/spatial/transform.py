@@ -96,15 +96,29 @@ def sample(
         coords2 = torch.cat([coords, torch.zeros_like(coords)], dim=1).unsqueeze(-1)
         return sample(image.unsqueeze(-1), coords2, mode, padding).squeeze(-1)
     image, coords = _match_batch(image, coords, fn, ("image", "coords"))
-    coords = coords.to(image.dtype)
-    grid = voxel_to_normalised(coords, image.shape[2:])
-    return F.grid_sample(
-        image, grid, mode=_MODES[mode], padding_mode=_PADDINGS[padding], align_corners=True
+    # Coordinates stay in at least float32 (float16 voxel coordinates would be off by up to
+    # 1/8 voxel at 256); grid_sample wants the grid in the image's dtype.
+    # Half-precision images are sampled in float32 (a float16/bfloat16 grid misplaces samples
+    # by up to a voxel) and the result is cast back.
+    work = _coord_dtype(coords.dtype, image.dtype)
+    coords = coords.to(work)
+    src = image if image.dtype in (torch.float32, torch.float64) else image.to(work)
+    grid = voxel_to_normalised(coords, image.shape[2:]).to(src.dtype)
+    out = F.grid_sample(
+        src, grid, mode=_MODES[mode], padding_mode=_PADDINGS[padding], align_corners=True
     )
+    return out.to(image.dtype)
+
+
+def _coord_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any input is float64, else float32 (never half precision for coordinates)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _coords(disp: torch.Tensor) -> torch.Tensor:
-    return identity_grid(disp.shape[2:], disp.device, disp.dtype).unsqueeze(0) + disp
+    """``identity + disp`` as ``(B, ndim, *T)`` in float32 or float64."""
+    dtype = _coord_dtype(disp.dtype)
+    return identity_grid(disp.shape[2:], disp.device, dtype).unsqueeze(0) + disp.to(dtype)
 
 
 def warp(
@@ -129,19 +143,23 @@ def warp(
     """
     ndim = _check_image(image, "warp()")
     _check_disp(disp, ndim, "warp()")
-    return sample(image, _coords(disp.to(image.dtype)), mode=mode, padding=padding)
+    return sample(image, _coords(disp), mode=mode, padding=padding)
 
 
-def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
-    """Warp an integer label map by nearest neighbour: ``out(x) = labels(round(x + disp(x)))``.
+def warp_labels(labels: torch.Tensor, disp: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
+    """Warp an integer label map: ``out(x) = labels(x + disp(x))`` without mixing labels.
 
     Args:
-        labels: ``(B, 1, *S)`` (or ``(B, C, *S)``) integer (or bool) label map.
+        labels: ``(B, 1, *S)`` (or ``(B, C, *S)`` for ``"nearest"``) integer or bool label map.
         disp: ``(B, ndim, *T)`` displacement in voxels; a batch of 1 broadcasts.
+        mode: ``"nearest"`` (default): the label of the nearest voxel, ``round(x + disp(x))``;
+            ``"onehot"``: every label's indicator is warped linearly and the largest wins
+            (smoother boundaries, memory grows with the number of labels).
 
     Returns:
         ``(B, C, *T)`` with the dtype of ``labels`` (values are copied, never interpolated;
-        positions outside the image take the nearest border voxel).
+        positions outside the image take the nearest border voxel; non-finite displacements
+        read voxel 0).
 
     Convention: see :mod:`pddreg.spatial`.
     """
@@ -150,11 +168,15 @@ def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     _check_disp(disp, ndim, fn)
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"{fn}: 'labels' must be an integer tensor, got {labels.dtype}")
+    if mode not in ("nearest", "onehot"):
+        raise ValueError(f"{fn}: 'mode' must be 'nearest' or 'onehot', got {mode!r}")
     labels, disp = _match_batch(labels, disp, fn, ("labels", "disp"))
+    if mode == "onehot":
+        return _warp_labels_onehot(labels, disp, fn)
     b, c = labels.shape[:2]
     in_shape = labels.shape[2:]
     out_shape = disp.shape[2:]
-    coords = _coords(disp)
+    coords = torch.nan_to_num(_coords(disp), nan=0.0)
     # Round half to even, as grid_sample(mode="nearest") does, then clamp (border padding).
     index = torch.zeros((b,) + tuple(out_shape), dtype=torch.long, device=labels.device)
     for i, size in enumerate(in_shape):
@@ -163,6 +185,20 @@ def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     flat = labels.reshape(b, c, -1)
     out = torch.gather(flat, 2, index.reshape(b, 1, -1).expand(b, c, -1))
     return out.reshape((b, c) + tuple(out_shape))
+
+
+def _warp_labels_onehot(labels: torch.Tensor, disp: torch.Tensor, fn: str) -> torch.Tensor:
+    if labels.shape[1] != 1:
+        raise ValueError(
+            f"{fn}: mode 'onehot' needs 'labels' of shape (B, 1, *spatial), got "
+            f"{tuple(labels.shape)}"
+        )
+    ndim = disp.shape[1]
+    values = torch.unique(labels)
+    dtype = _coord_dtype(disp.dtype)
+    onehot = (labels == values.view((1, -1) + (1,) * ndim)).to(dtype)
+    warped = warp(onehot, disp)
+    return values[warped.argmax(dim=1, keepdim=True)].to(labels.dtype)
 
 
 def compose(first: torch.Tensor, second: torch.Tensor, padding: str = "border") -> torch.Tensor:
