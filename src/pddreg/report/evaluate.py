@@ -68,9 +68,10 @@ RegisterFn = Callable[[Tensor, Tensor], Tensor]
 #: abdominal organs into liver, spleen, kidneys, stomach (large) and gallbladder, oesophagus,
 #: pancreas, adrenals, aorta/veins (small) at typical adult volumes.
 LARGE_VOLUME_MM3 = 1.0e5
-#: 2D size threshold, as a fraction of the slice area: 2% (e.g. a kidney cross-section of
-#: 20-30 cm^2 in a 35 cm field of view is large, the pancreas or an adrenal is small).
-LARGE_AREA_FRACTION = 0.02
+#: 2D size threshold, as a fraction of the slice area: 1%. In an axial abdominal slice with a
+#: 40 cm field of view (1600 cm^2) that is 16 cm^2: liver, spleen, kidneys (20-30 cm^2) and
+#: stomach are large; pancreas, gallbladder, adrenals and vessels (< 15 cm^2) are small.
+LARGE_AREA_FRACTION = 0.01
 
 #: Built-in methods of ``--method``.
 METHODS = ("none", "mind", "pdd", "pdd+inst")
@@ -522,7 +523,7 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="volume (mm^ndim) between small and large structures (default: 100 mL in 3D, "
-        "2%% of the slice area in 2D)",
+        "1%% of the slice area in 2D)",
     )
     p.set_defaults(func=_handler)
     return p
