@@ -278,6 +278,7 @@ def test_track_command(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert [f["frame"] for f in summary["frames"]] == [0, 1, 2, 3]
     assert summary["frames"][3]["file"] == frames[3]
+    capsys.readouterr()
     # a frame of another shape: one line, nothing written
     PILImage.fromarray(np.zeros((10, 10), np.uint8) + 7).save(tmp_path / "odd.png")
     rc = main(

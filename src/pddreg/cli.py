@@ -86,18 +86,11 @@ def atomic_output_dir(out: str | os.PathLike[str], owned: tuple[str, ...] = ()) 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_field_nifti(path: Path, disp: np.ndarray, affine: np.ndarray | None) -> None:
-    """Write a 3D field ``(3, *S)`` in the Learn2Reg layout ``(*S, 3)`` (voxel units)."""
-    import nibabel as nib
-
-    arr = np.moveaxis(np.asarray(disp, dtype=np.float32), 0, -1)
-    nib.save(nib.Nifti1Image(arr, np.eye(4) if affine is None else np.asarray(affine)), str(path))
-
-
 # ----------------------------------------------------------------------------- register
 def _cmd_register(args: argparse.Namespace) -> int:
     from .api import register
     from .data.io import read_image, read_labels, write_image
+    from .data.learn2reg import write_displacement
 
     fixed = read_image(args.fixed)
     moving = read_image(args.moving)
@@ -117,7 +110,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     with atomic_output_dir(args.output, _REGISTER_OUTPUTS) as tmp:
         np.save(tmp / "disp.npy", result.disp)
         if result.disp.shape[0] == 3:
-            write_field_nifti(tmp / "disp.nii.gz", result.disp, fixed.affine)
+            write_displacement(tmp / "disp.nii.gz", result.disp, affine=fixed.affine)
         write_image(str(tmp / f"warped{suffix}"), result.warped, like=fixed)
         if result.warped_seg is not None:
             seg_suffix = output_suffix(args.moving_seg)

@@ -74,7 +74,8 @@ def middle_slices(array: np.ndarray, ndim: int | None = None) -> list[tuple[str,
 
 def label_colormap(num_labels: int) -> ListedColormap:
     """A qualitative colour map for labels ``0..num_labels`` (0 is drawn transparent)."""
-    base = matplotlib.colormaps["tab20"].colors
+    tab20 = matplotlib.colormaps["tab20"].colors
+    base = tab20[0::2] + tab20[1::2]  # ten distinct hues first, then their light variants
     colours = [(0.0, 0.0, 0.0, 0.0)] + [(*base[i % len(base)][:3], 1.0) for i in range(num_labels)]
     return ListedColormap(colours)
 

@@ -13,8 +13,9 @@ segmentation ONCE with it (nearest), so labels are never re-interpolated frame a
   composed, ``d_t = compose(d_{t-1}, f_t)``. It tolerates appearance changes over time better
   but every step's error stays in the chain (drift).
 
-``tests/test_report.py`` compares both on a synthetic moving sequence; anchored was the more
-accurate there (see that test), hence the default.
+``tests/test_report.py::test_track_modes_compared_on_a_moving_sequence`` compares both on a
+synthetic sequence (drift plus a growing smooth swirl, 6 frames, ``mind``): mean Dice over the
+frames 0.991 anchored, 0.983 sequential, 0.700 copying the first labels; hence the default.
 """
 
 from __future__ import annotations
