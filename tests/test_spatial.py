@@ -309,3 +309,16 @@ def test_low_precision_images_keep_accurate_coordinates(dtype):
     assert out.dtype == dtype
     tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
     assert torch.allclose(out[..., :-1].double(), expected, atol=tol)
+
+
+def test_jacobian_matches_numpy_gradient_and_is_differentiable():
+    import numpy as np
+
+    disp = smooth_field((7, 6, 5), amplitude=1.5, coarse=4)
+    d = disp[0].numpy()
+    g = [np.gradient(d[i], axis=k) for i in range(3) for k in range(3)]
+    j = np.stack(g).reshape(3, 3, 7, 6, 5) + np.eye(3)[:, :, None, None, None]
+    expected = np.linalg.det(np.moveaxis(j, (0, 1), (-2, -1)))
+    assert np.allclose(jacobian_det(disp)[0].numpy(), expected, atol=1e-10)
+    small = (0.3 * torch.rand(1, 2, 4, 3, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(jacobian_det, (small,))

@@ -28,6 +28,28 @@ def _check_field(disp: torch.Tensor, fn: str) -> int:
     return ndim
 
 
+def _derivative(x: torch.Tensor, axis: int, step: float) -> torch.Tensor:
+    """Central differences along ``axis``, one-sided on the first and last entries."""
+    n = x.shape[axis]
+    g = torch.empty_like(x)
+    if n < 2:
+        return g.zero_()
+    if n > 2:
+        g.narrow(axis, 1, n - 2).copy_(
+            (x.narrow(axis, 2, n - 2) - x.narrow(axis, 0, n - 2)) * (0.5 / step)
+        )
+    g.narrow(axis, 0, 1).copy_((x.narrow(axis, 1, 1) - x.narrow(axis, 0, 1)) / step)
+    g.narrow(axis, n - 1, 1).copy_((x.narrow(axis, n - 1, 1) - x.narrow(axis, n - 2, 1)) / step)
+    return g
+
+
+def _steps(spacing: Sequence[float] | None, ndim: int, fn: str) -> list[float]:
+    steps = [1.0] * ndim if spacing is None else [float(s) for s in spacing]
+    if len(steps) != ndim or any(not s > 0 for s in steps):
+        raise ValueError(f"{fn}: 'spacing' must hold {ndim} positive values, got {spacing}")
+    return steps
+
+
 def field_gradient(disp: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
     """Spatial derivatives of every component: ``grad[:, i, j] = d u_i / d x_j``.
 
@@ -42,20 +64,8 @@ def field_gradient(disp: torch.Tensor, spacing: Sequence[float] | None = None) -
         ``(B, ndim, ndim, *S)``.
     """
     ndim = _check_field(disp, "field_gradient()")
-    steps = [1.0] * ndim if spacing is None else [float(s) for s in spacing]
-    if len(steps) != ndim or any(not s > 0 for s in steps):
-        raise ValueError(
-            f"field_gradient(): 'spacing' must hold {ndim} positive values, got {spacing}"
-        )
-    grads = []
-    for j in range(ndim):
-        axis = 2 + j
-        if disp.shape[axis] < 2:
-            grads.append(torch.zeros_like(disp))
-        else:
-            (g,) = torch.gradient(disp, spacing=steps[j], dim=axis, edge_order=1)
-            grads.append(g)
-    return torch.stack(grads, dim=2)
+    steps = _steps(spacing, ndim, "field_gradient()")
+    return torch.stack([_derivative(disp, 2 + j, steps[j]) for j in range(ndim)], dim=2)
 
 
 def jacobian_det(disp: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
@@ -70,25 +80,32 @@ def jacobian_det(disp: torch.Tensor, spacing: Sequence[float] | None = None) -> 
 
     Returns:
         ``(B, *S)``: ``det(I + grad u)`` with central differences (one-sided at the borders).
-        Values ``<= 0`` mark folding.
+        Values ``<= 0`` mark folding. Differentiable.
 
     Convention: see :mod:`pddreg.spatial`.
     """
     ndim = _check_field(disp, "jacobian_det()")
-    grad = field_gradient(disp, spacing)
-    eye = torch.eye(ndim, device=disp.device, dtype=disp.dtype).view((1, ndim, ndim) + (1,) * ndim)
-    j = grad + eye
+    steps = _steps(spacing, ndim, "jacobian_det()")
+    if ndim > 3:
+        grad = field_gradient(disp, steps)
+        eye = torch.eye(ndim, device=disp.device, dtype=disp.dtype)
+        j = grad.movedim(1, -1).movedim(1, -1) + eye
+        return torch.linalg.det(j)
+    per_axis = [_derivative(disp, 2 + k, steps[k]) for k in range(ndim)]
+
+    def jac(i: int, k: int) -> torch.Tensor:  # d(x + u)_i / d x_k
+        d = per_axis[k][:, i]
+        return d + 1.0 if i == k else d
+
     if ndim == 1:
-        return j[:, 0, 0]
+        return jac(0, 0)
     if ndim == 2:
-        return j[:, 0, 0] * j[:, 1, 1] - j[:, 0, 1] * j[:, 1, 0]
-    if ndim == 3:
-        return (
-            j[:, 0, 0] * (j[:, 1, 1] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 1])
-            - j[:, 0, 1] * (j[:, 1, 0] * j[:, 2, 2] - j[:, 1, 2] * j[:, 2, 0])
-            + j[:, 0, 2] * (j[:, 1, 0] * j[:, 2, 1] - j[:, 1, 1] * j[:, 2, 0])
-        )
-    return torch.linalg.det(j.movedim(1, -1).movedim(1, -1))
+        return jac(0, 0) * jac(1, 1) - jac(0, 1) * jac(1, 0)
+    return (
+        jac(0, 0) * (jac(1, 1) * jac(2, 2) - jac(1, 2) * jac(2, 1))
+        - jac(0, 1) * (jac(1, 0) * jac(2, 2) - jac(1, 2) * jac(2, 0))
+        + jac(0, 2) * (jac(1, 0) * jac(2, 1) - jac(1, 1) * jac(2, 0))
+    )
 
 
 def diffusion(disp: torch.Tensor) -> torch.Tensor:

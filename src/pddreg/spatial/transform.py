@@ -96,10 +96,10 @@ def sample(
         coords2 = torch.cat([coords, torch.zeros_like(coords)], dim=1).unsqueeze(-1)
         return sample(image.unsqueeze(-1), coords2, mode, padding).squeeze(-1)
     image, coords = _match_batch(image, coords, fn, ("image", "coords"))
-    # Coordinates stay in at least float32 (float16 voxel coordinates would be off by up to
-    # 1/8 voxel at 256); grid_sample wants the grid in the image's dtype.
-    # Half-precision images are sampled in float32 (a float16/bfloat16 grid misplaces samples
-    # by up to a voxel) and the result is cast back.
+    # Coordinates stay in at least float32 (float16 voxel coordinates are off by up to 1/8
+    # voxel at 256). grid_sample wants the grid in the image's dtype, and a float16/bfloat16
+    # grid misplaces samples by up to a voxel: such images are sampled in float32 and the
+    # result is cast back.
     work = _coord_dtype(coords.dtype, image.dtype)
     coords = coords.to(work)
     src = image if image.dtype in (torch.float32, torch.float64) else image.to(work)
