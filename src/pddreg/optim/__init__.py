@@ -1,1 +1,29 @@
+"""Instance optimisation and training-free discrete registration.
 
+* :func:`instance_optimise` (Adam against a cost volume) and :func:`feature_optimise` (Adam on
+  the SSD of warped features), see :mod:`pddreg.optim.instance`;
+* :func:`discrete_register` with :class:`LevelConfig` / :class:`InstanceConfig`: the generic
+  multi-level discrete search for any feature extractor, see :mod:`pddreg.optim.discrete`;
+* :func:`register_mind` with :class:`MindConfig`: the MIND-SSC method (``--method mind``).
+"""
+
+from __future__ import annotations
+
+from .discrete import InstanceConfig, LevelConfig, discrete_register, pool_features
+from .instance import cost_objective, feature_objective, feature_optimise, instance_optimise
+from .mindreg import MindConfig, default_levels, mind_features, register_mind
+
+__all__ = [
+    "InstanceConfig",
+    "LevelConfig",
+    "MindConfig",
+    "cost_objective",
+    "default_levels",
+    "discrete_register",
+    "feature_objective",
+    "feature_optimise",
+    "instance_optimise",
+    "mind_features",
+    "pool_features",
+    "register_mind",
+]

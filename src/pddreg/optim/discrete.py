@@ -1,0 +1,274 @@
+"""Generic multi-level discrete registration: features -> dense search -> regularise -> field.
+
+:func:`discrete_register` is the training-free pipeline behind ``--method mind`` and the
+inference path a learned feature net can reuse (pass its ``features`` and its ``alpha``).
+
+Convention: fields are ``(B, ndim, *grid)`` in voxels, ``warped(x) = moving(x + u(x))``, coarse
+grids follow ``align_corners=False`` (see :mod:`pddreg.spatial`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pddreg.features.mind import _box_filter
+
+from .instance import feature_optimise, instance_optimise
+
+__all__ = ["InstanceConfig", "LevelConfig", "discrete_register", "pool_features"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LevelConfig:
+    """One level of the discrete search, all sizes in voxels of the feature map ``F``.
+
+    Attributes:
+        pool: both feature maps are average-pooled by this factor first (the level's own
+            resolution ``P = ceil(F / pool)``); displacements are counted in voxels of ``P``.
+        grid_stride: the fixed features are pooled further by this factor to the control grid
+            ``G = ceil(P / grid_stride)`` (one control point per ``grid_stride`` voxels of ``P``).
+        radius: displacement set ``spacing * {-radius..radius}^ndim`` (voxels of ``P``).
+        spacing: step of the displacement set (voxels of ``P``).
+        smooth: radius of a box filter (stride 1, voxels of ``P``) applied to both feature
+            maps of this level before the search: an anti-aliasing filter for levels whose
+            displacement step ``spacing`` is larger than one voxel (0: none).
+
+    The capture range of a level is ``pool * spacing * radius`` voxels of ``F``; the cost tensor
+    holds ``(2 * radius + 1)^ndim * prod(G)`` values.
+    """
+
+    pool: int = 1
+    grid_stride: int = 1
+    radius: int = 3
+    spacing: float = 1.0
+    smooth: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.smooth) != self.smooth or self.smooth < 0:
+            raise ValueError(f"LevelConfig: 'smooth' must be an integer >= 0, got {self.smooth!r}")
+        if int(self.pool) != self.pool or self.pool < 1:
+            raise ValueError(f"LevelConfig: 'pool' must be an integer >= 1, got {self.pool!r}")
+        if int(self.grid_stride) != self.grid_stride or self.grid_stride < 1:
+            raise ValueError(
+                f"LevelConfig: 'grid_stride' must be an integer >= 1, got {self.grid_stride!r}"
+            )
+        if int(self.radius) != self.radius or self.radius < 0:
+            raise ValueError(f"LevelConfig: 'radius' must be an integer >= 0, got {self.radius!r}")
+        if not self.spacing > 0:
+            raise ValueError(f"LevelConfig: 'spacing' must be > 0, got {self.spacing!r}")
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """Instance optimisation after the discrete levels.
+
+    Attributes:
+        mode: ``"features"`` (Adam on the feature SSD of the warped moving features, see
+            :func:`pddreg.optim.feature_optimise`) or ``"cost"`` (Adam against the last level's
+            raw cost volume, see :func:`pddreg.optim.instance_optimise`).
+        iters, lr, lambda_: Adam steps, step size and diffusion weight.
+        grid_stride: control-point spacing in voxels of ``F`` (mode ``"features"``).
+        smooth: box-3 smoothing passes of the control field (mode ``"features"``).
+    """
+
+    mode: str = "features"
+    iters: int = 50
+    lr: float = 0.5
+    lambda_: float = 1.0
+    grid_stride: int = 2
+    smooth: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("features", "cost"):
+            raise ValueError(
+                f"InstanceConfig: 'mode' must be 'features' or 'cost', got {self.mode!r}"
+            )
+
+
+def pool_features(feat: Tensor, factor: int) -> Tensor:
+    """Average-pool ``(B, C, *S)`` to ``ceil(S / factor)`` (area weights; exact box pooling
+    when ``factor`` divides ``S``, so pooled point ``k`` sits at ``(k + 0.5) * factor - 0.5``)."""
+    if factor == 1:
+        return feat
+    ndim = feat.dim() - 2
+    size = tuple(max(1, -(-s // factor)) for s in feat.shape[2:])
+    if all(s % factor == 0 for s in feat.shape[2:]):
+        pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
+        return pool(feat, factor, stride=factor)
+    adaptive = F.adaptive_avg_pool3d if ndim == 3 else F.adaptive_avg_pool2d
+    return adaptive(feat, size)
+
+
+def _scale(field: Tensor, src: Sequence[int], dst: Sequence[int]) -> Tensor:
+    """Re-express a field counted in voxels of a grid ``src`` in voxels of ``dst``."""
+    ndim = field.shape[1]
+    factors = torch.tensor(
+        [d / s for s, d in zip(src, dst, strict=True)], dtype=field.dtype, device=field.device
+    )
+    return field * factors.view(1, ndim, *([1] * ndim))
+
+
+def _alphas(alpha: object, n_levels: int) -> list[Tensor | None]:
+    if alpha is None:
+        return [None] * n_levels
+    if isinstance(alpha, Tensor):
+        a = alpha.detach().float()
+        if a.numel() == 6:
+            return [a.flatten()] * n_levels
+        if a.dim() == 2 and a.shape == (n_levels, 6):
+            return list(a)
+    else:
+        items = list(alpha)  # type: ignore[call-overload]
+        if len(items) == 6 and all(isinstance(v, (int, float)) for v in items):
+            t = torch.tensor(items, dtype=torch.float32)
+            return [t] * n_levels
+        if len(items) == n_levels:
+            return [None if v is None else torch.as_tensor(v, dtype=torch.float32) for v in items]
+    raise ValueError(
+        f"discrete_register(): 'alpha' must hold 6 weights or one set of 6 per level "
+        f"({n_levels}), got {alpha!r}"
+    )
+
+
+def discrete_register(
+    fixed: Tensor,
+    moving: Tensor,
+    features: Callable[[Tensor], Tensor],
+    levels: Sequence[LevelConfig],
+    alpha: Tensor | Sequence[float] | Sequence[Sequence[float] | None] | None = None,
+    instance: InstanceConfig | None = None,
+    *,
+    cost_scale: float = 1.0,
+    padding: str = "border",
+    max_memory: int | None = None,
+) -> Tensor:
+    """Multi-level discrete registration with any feature extractor.
+
+    For each level (coarse to fine), with ``u`` the current field on the feature grid ``F``:
+
+    1. warp the moving features by ``u`` (linear, border);
+    2. pool both feature maps by ``level.pool`` (grid ``P``) and the fixed ones further by
+       ``level.grid_stride`` (control grid ``G``);
+    3. ``cost = cost_scale * correlation(fixed_G, moving_P, radius, spacing)`` (SSD summed over
+       channels), ``c = regularise(cost, alpha)``, residual ``r = soft_field(c)`` on ``G``;
+    4. ``u = compose(u, resize(r))`` on ``F``.
+
+    Then optional instance optimisation (``instance``) and a final linear upsampling of ``u``
+    to the image grid.
+
+    Args:
+        fixed, moving: ``(B, 1, *S)`` images, 2D or 3D, same shape, float.
+        features: maps ``(B, 1, *S) -> (B, C, *F)`` (e.g. MIND-SSC, or a learned net at a
+            stride); ``F`` may be smaller than ``S`` (feature point ``k`` at image voxel
+            ``(k + 0.5) * S / F - 0.5``). Called once per image, without gradients.
+        levels: :class:`LevelConfig` per level, coarse to fine (at least one).
+        alpha: the six regularisation weights of :func:`pddreg.cost.regularise` for every
+            level, or one set (or None) per level; None takes ``pddreg.cost.DEFAULT_ALPHA``.
+        instance: :class:`InstanceConfig`, or None for no instance optimisation.
+        cost_scale: factor applied to the raw SSD before regularisation (the softmax
+            temperature; calibrate it to the feature's SSD scale).
+        padding: how the moving features are extended outside their grid in the correlation
+            (``"border"`` or ``"zeros"``).
+        max_memory: passed to the correlation/regularisation (bytes per chunk).
+
+    Returns:
+        ``(B, ndim, *S)`` dense displacement in voxels of the image grid.
+    """
+    from pddreg.cost import correlation, regularise, soft_field
+    from pddreg.spatial import compose, resize_field, warp
+
+    if not isinstance(fixed, Tensor) or not isinstance(moving, Tensor):
+        raise ValueError("discrete_register(): 'fixed' and 'moving' must be torch.Tensors")
+    if fixed.dim() not in (4, 5) or fixed.shape[1] != 1 or moving.shape != fixed.shape:
+        raise ValueError(
+            "discrete_register(): 'fixed' and 'moving' must both have shape (B, 1, *spatial) "
+            f"with 2 or 3 spatial dims, got {tuple(fixed.shape)} and {tuple(moving.shape)}"
+        )
+    if len(levels) == 0:
+        raise ValueError("discrete_register(): 'levels' must hold at least one LevelConfig")
+    ndim = fixed.dim() - 2
+    shape = tuple(fixed.shape[2:])
+    alphas = _alphas(alpha, len(levels))
+
+    with torch.no_grad():
+        feat_fixed = features(fixed)
+        feat_moving = features(moving)
+        if feat_fixed.dim() != ndim + 2 or feat_fixed.shape != feat_moving.shape:
+            raise ValueError(
+                "discrete_register(): 'features' must map (B, 1, *S) to (B, C, *F), got "
+                f"{tuple(feat_fixed.shape)} and {tuple(feat_moving.shape)}"
+            )
+        fshape = tuple(feat_fixed.shape[2:])
+        disp = None  # (B, ndim, *F) in voxels of F
+        last = None
+        for i, level in enumerate(levels):
+            moved = feat_moving if disp is None else warp(feat_moving, disp, padding="border")
+            fix_p = _box_filter(pool_features(feat_fixed, level.pool), level.smooth)
+            mov_p = _box_filter(pool_features(moved, level.pool), level.smooth)
+            del moved
+            fix_g = pool_features(fix_p, level.grid_stride)
+            del fix_p
+            pshape, gshape = tuple(mov_p.shape[2:]), tuple(fix_g.shape[2:])
+            cost = correlation(
+                fix_g, mov_p, level.radius, level.spacing, padding=padding, max_memory=max_memory
+            )
+            del fix_g, mov_p
+            if cost_scale != 1.0:
+                cost.mul_(cost_scale)
+            a = alphas[i]
+            if a is None:
+                from pddreg.cost import DEFAULT_ALPHA
+
+                a = torch.as_tensor(DEFAULT_ALPHA, dtype=torch.float32)
+            c = regularise(cost, a.to(device=cost.device, dtype=cost.dtype), max_memory=max_memory)
+            field = soft_field(c, level.radius, level.spacing, max_memory=max_memory)
+            del c
+            logger.debug(
+                "discrete_register: level %d grid %s labels %d |r| max %.2f",
+                i,
+                gshape,
+                (2 * level.radius + 1) ** ndim,
+                field.abs().max().item(),
+            )
+            keep_cost = instance is not None and instance.mode == "cost"
+            last = (cost if keep_cost else None, field, level, pshape, gshape, disp)
+            del cost
+            residual = resize_field(_scale(field, pshape, gshape), fshape)
+            disp = residual if disp is None else compose(disp, residual)
+            del residual
+
+        if instance is not None and instance.iters > 0:
+            if instance.mode == "features":
+                disp = feature_optimise(
+                    feat_fixed,
+                    feat_moving,
+                    disp,
+                    grid_stride=instance.grid_stride,
+                    lambda_=instance.lambda_,
+                    iters=instance.iters,
+                    lr=instance.lr,
+                    smooth=instance.smooth,
+                )
+            else:
+                cost, field, level, pshape, gshape, before = last  # type: ignore[misc]
+                refined = instance_optimise(
+                    cost,
+                    field,
+                    level.radius,
+                    level.spacing,
+                    lambda_=instance.lambda_,
+                    iters=instance.iters,
+                    lr=instance.lr,
+                )
+                residual = resize_field(_scale(refined, pshape, gshape), fshape)
+                disp = residual if before is None else compose(before, residual)
+        del last
+        return disp if fshape == shape else resize_field(disp, shape)
