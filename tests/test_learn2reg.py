@@ -186,3 +186,21 @@ def test_dataset_writes_fields_with_fixed_affine(tmp_path):
     out = ds.write_displacement(2, 3, np.zeros((3, *SHAPE), np.float32), tmp_path / "sub")
     assert out.name == "disp_0003_0004.nii.gz"
     np.testing.assert_allclose(nib.load(str(out)).affine, np.diag([*ZOOMS, 1.0]))
+
+
+def test_pair_images_outside_training_are_added(tmp_path):
+    """NLST-like: a validation image only named in registration_val is read too."""
+    _save(tmp_path / "imagesTr" / "Tiny_0009_0000.nii.gz", np.ones(SHAPE, np.int16))
+    _save(tmp_path / "labelsTr" / "Tiny_0009_0000.nii.gz", np.ones(SHAPE, np.uint8))
+    extra = {
+        "registration_val": [
+            {
+                "fixed": "./imagesTr/Tiny_0009_0000.nii.gz",
+                "moving": "./imagesTr/Tiny_0004_0000.nii.gz",
+            }
+        ]
+    }
+    ds = Learn2RegDataset(_task(tmp_path, extra=extra))
+    assert len(ds) == 5 and ds.names[-1] == "Tiny_0009_0000"
+    assert ds.pairs("val") == [(4, 3)] and ds.indices("train") == [0, 1, 2]
+    assert ds.label_files[4] is not None

@@ -228,13 +228,14 @@ class PhantomDataset(RegistrationDataset):
 
     Subject ``i`` is ``make_phantom((seed, i), ndim, shape)``. As in the lecture's tutorial,
     the first ``n - held_out`` subjects train (all ordered pairs) and the last ``held_out`` are
-    held out (see the module docstring for val/test).
+    held out (see the module docstring for val/test). ``held_out`` defaults to 8, at most half
+    of ``n``.
     """
 
     def __init__(
         self,
         n: int = 40,
-        held_out: int = 8,
+        held_out: int | None = None,
         ndim: int = 2,
         shape: Sequence[int] | None = None,
         seed: int = 0,
@@ -244,6 +245,8 @@ class PhantomDataset(RegistrationDataset):
 
         if int(n) < 1:
             raise InputError(f"n: need at least one subject, got {n!r}")
+        if held_out is None:
+            held_out = min(8, int(n) // 2)
         if not 0 <= int(held_out) <= int(n):
             raise InputError(f"held_out: must lie in [0, n={n}], got {held_out!r}")
         if int(seed) < 0:
@@ -429,10 +432,8 @@ class TensorDataset(RegistrationDataset):
         if raw.dtype == np.uint8:
             image = raw.astype(np.float32) / 255.0
         else:
-            try:
-                from .io import normalise_intensity
-            except ImportError:  # pragma: no cover - only while pddreg.data.io is missing
-                normalise_intensity = _fallback_io()[0]
+            from .io import normalise_intensity
+
             image = normalise_intensity(raw.astype(np.float32))
         labels = None if self._labels is None else self._labels[i].astype(np.int64)
         subject = Subject(
@@ -557,10 +558,7 @@ def _read_pair(
     image_path: Path, label_path: Path | None
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]:
     """Read and normalise one image (+ labels): ``(image float32 [0,1], labels int64, spacing)``."""
-    try:
-        from .io import normalise_intensity, read_image, read_labels
-    except ImportError:  # pragma: no cover - only while pddreg.data.io is not installed
-        normalise_intensity, read_image, read_labels = _fallback_io()
+    from .io import normalise_intensity, read_image, read_labels
 
     if not image_path.exists():
         raise InputError(f"{image_path}: file not found")
@@ -582,28 +580,6 @@ def _read_pair(
     if len(spacing) != image.ndim:
         spacing = (1.0,) * image.ndim
     return np.ascontiguousarray(image, np.float32), labels, spacing
-
-
-def _fallback_io():  # pragma: no cover - replaced by pddreg.data.io once it exists
-    """Minimal NIfTI/.npy readers and percentile normalisation (same contract as io)."""
-    from types import SimpleNamespace
-
-    def read_image(path: str):
-        if path.lower().endswith(".npy"):
-            return SimpleNamespace(array=np.load(path), spacing=None)
-        import nibabel as nib
-
-        img = nib.load(path)
-        return SimpleNamespace(
-            array=np.asarray(img.dataobj), spacing=tuple(img.header.get_zooms()[:3])
-        )
-
-    def normalise_intensity(array, low: float = 0.5, high: float = 99.5):
-        a = np.asarray(array, np.float32)
-        lo, hi = np.percentile(a, [low, high])
-        return np.clip((a - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
-
-    return normalise_intensity, read_image, read_image
 
 
 # ----------------------------------------------------------------------------------------------

@@ -233,14 +233,18 @@ class Learn2RegDataset(RegistrationDataset):
                 if not isinstance(e, dict) or "fixed" not in e or "moving" not in e:
                     raise InputError(f"{path}: '{key}' entries need 'fixed' and 'moving'")
                 f, m = self._key(e["fixed"]), self._key(e["moving"])
+                for rel, k in ((e["fixed"], f), (e["moving"], m)):
+                    if k not in index and self._resolve(rel).exists():
+                        # an image only named by the pair: add it, with a label file of the
+                        # same name in the matching labels folder when there is one
+                        guess = str(rel).replace("images", "labels", 1)
+                        has = guess != str(rel) and self._resolve(guess).exists()
+                        add({"image": rel, "label": guess if has else None}, key, True)
                 missing = [x for x, k in ((e["fixed"], f), (e["moving"], m)) if k not in index]
                 if missing:
                     if required:
                         bad = self._resolve(missing[0])
-                        raise InputError(
-                            f"{bad}: used in {path.name} ('{key}') but not an existing image "
-                            "of 'training'/'test'"
-                        )
+                        raise InputError(f"{bad}: used in {path.name} ('{key}') but missing")
                     continue
                 out.append((index[f], index[m]))
             return out
@@ -250,13 +254,12 @@ class Learn2RegDataset(RegistrationDataset):
         train_paired = pair_list("training_paired_images", True)
         val_set = sorted({i for p in val_pairs for i in p})
         test_set = sorted({i for p in test_pairs for i in p})
-        train_keys = {self._key(e["image"]) for e in training}
-        train_set = [
-            i
-            for k, i in index.items()
-            if k in train_keys and i not in set(val_set) and i not in set(test_set)
-        ]
-        train_set.sort()
+        held = set(val_set) | set(test_set)
+        train_ids = {
+            index[self._key(e["image"])] for e in training if self._key(e["image"]) in index
+        }
+        train_ids |= {i for p in train_paired for i in p}
+        train_set = sorted(train_ids - held)
         if train_paired:
             keep = set(train_set)
             train_pairs = [(f, m) for f, m in train_paired if f in keep and m in keep]

@@ -297,7 +297,8 @@ def _subject(seq: np.random.SeedSequence) -> dict:
     s["body_a"] = float(np.clip(n(158.0, 14.0), 120.0, 195.0))  # half width (mm)
     s["body_b"] = float(np.clip(s["body_a"] * n(0.74, 0.05), 90.0, 150.0))  # half depth
     s["body_power"] = float(u(2.1, 2.8))
-    s["fat"] = float(np.clip(n(24.0, 10.0), 6.0, 55.0))  # subcutaneous fat thickness (mm)
+    # subcutaneous fat thickness (mm)
+    s["fat"] = float(np.clip(n(24.0, 10.0), 6.0, min(55.0, 0.25 * s["body_a"])))
     s["wall"] = float(u(8.0, 14.0))  # abdominal wall muscle thickness
     # Organs scale partly with the abdominal cavity (nominal half width 123 mm).
     size = 0.5 + 0.5 * max(s["body_a"] - s["fat"] - s["wall"], 70.0) / 123.0
@@ -308,10 +309,12 @@ def _subject(seq: np.random.SeedSequence) -> dict:
     s["spine"] = jitter([0.0, 30.0 * size + 8.0, 0.0], [3.0, 4.0, 0.0])
     s["vert_r"] = float(u(17.0, 23.0))
     s["disc_phase"] = float(u(0.0, 34.0))
-    s["aorta"] = jitter([14.0, -2.0], [4.0, 4.0])
+    # aorta and IVC lie just in front of the vertebral body (left and right of the midline)
     s["aorta_r"] = float(u(8.5, 13.0))
-    s["ivc"] = jitter([-24.0, -2.0], [4.0, 4.0])
+    front = float(s["spine"][1]) - 0.85 * s["vert_r"]
+    s["aorta"] = jitter([14.0, front - s["aorta_r"] - 2.0], [4.0, 2.0])
     s["ivc_r"] = np.asarray([u(9.0, 15.0), u(6.0, 10.0)], np.float32)
+    s["ivc"] = jitter([-26.0, front - s["ivc_r"][1] - 6.0], [4.0, 3.0])
 
     # Organs: centre (x, y, z) mm, radii, shape-noise amplitude.
     s["liver_c"] = jitter([-58.0 * size, -8.0, 52.0], [8.0, 7.0, 10.0])
