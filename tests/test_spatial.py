@@ -322,3 +322,15 @@ def test_jacobian_matches_numpy_gradient_and_is_differentiable():
     assert np.allclose(jacobian_det(disp)[0].numpy(), expected, atol=1e-10)
     small = (0.3 * torch.rand(1, 2, 4, 3, dtype=torch.float64)).requires_grad_()
     assert torch.autograd.gradcheck(jacobian_det, (small,))
+
+
+def test_grid_cache_is_bounded():
+    from pddreg.spatial import grid as grid_module
+
+    grid_module.clear_grid_cache()
+    first = identity_grid((3, 3))
+    for n in range(4, 4 + grid_module.GRID_CACHE_ENTRIES + 2):
+        identity_grid((n, n))
+    assert len(grid_module._cache) == grid_module.GRID_CACHE_ENTRIES
+    again = identity_grid((3, 3))
+    assert again is not first and torch.equal(again, first)  # evicted, rebuilt

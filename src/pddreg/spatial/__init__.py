@@ -18,10 +18,11 @@ Convention:
 from __future__ import annotations
 
 from .field import diffusion, field_gradient, jacobian_det
-from .grid import identity_grid, voxel_to_normalised
+from .grid import clear_grid_cache, identity_grid, voxel_to_normalised
 from .transform import compose, resize_field, sample, warp, warp_labels
 
 __all__ = [
+    "clear_grid_cache",
     "compose",
     "diffusion",
     "field_gradient",

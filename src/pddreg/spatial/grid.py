@@ -11,12 +11,13 @@ Convention:
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["identity_grid", "voxel_to_normalised"]
+__all__ = ["clear_grid_cache", "identity_grid", "voxel_to_normalised"]
 
 
 def _shape_tuple(shape: Sequence[int] | torch.Size, fn: str) -> tuple[int, ...]:
@@ -29,14 +30,26 @@ def _shape_tuple(shape: Sequence[int] | torch.Size, fn: str) -> tuple[int, ...]:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_grid(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+#: Identity grids kept for reuse: at most this many, and at most this many bytes in all.
+GRID_CACHE_ENTRIES = 16
+GRID_CACHE_BYTES = 1 << 30
+
+_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _build_grid(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # Built outside inference mode and without autograd so the cached tensor can be used
     # anywhere later (an inference tensor could not be saved for backward).
     with torch.inference_mode(False), torch.no_grad():
         axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
-    return grid
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+
+
+def clear_grid_cache() -> None:
+    """Forget the cached identity grids (frees their memory)."""
+    with _cache_lock:
+        _cache.clear()
 
 
 def identity_grid(
@@ -52,7 +65,9 @@ def identity_grid(
 
     Returns:
         ``(ndim, *S)`` tensor with ``grid[i, ...]`` the coordinate along array axis ``i``.
-        The tensor is cached by ``(shape, device, dtype)`` and shared: do not modify it in place.
+        The tensor is cached by ``(shape, device, dtype)`` (least recently used first out,
+        :data:`GRID_CACHE_ENTRIES` grids and :data:`GRID_CACHE_BYTES` at most) and shared: do
+        not modify it in place.
 
     Convention: see :mod:`pddreg.spatial` (voxel units, axis order of the array).
     """
@@ -60,7 +75,22 @@ def identity_grid(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    return _cached_grid(shape_t, dev, dtype)
+    key = (shape_t, dev, dtype)
+    with _cache_lock:
+        grid = _cache.get(key)
+        if grid is not None:
+            _cache.move_to_end(key)
+            return grid
+    grid = _build_grid(shape_t, dev, dtype)
+    size = grid.numel() * grid.element_size()
+    if size <= GRID_CACHE_BYTES // 2:
+        with _cache_lock:
+            _cache[key] = grid
+            total = sum(g.numel() * g.element_size() for g in _cache.values())
+            while len(_cache) > GRID_CACHE_ENTRIES or total > GRID_CACHE_BYTES:
+                _, old = _cache.popitem(last=False)
+                total -= old.numel() * old.element_size()
+    return grid
 
 
 def voxel_to_normalised(coords: torch.Tensor, shape: Sequence[int] | torch.Size) -> torch.Tensor:
@@ -86,12 +116,13 @@ def voxel_to_normalised(coords: torch.Tensor, shape: Sequence[int] | torch.Size)
             f"voxel_to_normalised(): 'coords' must have shape (B, {ndim}, *out) for a "
             f"{ndim}-D image, got {tuple(coords.shape)}"
         )
-    sizes = torch.tensor(shape_t, device=coords.device, dtype=coords.dtype)
-    # Axis of size 1: scale 0 puts every point on the single voxel centre.
-    scale = torch.where(sizes > 1, 2.0 / (sizes - 1).clamp(min=1), torch.zeros_like(sizes))
-    offset = torch.where(sizes > 1, -torch.ones_like(sizes), torch.zeros_like(sizes))
-    view = (1, ndim) + (1,) * ndim
-    norm = coords * scale.view(view) + offset.view(view)
-    norm = norm.movedim(1, -1)
-    # grid_sample reads grid[..., 0] as x (the LAST array axis): reverse the component order.
-    return norm.flip(-1)
+    # j -> 2 j / (S - 1) - 1; an axis of size 1 maps to 0 (its single voxel centre). The
+    # components are stacked in reverse: grid_sample reads grid[..., 0] as x, the LAST axis.
+    parts = []
+    for i in reversed(range(ndim)):
+        size = shape_t[i]
+        if size > 1:
+            parts.append(coords[:, i] * (2.0 / (size - 1)) - 1.0)
+        else:
+            parts.append(torch.zeros_like(coords[:, i]))
+    return torch.stack(parts, dim=-1)

@@ -249,7 +249,6 @@ def resize_field(disp: torch.Tensor, shape: Sequence[int] | torch.Size) -> torch
     if ndim not in _INTERP:
         raise ValueError(f"{fn}: only 1-D, 2-D and 3-D fields are supported, got {ndim}-D")
     out = F.interpolate(disp, size=target, mode=_INTERP[ndim], align_corners=False)
-    factors = torch.tensor(
-        [t / g for t, g in zip(target, grid, strict=True)], device=disp.device, dtype=disp.dtype
+    return torch.stack(
+        [out[:, i] * (t / g) for i, (t, g) in enumerate(zip(target, grid, strict=True))], dim=1
     )
-    return out * factors.view((1, ndim) + (1,) * ndim)
