@@ -253,7 +253,9 @@ def test_empty_and_1d_and_constant(tmp_path):
 
 
 def test_check_image_messages():
-    with pytest.raises(InputError, match="^fixed.nii.gz: contains NaN or Inf values$"):
+    with pytest.raises(
+        InputError, match=r"^fixed.nii.gz: contains NaN or Inf values \(1 of 4 voxels\)"
+    ):
         check_image(np.array([[1.0, np.nan], [0.0, 1.0]]), "fixed.nii.gz")
     with pytest.raises(InputError, match="^moving: image is empty"):
         check_image(np.zeros((0, 3)), "moving")

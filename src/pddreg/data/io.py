@@ -254,8 +254,13 @@ def check_image(array: Any, name: str) -> None:
         raise InputError(f"{name}: expected a numeric image, got dtype {arr.dtype}")
     if arr.ndim not in (2, 3):
         raise InputError(f"{name}: expected a 2-D or 3-D image, got shape {tuple(arr.shape)}")
-    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-        raise InputError(f"{name}: contains NaN or Inf values")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise InputError(
+                f"{name}: contains NaN or Inf values ({bad} of {arr.size} voxels); replace them, "
+                "e.g. by the background intensity"
+            )
     lo, hi = arr.min(), arr.max()
     if lo == hi:
         raise InputError(f"{name}: image is constant (every voxel is {lo.item():g})")
