@@ -237,3 +237,25 @@ def test_slices_command(tmp_path):
     assert args.func(args) == 0
     ds = open_dataset(str(out))
     assert len(ds) == 2 * 4 and ds.subject(0).image.shape == (16, 16)
+
+
+def test_sample_pair_follows_the_pairs(tmp_path):
+    src = PhantomDataset(n=3, held_out=0, ndim=3, shape=(16, 16, 12))
+    write_slices(src, tmp_path, axis=2, every=3)
+    ds = open_dataset(str(tmp_path))
+    allowed = set(ds.pairs("train"))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        f, m, fl, ml = ds.sample_pair(gen)
+        assert f.shape == (1, 16, 16) and f.dtype == torch.float32 and fl.dtype == torch.int64
+        matches = [
+            (a, b)
+            for a, b in allowed
+            if np.array_equal(ds.subject(a).image, f[0].numpy())
+            and np.array_equal(ds.subject(b).image, m[0].numpy())
+        ]
+        assert matches
+    f[0, 0, 0] = 5.0  # a copy: the cached subject is untouched
+    assert all(ds.subject(i).image.max() <= 1.0 for i in range(len(ds)))
+    with pytest.raises(InputError, match="val"):
+        ds.sample_pair(gen, "val")

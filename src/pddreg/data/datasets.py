@@ -140,6 +140,7 @@ class RegistrationDataset:
             self._splits["all"] = list(range(len(self.names)))
         self._pairs = dict(pairs or {})
         self._cache: OrderedDict[int, Subject] = OrderedDict()
+        self._pair_cache: dict[str, list[tuple[int, int]]] = {}
         self._cache_bytes = int(cache_bytes)
 
     # -- protocol ---------------------------------------------------------------------------
@@ -195,6 +196,33 @@ class RegistrationDataset:
         if split in self._pairs:
             return list(self._pairs[split])
         return _all_pairs(self._splits[split])
+
+    def sample_pair(self, gen, split: str = "train"):
+        """A random ``(fixed, moving)`` pair of ``pairs(split)`` (uniform) as tensors.
+
+        Returns ``(fixed, moving, fixed_labels, moving_labels)``, each ``(1, *spatial)``: images
+        float32 in [0, 1], labels int64 (copies: callers may modify them). ``gen`` is a
+        ``torch.Generator``. Training loops use this so that a dataset's own pairing holds
+        (slices at the same position, paired Learn2Reg tasks).
+        """
+        import torch
+
+        pairs = self._pair_cache.get(split)
+        if pairs is None:
+            pairs = self._pair_cache[split] = self.pairs(split)
+        if not pairs:
+            raise InputError(f"dataset: no '{split}' pairs to sample from ({self!r})")
+        k = int(torch.randint(0, len(pairs), (1,), generator=gen))
+        out_img, out_lab = [], []
+        for i in pairs[k]:
+            s = self.subject(i)
+            if s.labels is None:
+                raise InputError(
+                    f"dataset subject {s.name!r}: has no label map (training needs labels)"
+                )
+            out_img.append(torch.from_numpy(np.array(s.image, np.float32))[None])
+            out_lab.append(torch.from_numpy(np.array(s.labels, np.int64))[None])
+        return out_img[0], out_img[1], out_lab[0], out_lab[1]
 
     # -- helpers ----------------------------------------------------------------------------
     def _load(self, i: int) -> Subject:  # pragma: no cover - abstract
