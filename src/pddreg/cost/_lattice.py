@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
+import torch.utils.checkpoint
 
 # Default bound on the extra working memory of one chunk (bytes).
 DEFAULT_MAX_MEMORY = 256 * 2**20
@@ -275,6 +276,15 @@ def run_chunks(
         return parts[0] if len(parts) == 1 else torch.cat(parts, ax)  # type: ignore[arg-type]
 
     return rec(0, ())
+
+
+def checkpointed(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``fn(*args)``; under autograd, recomputed in backward instead of storing intermediates."""
+    if torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in args
+    ):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def interleave_perm(ndim: int, lead: int) -> list[int]:

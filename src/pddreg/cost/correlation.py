@@ -19,6 +19,7 @@ from ..errors import InputError
 from ._lattice import (
     DEFAULT_MAX_MEMORY,
     TilePlan,
+    checkpointed,
     chunk_shape,
     interleave_perm,
     make_plan,
@@ -174,10 +175,12 @@ def _correlation_tiled(
         def block(sl: tuple[slice, ...], b: int = b, target=target) -> torch.Tensor | None:
             counts = [s.stop - s.start for s in sl]
             n = math.prod(counts)
-            fc = fv[(b, *sl)].reshape(n, kt, ca)
-            wc = wv[(b, *sl)].reshape(n, ca, wt)
-            prod = torch.bmm(fc, wc)
-            cost = prod.gather(2, idx.expand(n, kt, nl)).view(*counts, *plan.tile, nl)
+
+            def compute(fvb: torch.Tensor, wvb: torch.Tensor) -> torch.Tensor:
+                prod = torch.bmm(fvb[sl].reshape(n, kt, ca), wvb[sl].reshape(n, ca, wt))
+                return prod.gather(2, idx.expand(n, kt, nl)).view(*counts, *plan.tile, nl)
+
+            cost = checkpointed(compute, fv[b], wv[b])
             if target is None:
                 return cost
             tsl: list[slice] = [slice(None)]
@@ -325,10 +328,13 @@ def expected_values(
         def block(sl: tuple[slice, ...], b: int = b) -> torch.Tensor:
             counts = [s.stop - s.start for s in sl]
             n = math.prod(counts)
-            pc = pv[(b, *sl)].reshape(n, kt, nl)
-            dense = pc.new_zeros(n, kt, wt).scatter(2, idx.expand(n, kt, nl), pc)
-            vc = wv[(b, *sl)].reshape(n, wt, C)
-            return torch.bmm(dense, vc).view(*counts, *plan.tile, C)
+
+            def compute(pvb: torch.Tensor, wvb: torch.Tensor) -> torch.Tensor:
+                pc = pvb[sl].reshape(n, kt, nl)
+                dense = pc.new_zeros(n, kt, wt).scatter(2, idx.expand(n, kt, nl), pc)
+                return torch.bmm(dense, wvb[sl].reshape(n, wt, C)).view(*counts, *plan.tile, C)
+
+            return checkpointed(compute, pv[b], wv[b])
 
         res = run_chunks(block, plan.ntiles, chunk)
         assert res is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._lattice import DEFAULT_MAX_MEMORY
+from ._lattice import DEFAULT_MAX_MEMORY, checkpointed
 from .correlation import _check_radius_spacing, displacement_set
 
 __all__ = ["expected_displacement", "probabilities", "soft_field"]
@@ -40,6 +40,10 @@ def expected_displacement(prob: torch.Tensor, displacements: torch.Tensor) -> to
     d = displacements.to(device=prob.device, dtype=prob.dtype)
     out = torch.matmul(d.t(), prob.reshape(B, nl, -1))
     return out.view(B, nd, *prob.shape[2:])
+
+
+def _soft_block(cost: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(d, torch.softmax(-cost, dim=1))
 
 
 def soft_field(
@@ -83,7 +87,6 @@ def soft_field(
     kc = max(1, budget // (3 * B * nl * cost.element_size()))
     parts = []
     for k in range(0, K, kc):
-        p = torch.softmax(-flat[:, :, k : k + kc], dim=1)
-        parts.append(torch.matmul(d, p))
+        parts.append(checkpointed(_soft_block, flat[:, :, k : k + kc], d))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
     return out.view(B, nd, *grid)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InputError
-from ._lattice import DEFAULT_MAX_MEMORY
+from ._lattice import DEFAULT_MAX_MEMORY, checkpointed
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,11 @@ def _meanfield_block(x: torch.Tensor, mats: Sequence[torch.Tensor]) -> torch.Ten
     return x
 
 
+def _meanfield_rows(rows: torch.Tensor, *mats: torch.Tensor) -> torch.Tensor:
+    """rows (B, Lc, *G) -> mean-field of each row, same shape."""
+    return _meanfield_block(rows.reshape(-1, *rows.shape[2:]), mats).view(rows.shape)
+
+
 def _column_chunk(cost: torch.Tensor, max_memory: int | None) -> int:
     budget = min(_CHUNK_BYTES, max_memory or DEFAULT_MAX_MEMORY)
     per_col = 4 * cost.shape[0] * cost.shape[1] * cost.element_size()
@@ -179,7 +184,10 @@ def minconv(cost: torch.Tensor, *, max_memory: int | None = None) -> torch.Tenso
     mat = _mat(n, "minconv", cost.device, cost.dtype)
     kc = _column_chunk(cost, max_memory)
     if _needs_grad(cost):
-        parts = [_minconv_block(flat[:, :, k : k + kc], n, nd, mat) for k in range(0, K, kc)]
+        parts = [
+            checkpointed(_minconv_block, flat[:, :, k : k + kc], n, nd, mat)
+            for k in range(0, K, kc)
+        ]
         return torch.cat(parts, 2).view(cost.shape)
     out = torch.empty_like(flat)
     for k in range(0, K, kc):
@@ -208,8 +216,7 @@ def meanfield(cost: torch.Tensor, *, max_memory: int | None = None) -> torch.Ten
     lc = _row_chunk(cost, max_memory)
     if _needs_grad(cost):
         parts = [
-            _meanfield_block(cost[:, l : l + lc].reshape(-1, *grid), mats).view(B, -1, *grid)
-            for l in range(0, nl, lc)
+            checkpointed(_meanfield_rows, cost[:, l : l + lc], *mats) for l in range(0, nl, lc)
         ]
         return torch.cat(parts, 1)
     out = torch.empty_like(cost)
