@@ -248,26 +248,28 @@ def _ellipsoid(g: _Grid, centre, radii, rot: np.ndarray | None = None) -> np.nda
 def _tube(g: _Grid, points, radii) -> np.ndarray:
     """Squared normalised distance to a polyline with linearly varying radius (``< 1`` inside).
 
+    Each segment is evaluated on its own block of the grid only.
+
     Args:
         g: the sample points. points: (K, 3) polyline vertices. radii: (K,) radius at each vertex.
     """
     pts = np.asarray(points, np.float32)
     rad = np.asarray(radii, np.float32)
-    reach = _MARGIN * float(rad.max())
-
-    def fn(q: np.ndarray) -> np.ndarray:
-        best = np.full(q.shape[1:], _FAR, np.float32)
-        for a, b, ra, rb in zip(pts[:-1], pts[1:], rad[:-1], rad[1:], strict=True):
-            ab = b - a
-            qa = q - a.reshape(3, 1, 1, 1)
-            t = (qa[0] * ab[0] + qa[1] * ab[1] + qa[2] * ab[2]) / float(ab @ ab)
-            np.clip(t, 0.0, 1.0, out=t)
-            d = qa - t * ab.reshape(3, 1, 1, 1)
-            r = ra + t * (rb - ra)
-            np.minimum(best, (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) / (r * r), out=best)
-        return best
-
-    return g.shape_on_block(pts.min(0) - reach, pts.max(0) + reach, fn)
+    out = np.full(g.p.shape[1:], _FAR, np.float32)
+    for a, b, ra, rb in zip(pts[:-1], pts[1:], rad[:-1], rad[1:], strict=True):
+        reach = _MARGIN * float(max(ra, rb))
+        blk = g.block(np.minimum(a, b) - reach, np.maximum(a, b) + reach)
+        q = g.p[(slice(None), *blk)]
+        if not q.size:
+            continue
+        ab = b - a
+        qa = q - a.reshape(3, 1, 1, 1)
+        t = (qa[0] * ab[0] + qa[1] * ab[1] + qa[2] * ab[2]) / max(float(ab @ ab), 1e-6)
+        np.clip(t, 0.0, 1.0, out=t)
+        d = qa - t * ab.reshape(3, 1, 1, 1)
+        r = ra + t * (rb - ra)
+        np.minimum(out[blk], (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]) / (r * r), out=out[blk])
+    return out
 
 
 def _superellipse(x: np.ndarray, y: np.ndarray, a, b, power: float) -> np.ndarray:
