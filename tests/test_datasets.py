@@ -92,6 +92,14 @@ def test_tensor_dataset_reads_lecture_format(tmp_path):
         assert sorted(ds.pairs("test")) == [(3, 4), (4, 3)]
 
 
+def test_tensor_dataset_label_names_given(tmp_path):
+    _tensors(tmp_path)
+    names = ["background", *(f"organ{k}" for k in range(1, 9))]
+    ds = TensorDataset(tmp_path / "tiny_img.pth", label_names=names, held_out=1)
+    assert ds.label_names == tuple(names) and ds.num_labels == 9
+    assert ds.indices("test") == [4] and ds.pairs("test") == []
+
+
 def test_tensor_dataset_float_images_normalised(tmp_path):
     vol = np.linspace(-1000, 1000, 3 * 8 * 9, dtype=np.float32).reshape(3, 8, 9)
     torch.save(torch.from_numpy(vol), tmp_path / "f_img.pth")

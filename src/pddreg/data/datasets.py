@@ -354,6 +354,8 @@ class TensorDataset(RegistrationDataset):
             when it exists.
         held_out: subjects held out (default about 20%); ignored with a sidecar.
         spacing: pixel spacing (mm) when there is no sidecar; default 1.
+        label_names: names indexed by label value; default: the sidecar's, else
+            ``background, label1, ...`` (the lecture's files do not name their 9 classes).
     """
 
     def __init__(
@@ -362,8 +364,10 @@ class TensorDataset(RegistrationDataset):
         labels: str | os.PathLike | None = None,
         held_out: int | None = None,
         spacing: Sequence[float] | None = None,
+        label_names: Sequence[str] | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
+        given_names = tuple(label_names) if label_names else None
         self.image_path = Path(images)
         self.label_path = Path(labels) if labels is not None else _seg_path_for(self.image_path)
         imgs = _as_stack(_torch_load(self.image_path), self.image_path)
@@ -407,6 +411,8 @@ class TensorDataset(RegistrationDataset):
             if not 0 <= held <= n:
                 raise InputError(f"held_out: must lie in [0, {n}], got {held_out!r}")
             splits = default_splits(n, held)
+        if given_names is not None:
+            label_names = given_names
         if segs is not None and not label_names:
             top = int(segs.max()) if segs.size else 0
             label_names = ["background"] + [f"label{k}" for k in range(1, top + 1)]

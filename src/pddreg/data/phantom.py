@@ -406,6 +406,16 @@ def _subject(seq: np.random.SeedSequence) -> dict:
     }
     s["noise_hu"] = float(u(6.0, 22.0))
     s["deform_mm"] = float(u(5.0, 10.0))
+    # liver lesions (cysts / hypodense metastases): image only, they keep the liver label
+    n_les = int(rng.poisson(0.8))
+    s["lesions"] = [
+        (
+            s["liver_c"] + n(0.0, 1.0, size=3).astype(np.float32) * s["liver_r"] * 0.35,
+            float(u(4.0, 16.0)),
+            float(u(-40.0, 25.0)),  # HU relative to native water
+        )
+        for _ in range(n_les)
+    ]
     return s
 
 
@@ -551,6 +561,9 @@ def make_phantom(
     liver_hu = nat["liver"] + enh["liver"] + 7.0 * tex
     vess = (np.abs(v0) < 0.09) & (np.abs(v1) < 0.6)
     liver_hu = np.where(vess, nat["blood"] + enh["portal"], liver_hu)
+    for centre, radius, value in s["lesions"]:
+        f_les = _ellipsoid(p, centre, [radius, radius * 0.9, radius]) + 0.1 * tex
+        liver_hu = np.where(f_les < 1.0, value + 4.0 * tex + 0.2 * enh["liver"], liver_hu)
     paint(liver, _L["liver"], liver_hu)
 
     # spleen: crescent (lateral convex, hilum concave)
