@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pddreg.models import PDDNet, PDDNetConfig, save_model
+from pddreg.models import PDDNet, default_config, save_model
 from pddreg.train import TrainConfig, train
 from pddreg.train.synth import SynthConfig, SynthDataset
 
@@ -29,21 +29,6 @@ log = logging.getLogger("pretrain")
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "pddreg" / "weights"
 
-#: The shipped models' configurations (what ``pddreg register --method pdd`` runs).
-MODEL = {
-    2: PDDNetConfig(ndim=2, features="lecture", radius=6, spacing=1.0, levels=2),
-    3: PDDNetConfig(
-        ndim=3,
-        features="lecture",
-        feature_kwargs={"channels": 16, "width": 24},
-        radius=5,
-        spacing=1.0,
-        grid_stride=2,
-        levels=2,
-        radius2=2,
-        spacing2=0.5,
-    ),
-}
 #: Synthetic data per dimension (image size and deformation scales in voxels).
 SYNTH = {
     2: SynthConfig(shape=(160, 160), num_labels=16, label_scale=28, max_disp=14, disp_scale=48),
@@ -82,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         val_pairs=4,
     )
     torch.manual_seed(args.seed)
-    model = PDDNet(MODEL[ndim])
+    model = PDDNet(default_config(ndim))
     t0 = time.perf_counter()
     model = train(dataset, config, model=model)
     log.info("trained %d steps in %.0f s; synthetic val Dice %.3f", steps, time.perf_counter() - t0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .io import MODEL_CLASSES, load_model, pretrained, pretrained_path, save_model
-from .pdd import PDDNet, PDDNetConfig
+from .pdd import PDDNet, PDDNetConfig, default_config
 
 __all__ = [
     "MODEL_CLASSES",
@@ -17,6 +17,7 @@ __all__ = [
     "PDDNetConfig",
     "VoxelMorph",
     "VoxelMorphConfig",
+    "default_config",
     "load_model",
     "pretrained",
     "pretrained_path",

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pddreg.features.nets import build_feature_net
 
-__all__ = ["PDDNet", "PDDNetConfig"]
+__all__ = ["PDDNet", "PDDNetConfig", "default_config"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,29 @@ class PDDNetConfig:
                 raise ValueError(f"PDDNetConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.spacing <= 0 or self.spacing2 <= 0:
             raise ValueError("PDDNetConfig: spacing and spacing2 must be > 0")
+
+
+def default_config(ndim: int) -> PDDNetConfig:
+    """The configuration of the shipped pretrained models (``scripts/pretrain.py``).
+
+    2D (slices of ~320x256): lecture CNN (24 channels, stride 4); level 1 searches
+    +-6 feature voxels (+-24 px) on a control grid of stride 2 in feature voxels (8 px), level 2
+    refines +-1 feature voxel in half-voxel steps on the feature grid (4 px). 3D (e.g. 192x160x256 at 2 mm): a narrower CNN (16 channels), level 1 on a
+    control grid of stride 2 in feature voxels with +-5 (+-20 voxels, 40 mm), level 2 refines
+    +-1 feature voxel on the feature grid.
+    """
+    if ndim == 2:
+        return PDDNetConfig(ndim=2, features="lecture", radius=6, grid_stride=2, levels=2)
+    if ndim == 3:
+        return PDDNetConfig(
+            ndim=3,
+            features="lecture",
+            feature_kwargs={"channels": 16, "width": 24},
+            radius=5,
+            grid_stride=2,
+            levels=2,
+        )
+    raise ValueError(f"default_config(): ndim must be 2 or 3, got {ndim}")
 
 
 def _area(x: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,10 @@ class TrainConfig:
         features: feature net of a new PDD-Net ("lecture", "obelisk", "mind").
         model_config: extra fields of the new model's config dataclass.
         steps: optimiser steps in total (a resumed run continues up to this number).
-        lr: Adam learning rate.
+        lr: Adam learning rate (of the network weights).
+        alpha_lr: learning rate of the scalar regularisation weights (parameters named
+            ``alpha*``); they need larger steps than the network weights to move within a
+            few hundred steps.
         batch: pairs per step (per process under DDP).
         seed: seeds the model initialisation, the pairs and the augmentation.
         crop: random crop size (same window in both images) or None for whole images.
@@ -59,6 +63,7 @@ class TrainConfig:
     model_config: dict[str, Any] = field(default_factory=dict)
     steps: int = 1000
     lr: float = 1e-3
+    alpha_lr: float = 2e-2
     batch: int = 4
     seed: int = 0
     crop: list[int] | None = None
@@ -199,6 +204,16 @@ def _batch(
     return [torch.stack(x) for x in (fixed, moving, fseg, mseg)]
 
 
+def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    alpha = [p for n, p in model.named_parameters() if n.split(".")[-1].startswith("alpha")]
+    ids = {id(p) for p in alpha}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": rest, "lr": config.lr}]
+    if alpha:
+        groups.append({"params": alpha, "lr": config.alpha_lr})
+    return groups
+
+
 # ---------------------------------------------------------------------- validation
 @torch.no_grad()
 def validate(model: nn.Module, dataset: Any, pairs: list[tuple[int, int]], device: Any) -> float:
@@ -270,12 +285,17 @@ def _resolve_device(name: str | None, local_rank: int) -> torch.device:
 
 # ---------------------------------------------------------------------- train
 def train(
-    dataset: Any, config: TrainConfig | None = None, model: nn.Module | None = None
+    dataset: Any,
+    config: TrainConfig | None = None,
+    model: nn.Module | None = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` (default: a new one from ``config``) on random pairs of
     ``dataset.indices("train")`` with the model's weakly supervised ``training_loss``.
 
-    Returns the trained model (unwrapped, eval mode, on the training device).
+    ``callback(step, logs)`` is called on rank 0 after every step (``logs`` holds "loss", the
+    loss terms and "val_dice" when validation ran). Returns the trained model (unwrapped, eval
+    mode, on the training device) with its last validation Dice in ``model.val_dice``.
     """
     config = config if config is not None else TrainConfig()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -300,7 +320,7 @@ def train(
     if model is None:
         model = build_model(config, dataset.ndim)
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(_param_groups(model, config), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed + rank)
     step = 0
 
@@ -357,9 +377,12 @@ def train(
         if rank == 0 and val and config.val_every and step % config.val_every == 0:
             dice = validate(model, dataset, val, device)
             model.train()
+            logs["val_dice"] = dice
             log.info("step %d loss %.4f val dice %.4f", step, logs["loss"], dice)
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint(step)
+        if callback is not None and rank == 0:
+            callback(step, logs)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", dice=f"{dice:.3f}")
         bar.update(1)
     bar.close()
