@@ -4,7 +4,8 @@ The phantom is a small anatomical model written in millimetres, evaluated on a v
 body outline with subcutaneous fat and an abdominal-wall muscle layer, spine (vertebral bodies
 with discs, posterior elements, spinal canal), ribs, paraspinal and psoas muscles, lung bases and
 heart above the diaphragm, bowel loops and colon (with gas, fluid and sometimes oral contrast),
-mesenteric fat, vessels, and nine labelled organs (:data:`LABEL_NAMES`).
+mesenteric fat, vessels (portal/hepatic branches in the liver, splenic vein, SMV), liver lesions,
+and nine labelled organs (:data:`LABEL_NAMES`).
 
 Subjects differ the way patients do: body size and fat thickness, organ sizes, shapes and
 positions, a large random smooth deformation, bowel content, contrast phase (native, arterial,
@@ -16,11 +17,12 @@ Coordinates (model space, mm): ``x`` towards the patient's left, ``y`` towards p
 
 Array layouts:
 
-- **3D**: ``(X, Y, Z)`` = (right→left, anterior→posterior, inferior→superior), the layout of
-  Learn2Reg AbdomenCTCT volumes. Default shape ``(96, 80, 128)`` at 4 mm (field of view
-  384 × 320 × 512 mm).
+- **3D**: ``(X, Y, Z)`` = (right→left, anterior→posterior, inferior→superior), the axis order
+  of Learn2Reg AbdomenCTCT volumes (192 × 160 × 256 at 2 mm). Default shape ``(96, 80, 128)``
+  at 4 mm (field of view 384 × 320 × 512 mm).
 - **2D**: ``(rows, cols)`` = (anterior→posterior, right→left): an axial slice as radiologists
   view it (anterior up, patient's right on the image left). Default ``(256, 320)`` at 1.25 mm.
+  So ``volume[:, :, k].T`` is a 2D-layout slice.
 
 The 2D phantom of a seed is the plane ``z = 0`` of the same subject's 3D anatomy; the
 through-plane component of the random deformation is left out there (as in the lecture's 2D
