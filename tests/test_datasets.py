@@ -240,11 +240,21 @@ def test_slices_command(tmp_path):
     add_subcommand(parser.add_subparsers())
     out = tmp_path / "cmd"
     args = parser.parse_args(
-        ["slices", "phantom3d:n=2,held_out=0,shape=16x16x12", "-o", str(out), "--every", "3"]
+        ["slices", "phantom3d:n=2,held_out=0,shape=20x16x12", "-o", str(out), "--every", "3"]
     )
     assert args.func(args) == 0
     ds = open_dataset(str(out))
-    assert len(ds) == 2 * 4 and ds.subject(0).image.shape == (16, 16)
+    assert len(ds) == 2 * 4 and ds.subject(0).image.shape == (20, 16)
+    args = parser.parse_args(
+        ["slices", "phantom3d:n=2,held_out=0,shape=20x16x12", "-o", str(out), "--transpose"]
+    )
+    assert args.func(args) == 0
+    ds = open_dataset(str(out))
+    vol = open_dataset("phantom3d:n=2,held_out=0,shape=20x16x12").subject(1)
+    s = ds.subject(ds.names.index(f"{vol.name}_0005"))
+    assert s.image.shape == (16, 20)
+    np.testing.assert_array_equal(s.labels, vol.labels[:, :, 5].T)
+    assert s.spacing == (vol.spacing[1], vol.spacing[0])
 
 
 def test_sample_pair_follows_the_pairs(tmp_path):

@@ -38,6 +38,12 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         help="keep slices with at least this fraction of labelled pixels (default 0: all)",
     )
     p.add_argument("--prefix", default="slices", help="file name prefix (default 'slices')")
+    p.add_argument(
+        "--transpose",
+        action="store_true",
+        help="swap the in-plane axes (axial slices of (X, Y, Z) volumes become (Y, X), the "
+        "layout of the 2D phantoms)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -55,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         min_label_fraction=args.min_label_fraction,
         prefix=args.prefix,
         progress=True,
+        transpose=args.transpose,
     )
     log.info("slices written: %s", path)
     return 0

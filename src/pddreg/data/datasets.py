@@ -627,6 +627,7 @@ def write_slices(
     min_label_fraction: float = 0.0,
     prefix: str = "slices",
     progress: bool = False,
+    transpose: bool = False,
 ) -> Path:
     """Cut 2D slices from a 3D dataset and write them in the lecture's tensor format.
 
@@ -643,6 +644,8 @@ def write_slices(
         min_label_fraction: keep a slice only if at least this fraction of its pixels is
             labelled (> 0) in that subject (needs label maps when > 0).
         prefix: file name prefix.
+        transpose: swap the two in-plane axes of every slice (e.g. axial slices of ``(X, Y, Z)``
+            volumes become ``(Y, X)``, the layout of the 2D phantoms: rows anterior→posterior).
 
     Returns:
         The path of the image tensor file.
@@ -685,10 +688,15 @@ def write_slices(
                 f"{s.name}: has no label map, but other subjects (or the filter) need one"
             )
         sp = tuple(v for k, v in enumerate(s.spacing) if k != axis)
+        if transpose:
+            sp = sp[::-1]
         img8 = np.round(np.clip(s.image, 0.0, 1.0) * 255.0).astype(np.uint8)
         for pos in range(0, s.image.shape[axis], int(every)):
             sl = np.take(img8, pos, axis=axis)
             lab = None if s.labels is None else np.take(s.labels, pos, axis=axis)
+            if transpose:
+                sl = sl.T
+                lab = None if lab is None else lab.T
             if min_label_fraction > 0 and float((lab > 0).mean()) < min_label_fraction:
                 continue
             if shape2d is None:
@@ -716,6 +724,7 @@ def write_slices(
         "format": "pddreg-slices-1",
         "axis": int(axis),
         "every": int(every),
+        "transpose": bool(transpose),
         "min_label_fraction": float(min_label_fraction),
         "spacing": list(spacing2d or ()),
         "label_names": list(dataset.label_names) if labels else [],
