@@ -296,6 +296,12 @@ class PhantomDataset(RegistrationDataset):
 # ----------------------------------------------------------------------------------------------
 # Lecture tensors (*_img.pth / *_seg.pth) and slice datasets
 # ----------------------------------------------------------------------------------------------
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception message, shortened (user errors stay on one line)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _torch_load(path: Path):
     import torch
 
@@ -304,7 +310,7 @@ def _torch_load(path: Path):
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one line
-        raise InputError(f"{path}: cannot read as a torch tensor file ({exc})") from None
+        raise InputError(f"{path}: cannot read as a torch tensor file ({_one_line(exc)})") from None
 
 
 def _as_stack(obj, path: Path) -> np.ndarray:
@@ -434,7 +440,7 @@ class TensorDataset(RegistrationDataset):
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read the slice index ({exc})") from None
+            raise InputError(f"{path}: cannot read the slice index ({_one_line(exc)})") from None
 
     @staticmethod
     def _splits_from_meta(entries: list[dict]):

@@ -41,6 +41,7 @@ from .datasets import (
     Subject,
     _all_pairs,
     _check_subject,
+    _one_line,
     _read_pair,
     _strip_suffix,
 )
@@ -128,7 +129,7 @@ def read_displacement(path: str | os.PathLike) -> np.ndarray:
     try:
         data = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
     except Exception as exc:  # noqa: BLE001 - one line for any unreadable file
-        raise InputError(f"{p}: cannot read as NIfTI ({exc})") from None
+        raise InputError(f"{p}: cannot read as NIfTI ({_one_line(exc)})") from None
     if data.ndim == 5 and data.shape[3] == 1:  # (X, Y, Z, 1, 3) as some tools write vectors
         data = data[:, :, :, 0]
     if data.ndim < 3 or data.shape[-1] != data.ndim - 1:
@@ -185,7 +186,7 @@ class Learn2RegDataset(RegistrationDataset):
         try:
             meta = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read Learn2Reg json ({exc})") from None
+            raise InputError(f"{path}: cannot read Learn2Reg json ({_one_line(exc)})") from None
         if not isinstance(meta, dict) or "training" not in meta:
             raise InputError(f"{path}: not a Learn2Reg dataset json (no 'training' list)")
         self.json_path = path
