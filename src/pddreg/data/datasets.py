@@ -310,7 +310,10 @@ def _torch_load(path: Path):
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one line
-        raise InputError(f"{path}: cannot read as a torch tensor file ({_one_line(exc)})") from None
+        why = _one_line(exc)
+        if why.startswith("Weights only load failed"):
+            why = "not a torch.save file of plain tensors"
+        raise InputError(f"{path}: cannot read as a torch tensor file ({why})") from None
 
 
 def _as_stack(obj, path: Path) -> np.ndarray:
