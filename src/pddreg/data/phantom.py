@@ -505,10 +505,15 @@ def make_phantom(
     post = np.clip(y / b, 0.0, 1.0)  # less fat over the back
     inner_a = a - fat_t
     inner_b = b - fat_t * (1.0 - 0.5 * post)
-    in_wall = _superellipse(x, y, inner_a, inner_b, pw) < 1.0
     cav_a = inner_a - s["wall"]
     cav_b = inner_b - s["wall"] * (1.0 + 1.5 * post)
-    cavity = _superellipse(x, y, cav_a, cav_b, pw) < 1.0
+    # nested contours: each one is evaluated inside the previous one only
+    inb = np.nonzero(body)
+    in_wall = np.zeros(grid_shape, bool)
+    in_wall[inb] = _superellipse(x[inb], y[inb], inner_a[inb], inner_b[inb], pw) < 1.0
+    inw = np.nonzero(in_wall)
+    cavity = np.zeros(grid_shape, bool)
+    cavity[inw] = _superellipse(x[inw], y[inw], cav_a[inw], cav_b[inw], pw) < 1.0
     muscle_hu = nat["muscle"] + enh["muscle"]
     hu[body] = nat["fat"] + 8.0 * tex[body]
     wall = in_wall & ~cavity
@@ -671,13 +676,16 @@ def make_phantom(
     lab[vbody | bone | canal] = 0
 
     # ribs: oblique bands in the wall (z rises towards the back), absent far anteriorly
-    theta = np.arctan2(y, np.abs(x))  # -pi/2 anterior, +pi/2 posterior
-    rib_depth = _superellipse(x, y, inner_a - 4.0, inner_b - 4.0, pw)
+    band = np.nonzero(body & ~cavity)  # ribs lie in the body wall only
+    xb, yb, zb = x[band], y[band], z[band]
+    theta = np.arctan2(yb, np.abs(xb))  # -pi/2 anterior, +pi/2 posterior
+    rib_depth = _superellipse(xb, yb, inner_a[band] - 4.0, inner_b[band] - 4.0, pw)
     ring = (rib_depth > 0.95**pw) & (rib_depth < 1.02**pw) & (theta > -1.1) & (theta < 1.2)
-    phase_z = (z + 120.0 * theta - s["disc_phase"]) % 34.0
+    phase_z = (zb + 120.0 * theta - s["disc_phase"]) % 34.0
     rib_low = -45.0 - 25.0 * np.clip(theta, 0.0, 1.0) + 95.0 * np.clip(-theta, 0.0, 1.6)
-    ribs = ring & (phase_z < 7.0) & (z > rib_low)
-    hu[ribs & body] = np.where(phase_z[ribs & body] < 1.5, 700.0, 320.0)
+    ribs = ring & (phase_z < 7.0) & (zb > rib_low)
+    rib_idx = tuple(i[ribs] for i in band)
+    hu[rib_idx] = np.where(phase_z[ribs] < 1.5, 700.0, 320.0)
 
     # --- scan range (padding outside, as in resampled Learn2Reg volumes), noise, window ---
     outside = (z < s["scan_lo"]) | (z > s["scan_hi"])
