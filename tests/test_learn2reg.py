@@ -75,6 +75,7 @@ def test_reads_task(tmp_path):
         assert isinstance(ds, Learn2RegDataset)
         assert len(ds) == 4 and ds.ndim == 3
         assert ds.label_names == ("background", "spleen", "right kidney", "left kidney")
+        assert ds.modality == {"0": "CT"} and ds.task == "Tiny"
         assert ds.num_labels == 4
         assert ds.indices("val") == [2, 3] and ds.indices("train") == [0, 1]
         assert ds.pairs("val") == [(2, 3), (3, 2)]

@@ -193,6 +193,9 @@ class Learn2RegDataset(RegistrationDataset):
         self.root = path.parent
         self.meta = meta
         self.task = str(meta.get("name", path.name.replace("_dataset.json", "")))
+        modality = meta.get("modality")
+        #: modality names by channel index, e.g. ``{"0": "CT"}`` (empty when not given)
+        self.modality = dict(modality) if isinstance(modality, dict) else {}
 
         images: list[Path] = []
         labels: list[Path | None] = []
@@ -223,6 +226,14 @@ class Learn2RegDataset(RegistrationDataset):
             raise InputError(f"{path}: 'training' must be a non-empty list")
         for e in training:
             add(e, "training", True)
+        declared = meta.get("numTraining")
+        if isinstance(declared, int) and declared != len(training):
+            log.warning(
+                "%s: numTraining is %d but 'training' lists %d images",
+                path,
+                declared,
+                len(training),
+            )
         for e in meta.get("test") or []:
             add(e, "test", False)
         self.image_files = images
