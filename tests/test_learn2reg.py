@@ -205,3 +205,21 @@ def test_pair_images_outside_training_are_added(tmp_path):
     assert len(ds) == 5 and ds.names[-1] == "Tiny_0009_0000"
     assert ds.pairs("val") == [(4, 3)] and ds.indices("train") == [0, 1, 2]
     assert ds.label_files[4] is not None
+
+
+def test_test_images_present_and_slices(tmp_path):
+    from pddreg.data import write_slices
+
+    path = _task(tmp_path)
+    _save(
+        tmp_path / "imagesTs" / "Tiny_0031_0000.nii.gz",
+        np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE),
+    )
+    ds = Learn2RegDataset(path)
+    assert len(ds) == 5 and ds.label_files[4] is None
+    assert ds.indices("test") == [0, 4] and ds.pairs("test") == [(4, 0)]
+    assert ds.subject(4).labels is None
+    write_slices(ds, tmp_path / "slices", axis=2, every=2)
+    sl = open_dataset(str(tmp_path / "slices"))
+    assert len(sl) == 4 * (SHAPE[2] // 2)  # the unlabelled test image is left out
+    assert sl.label_names == ds.label_names

@@ -651,7 +651,8 @@ def write_slices(
         axis: array axis to cut across (0, 1 or 2); the slice keeps the other two in order.
         every: keep every ``every``-th position.
         min_label_fraction: keep a slice only if at least this fraction of its pixels is
-            labelled (> 0) in that subject (needs label maps when > 0).
+            labelled (> 0) in that subject (needs label maps when > 0). In a dataset with
+            labels, subjects without a label map (e.g. Learn2Reg test images) are left out.
         prefix: file name prefix.
         transpose: swap the two in-plane axes of every slice (e.g. axial slices of ``(X, Y, Z)``
             volumes become ``(Y, X)``, the layout of the 2D phantoms: rows anterior→posterior).
@@ -685,6 +686,7 @@ def write_slices(
     spacing2d: tuple[float, ...] | None = None
     shape2d: tuple[int, ...] | None = None
     has_labels = dataset.num_labels > 0
+    skipped = 0
     order: Iterable[int] = range(len(dataset))
     if progress:
         from tqdm import tqdm
@@ -693,9 +695,10 @@ def write_slices(
     for i in order:
         s = dataset.subject(i)
         if s.labels is None and (has_labels or min_label_fraction > 0):
-            raise InputError(
-                f"{s.name}: has no label map, but other subjects (or the filter) need one"
-            )
+            # e.g. Learn2Reg test images: no labels to train or evaluate with
+            log.warning("%s: has no label map; its slices are left out", s.name)
+            skipped += 1
+            continue
         sp = tuple(v for k, v in enumerate(s.spacing) if k != axis)
         if transpose:
             sp = sp[::-1]
@@ -720,9 +723,12 @@ def write_slices(
                 labels.append(lab)
             entries.append({"subject": s.name, "index": pos, "split": split_of.get(i, "train")})
     if not images:
-        raise InputError(
-            f"dataset: no slice passed --min-label-fraction {min_label_fraction} (none written)"
+        why = (
+            "no subject has a label map"
+            if skipped == len(dataset)
+            else (f"no slice passed --min-label-fraction {min_label_fraction}")
         )
+        raise InputError(f"dataset: {why} (nothing written)")
     img_path = out_dir / f"{prefix}_img.pth"
     _atomic_torch_save(torch.from_numpy(np.stack(images)), img_path)
     if labels:
