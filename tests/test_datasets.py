@@ -33,7 +33,10 @@ def test_phantom_dataset_splits_and_pairs():
     s = ds.subject(7)
     assert isinstance(s, Subject) and s.image.shape == (48, 64) and s.labels.dtype == np.int64
     np.testing.assert_array_equal(s.labels, make_phantom((1, 7), 2, (48, 64))[1])
-    assert ds.subject(7) is s  # cached
+    again = ds.subject(7)  # cached: same image array, labels int64 again
+    assert again.image is s.image and again.labels.dtype == np.int64
+    np.testing.assert_array_equal(again.labels, s.labels)
+    assert ds._cache[7].labels.dtype == np.uint8  # compact in the cache
     with pytest.raises(IndexError):
         ds.subject(10)
     with pytest.raises(InputError, match="split"):
@@ -62,7 +65,7 @@ def test_open_dataset_phantom_specs():
 
 
 def test_cache_is_bounded():
-    ds = PhantomDataset(n=4, held_out=0, shape=(32, 40), cache_bytes=3 * 32 * 40 * 12)
+    ds = PhantomDataset(n=4, held_out=0, shape=(32, 40), cache_bytes=3 * 32 * 40 * 5)
     for i in range(4):
         ds.subject(i)
     assert len(ds._cache) <= 3 and 3 in ds._cache

@@ -174,17 +174,23 @@ class RegistrationDataset:
         )
 
     def subject(self, i: int) -> Subject:
-        """Subject ``i`` (read on first use, then cached)."""
+        """Subject ``i`` (read on first use, then cached).
+
+        The cache keeps label maps in the smallest integer type that holds them (int64 label
+        maps of 3D volumes are 8x larger than needed); the returned labels are int64.
+        """
         i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"subject(): index {i} out of range for {len(self)} subjects")
         hit = self._cache.get(i)
-        if hit is not None:
+        if hit is None:
+            hit = self._load(i)
+            self._remember(i, hit)
+        else:
             self._cache.move_to_end(i)
+        if hit.labels is None or hit.labels.dtype == np.int64:
             return hit
-        subject = self._load(i)
-        self._remember(i, subject)
-        return subject
+        return Subject(hit.image, hit.labels.astype(np.int64), hit.spacing, hit.name)
 
     def indices(self, split: str = "all") -> list[int]:
         """Subject indices of ``split`` (``"train"``, ``"val"``, ``"test"`` or ``"all"``)."""
@@ -235,17 +241,25 @@ class RegistrationDataset:
         return split
 
     def _remember(self, i: int, subject: Subject) -> None:
-        size = subject.image.nbytes + (0 if subject.labels is None else subject.labels.nbytes)
+        labels = subject.labels
+        if labels is not None and labels.size:
+            top = int(labels.max())
+            small = np.uint8 if top < 256 else np.uint16 if top < 65536 else None
+            if small is not None and labels.min() >= 0:
+                labels = labels.astype(small)
+        entry = Subject(subject.image, labels, subject.spacing, subject.name)
+        size = _nbytes(entry)
         if size > self._cache_bytes:
             return
-        self._cache[i] = subject
-        total = sum(
-            s.image.nbytes + (0 if s.labels is None else s.labels.nbytes)
-            for s in self._cache.values()
-        )
+        self._cache[i] = entry
+        total = sum(_nbytes(s) for s in self._cache.values())
         while total > self._cache_bytes and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
-            total -= old.image.nbytes + (0 if old.labels is None else old.labels.nbytes)
+            total -= _nbytes(old)
+
+
+def _nbytes(s: Subject) -> int:
+    return s.image.nbytes + (0 if s.labels is None else s.labels.nbytes)
 
 
 # ----------------------------------------------------------------------------------------------
