@@ -16,9 +16,13 @@ out: with 4 or more held out, the first half of them is ``val`` and the rest ``t
 all are ``test`` and ``val`` is empty. Pairs of a split are all ordered pairs ``(fixed, moving)``
 of distinct subjects of that split (``"all"``: of all subjects).
 
-Subjects are read on first use and kept in a bounded cache (``cache_bytes``). Images are
-normalised to float32 ``[0, 1]`` (:func:`pddreg.data.io.normalise_intensity`; 8-bit tensors are
-divided by 255, as in the lecture), labels are int64, spacing is in mm in array-axis order.
+Subjects are read on first use and kept in a bounded LRU cache (``cache_bytes``, default
+2 GiB; label maps are held as uint8/uint16 there). Images are normalised to float32 ``[0, 1]``
+(:func:`pddreg.data.io.normalise_intensity`; 8-bit tensors are divided by 255, as in the
+lecture), labels are int64, spacing is in mm in array-axis order.
+
+Training loops draw pairs with :meth:`RegistrationDataset.sample_pair` (uniform over
+``pairs("train")``), so a dataset's own pairing holds.
 """
 
 from __future__ import annotations
