@@ -28,9 +28,20 @@ def test_forward_shapes_and_register_agree(config, shape):
     assert out["prob"].shape[2:] == grid and out["cost"].shape == out["prob"].shape
     assert torch.allclose(out["prob"].sum(1), torch.ones(()), atol=1e-5)
     assert len(out["levels"]) == config.levels
-    # inference through pddreg.optim.discrete_register computes the same field
+    # inference computes the same field, and so does pddreg.optim.discrete_register with the
+    # learned features and weights (the generic multi-level search)
+    from pddreg.optim import LevelConfig, discrete_register
+
     disp = model.register(f, m)
-    assert torch.allclose(disp, out["disp"], atol=1e-4)
+    assert torch.allclose(disp, out["disp"], atol=1e-5)
+    levels = [LevelConfig(1, config.grid_stride, config.radius, config.spacing)]
+    alphas = [model.alpha.detach()]
+    if config.levels == 2:
+        levels.append(LevelConfig(1, config.grid_stride2, config.radius2, config.spacing2))
+        alphas.append(model.alpha2.detach())
+    with torch.no_grad():
+        other = discrete_register(f, m, model.features, levels, alpha=alphas, padding="border")
+    assert torch.allclose(other, disp, atol=1e-4)
 
 
 def test_mind_features_learn_only_alpha():
@@ -96,3 +107,35 @@ def test_pretrained_loads(ndim):
     img = torch.rand(1, 1, *shape)
     disp = model.register(img, img)
     assert disp.shape == (1, ndim, *shape) and torch.isfinite(disp).all()
+
+
+def test_pretrained_2d_on_unseen_phantoms():
+    # the shipped 2D model was trained on synthetic label-map images only: on phantom CT
+    # slices (another generator) it must reduce the image dissimilarity without folding
+    from pddreg.data import make_phantom
+    from pddreg.metrics import folding_fraction
+    from pddreg.spatial import warp
+
+    model = pretrained(2)
+    gains = []
+    for seed in (11, 12):
+        f, _ = make_phantom(seed, ndim=2)
+        m, _ = make_phantom(seed + 100, ndim=2)
+        f, m = torch.as_tensor(f)[None, None], torch.as_tensor(m)[None, None]
+        disp = model.register(f, m)
+        before = float((f - m).square().mean())
+        after = float((f - warp(m, disp)).square().mean())
+        gains.append(after / before)
+        assert folding_fraction(disp) < 0.01
+    assert max(gains) < 0.95, gains
+
+
+def test_register_with_instance_optimisation():
+    torch.manual_seed(0)
+    model = PDDNet(PDDNetConfig(ndim=2, radius=2, io_iters=5))
+    f, m = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    plain = model.register(f, m)
+    refined = model.register(f, m, instance_opt=True)
+    assert refined.shape == plain.shape and torch.isfinite(refined).all()
+    assert not torch.allclose(refined, plain)
+    assert torch.equal(model.register(f, m, instance_opt=True, iters=0), plain)

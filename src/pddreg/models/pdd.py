@@ -6,9 +6,9 @@ scalar weights -> probabilities -> expected (soft) displacement -> dense field.
 Optionally a second level on the moving features warped by the first field (smaller range,
 finer steps, its own six weights; fields composed) and instance optimisation at inference.
 
-Inference (:meth:`PDDNet.register`) runs the same computation through the generic
-:func:`pddreg.optim.discrete_register` with the learned features and weights (memory-lean,
-no graph), followed by its instance optimisation when asked for.
+Inference (:meth:`PDDNet.register`) is the forward pass without gradients (the same multi-level
+scheme as :func:`pddreg.optim.discrete_register`, which cannot switch the mean-field off for
+the ablations), optionally followed by MIND's feature instance optimisation.
 
 Units: the displacement set of a level is ``spacing * {-r..r}^ndim`` in voxels of the moving
 feature map (size ``S_f = ceil(S / stride)``); the control grid ``G = ceil(S_f / grid_stride)``.
@@ -106,9 +106,10 @@ def default_config(ndim: int) -> PDDNetConfig:
 
     2D (slices of ~320x256): lecture CNN (24 channels, stride 4); level 1 searches
     +-6 feature voxels (+-24 px) on a control grid of stride 2 in feature voxels (8 px), level 2
-    refines +-1 feature voxel in half-voxel steps on the feature grid (4 px). 3D (e.g. 192x160x256 at 2 mm): a narrower CNN (16 channels), level 1 on a
-    control grid of stride 2 in feature voxels with +-5 (+-20 voxels, 40 mm), level 2 refines
-    +-1 feature voxel on the feature grid.
+    refines +-1 feature voxel in half-voxel steps on the feature grid (4 px).
+    3D (e.g. 192x160x256 at 2 mm): a narrower CNN (16 channels), level 1 on a control grid of
+    stride 2 in feature voxels with +-5 (+-20 voxels, 40 mm), level 2 refines +-1 feature
+    voxel on the feature grid.
     """
     if ndim == 2:
         return PDDNetConfig(ndim=2, features="lecture", radius=6, grid_stride=2, levels=2)
@@ -139,7 +140,7 @@ class PDDNet(nn.Module):
     ``G``), ``"prob"`` ``(B, |L|, *G)`` and ``"cost"`` (regularised) of the last level, and
     ``"levels"``: a list with those entries (plus ``"raw_cost"``, ``"radius"``, ``"spacing"``,
     ``"feature_shape"``, and ``"disp_feat"``: the field so far on the feature grid ``F`` in
-    voxels of ``F``) per level.
+    voxels of ``F``) per level; ``"features"``: the fixed and moving feature maps.
     """
 
     def __init__(self, config: PDDNetConfig | None = None) -> None:
@@ -238,6 +239,7 @@ class PDDNet(nn.Module):
             "prob": last["prob"],
             "cost": last["cost"],
             "levels": levels,
+            "features": (feat_fixed, feat_moving),
         }
 
     def _levels(self) -> list[tuple[Tensor, int, float, int]]:
@@ -255,37 +257,43 @@ class PDDNet(nn.Module):
     ) -> Tensor:
         """Dense displacement ``(B, ndim, *S)`` mapping the fixed grid into ``moving``.
 
-        ``fixed``, ``moving``: ``(B, 1, *S)`` in ``[0, 1]``, on the model's device. The same
-        computation as :meth:`forward`, run by :func:`pddreg.optim.discrete_register`.
-        ``instance_opt``: then refine the field by instance optimisation on the learned features
-        (default: ``config.instance_opt``); keyword arguments override the fields of
-        :class:`pddreg.optim.InstanceConfig` (``iters``, ``lr``, ``lambda_``, ``mode``...).
+        ``fixed``, ``moving``: ``(B, 1, *S)`` in ``[0, 1]``, on the model's device. Runs
+        :meth:`forward` in eval mode without gradients. ``instance_opt`` (default:
+        ``config.instance_opt``): then refine the field on the feature grid by
+        :func:`pddreg.optim.feature_optimise` (Adam on the SSD of the learned features + diffusion,
+        the optimiser ``pddreg.optim.discrete_register`` uses); keyword arguments override its
+        settings (``iters``, ``lr``, ``lambda_``, ``grid_stride``, ``smooth``; defaults from
+        :class:`pddreg.optim.InstanceConfig` and ``config.io_*``).
         """
-        from pddreg.optim import InstanceConfig, LevelConfig, discrete_register
+        from pddreg.spatial import resize_field
 
-        self._check(fixed, moving)
-        cfg = self.config
-        levels = self._levels()
-        instance = None
-        if cfg.instance_opt if instance_opt is None else instance_opt:
-            opts = {"iters": cfg.io_iters, "lr": cfg.io_lr, "lambda_": cfg.io_lambda}
-            opts = {k: v for k, v in opts.items() if v is not None}
-            opts.update(kwargs)
-            instance = InstanceConfig(**opts)
         was_training = self.training
         self.eval()
         try:
-            return discrete_register(
-                fixed,
-                moving,
-                self.features,
-                [LevelConfig(1, s, r, sp) for _, r, sp, s in levels],
-                alpha=[a.detach() for a, _, _, _ in levels],
-                instance=instance,
-                padding=cfg.padding,
-            )
+            out = self(fixed, moving)
         finally:
             self.train(was_training)
+        cfg = self.config
+        if not (cfg.instance_opt if instance_opt is None else instance_opt):
+            return out["disp"]
+        from pddreg.optim import InstanceConfig, feature_optimise
+
+        opts = {"iters": cfg.io_iters, "lr": cfg.io_lr, "lambda_": cfg.io_lambda}
+        opts = {k: v for k, v in opts.items() if v is not None}
+        opts.update(kwargs)
+        io = InstanceConfig(mode="features", **opts)
+        feat_fixed, feat_moving = out["features"]
+        refined = feature_optimise(
+            feat_fixed,
+            feat_moving,
+            out["levels"][-1]["disp_feat"],
+            grid_stride=io.grid_stride,
+            lambda_=io.lambda_,
+            iters=io.iters,
+            lr=io.lr,
+            smooth=io.smooth,
+        )
+        return resize_field(refined, tuple(fixed.shape[2:]))
 
     def training_loss(
         self,
