@@ -153,3 +153,15 @@ def test_fast_enough():
         make_phantom(s)
     per = (time.process_time() - t0) / 5
     assert per < 0.3, f"2D phantom took {per:.3f} s of CPU"
+
+
+def test_contrast_phase_differs_between_subjects():
+    aorta, liver = LABEL_NAMES.index("aorta"), LABEL_NAMES.index("liver")
+    means = []
+    for seed in range(10):
+        image, labels = make_phantom(seed, shape=(96, 120))
+        means.append((image[labels == aorta].mean(), image[labels == liver].mean()))
+    aorta_means, liver_means = np.array(means).T
+    # native blood (~40 HU) against arterial enhancement (~300 HU, saturated)
+    assert aorta_means.max() - aorta_means.min() > 0.3
+    assert liver_means.max() - liver_means.min() > 0.08
