@@ -120,6 +120,8 @@ def test_save_pair_figures(tmp_path):
         tmp_path, "p0", img, img, img, np.zeros((2, *shape)), seg, seg, title="x"
     )
     assert set(paths) == {"pair", "grid", "jacobian"}
+    only = save_pair_figures(tmp_path, "p1", img, img, img, np.zeros((2, *shape)), kinds=("grid",))
+    assert list(only) == ["grid"] and not (tmp_path / "p1_pair.png").exists()
     for p in paths.values():
         assert p.read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".*tmp"))

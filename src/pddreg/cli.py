@@ -53,9 +53,10 @@ def output_suffix(path: str | os.PathLike[str]) -> str:
 def atomic_output_dir(out: str | os.PathLike[str], owned: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success its files are moved into ``out``.
 
-    If ``out`` does not exist the folder is renamed to it (atomic); otherwise each file replaces
-    its namesake (``os.replace``) and files matching ``owned`` (glob patterns) that the new run
-    did not write are removed. On any error the temporary folder is deleted and ``out`` is left
+    If ``out`` does not exist the folder is renamed to it (atomic); otherwise each entry replaces
+    its namesake (``os.replace``; an output folder replaces the old folder whole) and entries
+    matching ``owned`` (glob patterns) that the new run did not write are removed; other files
+    in ``out`` are left alone. On any error the temporary folder is deleted and ``out`` is left
     exactly as it was.
     """
     out = Path(out)
@@ -75,15 +76,24 @@ def atomic_output_dir(out: str | os.PathLike[str], owned: tuple[str, ...] = ()) 
         new = {p.name for p in tmp.iterdir()}
         for pattern in owned:
             for old in out.glob(pattern):
-                if old.name not in new and old.is_file():
-                    old.unlink()
+                if old.name not in new:
+                    _remove(old)
         for p in tmp.iterdir():
+            if (out / p.name).is_dir() and p.is_dir():
+                _remove(out / p.name)  # a folder of outputs is replaced whole
             os.replace(p, out / p.name)
     except OSError as err:
         raise InputError(f"{out}: cannot write the outputs ({err.strerror or err})") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 # ----------------------------------------------------------------------------- register
@@ -212,6 +222,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         steps=args.steps,
         max_pairs=args.pairs,
         device=args.device,
+        init=args.init,
     )
     result = run_demo(config)
     print(result.table)
@@ -230,7 +241,10 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-o", "--output", default="pddreg_demo", metavar="OUT")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="fewer subjects, steps and pairs")
+    p.add_argument("--quick", action="store_true", help="fewer subjects and steps (tests)")
+    p.add_argument(
+        "--init", metavar="MODEL.pt", help="model to fine-tune (default: the shipped 2D PDD-Net)"
+    )
     p.add_argument("--subjects", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--held-out", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)

@@ -28,9 +28,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_STEPS", "DemoConfig", "DemoResult", "run_demo"]
 
-#: Fine-tuning steps of the full demo and of ``--quick``.
+#: Fine-tuning steps of the full demo and of ``--quick``, and pairs per step.
 DEFAULT_STEPS = 300
 QUICK_STEPS = 60
+TRAIN_BATCH = 2
+#: Fine-tuning on random crops (same window in both images): ~5x cheaper steps than whole
+#: 256x320 slices; the network is convolutional, so it registers whole images afterwards.
+TRAIN_CROP = (128, 128)
 METHODS = ("none", "mind", "pdd")
 
 
@@ -47,6 +51,7 @@ class DemoConfig:
     max_pairs: int | None = None
     figure_pairs: int = 2
     device: str | None = None
+    init: str | None = None
     progress: bool = True
 
     def resolved(self) -> DemoConfig:
@@ -59,9 +64,10 @@ class DemoConfig:
             subjects=self.subjects or (16 if q else 40),
             held_out=self.held_out or (4 if q else 8),
             steps=self.steps if self.steps is not None else (QUICK_STEPS if q else DEFAULT_STEPS),
-            max_pairs=self.max_pairs or (6 if q else 24),
+            max_pairs=self.max_pairs,
             figure_pairs=self.figure_pairs,
             device=self.device or "cpu",
+            init=self.init,
             progress=self.progress,
         )
 
@@ -85,15 +91,24 @@ def _seed_everything(seed: int, device: torch.device) -> None:
 
 
 def _fine_tune(dataset: Any, cfg: DemoConfig, device: torch.device) -> tuple[Any, float]:
-    """The shipped 2D model fine-tuned for ``cfg.steps`` steps; (model, seconds)."""
-    from ..models import pretrained
+    """The initial 2D model (shipped, or ``cfg.init``) fine-tuned for ``cfg.steps`` steps."""
+    from ..models import load_model, pretrained
     from ..train import TrainConfig, train
 
-    model = pretrained(2)
+    model = pretrained(2) if cfg.init is None else load_model(cfg.init, map_location="cpu")
     if not cfg.steps:
         return model.to(device).eval(), 0.0
     start = time.perf_counter()
-    tc = TrainConfig(steps=cfg.steps, seed=cfg.seed, device=str(device))
+    tc = TrainConfig(
+        steps=cfg.steps,
+        batch=TRAIN_BATCH,
+        seed=cfg.seed,
+        device=str(device),
+        val_every=0,
+        val_pairs=4,
+        crop=list(TRAIN_CROP),
+        progress=cfg.progress,
+    )
     model = train(dataset, tc, model=model)
     return model.to(device).eval(), time.perf_counter() - start
 
@@ -125,19 +140,19 @@ def _label_names(dataset: Any) -> dict[int, str]:
 
 
 def run_demo(config: DemoConfig | None = None) -> DemoResult:
-    """Run the demo (see the module docstring) and write its outputs to ``config.output``."""
+    """Run the demo (see the module docstring) and write its outputs to ``config.output``:
+    ``report.html``, ``results.{txt,csv,json}``, ``pairs.json`` and ``figures/*.png``, all at
+    once when everything succeeded (other files in the folder are left alone)."""
+    from .. import __version__
     from ..api import make_register_fn
+    from ..cli import atomic_output_dir
     from ..data import open_dataset
-    from ..spatial import warp, warp_labels
     from .evaluate import evaluate_method, format_table, summarise, write_records, write_results
-    from .figures import save_pair_figures
-    from .html import ReportFigure, write_report
+    from .html import write_report
 
     t0 = time.perf_counter()
     cfg = (config or DemoConfig()).resolved()
     device = torch.device(cfg.device)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     _seed_everything(cfg.seed, device)
 
     spec = f"phantom2d:n={cfg.subjects},held_out={cfg.held_out},seed={cfg.seed}"
@@ -158,18 +173,77 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         records += evaluate_method(dataset, name, fn, pairs, device=device, progress=cfg.progress)
     rows = summarise(records, label_names=_label_names(dataset))
     table = format_table(rows)
-    write_results(rows, out)
-    write_records(records, out / "pairs.json")
+    settings = {
+        "dataset": spec,
+        "held-out (test) pairs": len(pairs),
+        "fine-tuning steps": cfg.steps,
+        "fine-tuning pairs per step": TRAIN_BATCH,
+        "fine-tuning crop": "x".join(map(str, TRAIN_CROP)),
+        "fine-tuning time s": round(train_s, 1),
+        "initial model": cfg.init or "shipped pdd2d.pt",
+        "seed": cfg.seed,
+        "device": str(device),
+        "torch threads": torch.get_num_threads(),
+        "pddreg": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    owned = ("report.html", "results.*", "pairs.json", "figures")
+    with atomic_output_dir(cfg.output, owned) as tmp:
+        write_results(rows, tmp)
+        write_records(records, tmp / "pairs.json")
+        pictures = _write_figures(tmp / "figures", dataset, pairs, kept, cfg.figure_pairs, device)
+        write_report(
+            tmp / "report.html",
+            title="pddreg demo: discrete registration on abdominal phantoms",
+            notes=[
+                "Held-out phantom pairs registered with no registration (none), the "
+                "training-free MIND-SSC discrete registration (mind) and the shipped 2D PDD-Net "
+                f"fine-tuned briefly on the training subjects (pdd). Dice over {len(pairs)} "
+                "pairs.",
+            ],
+            table_rows=[
+                {k: v for k, v in r.items() if not isinstance(v, (list, tuple))} for r in rows
+            ],
+            table_text=table,
+            figures=pictures,
+            settings=settings,
+        )
+        figures = sorted(p.relative_to(tmp) for p in (tmp / "figures").glob("*.png"))
+    out = Path(cfg.output)
+    runtime = time.perf_counter() - t0
+    logger.info("demo finished in %.1f s", runtime)
+    return DemoResult(
+        table=table,
+        rows=rows,
+        report=out / "report.html",
+        figures=[out / p for p in figures],
+        runtime_s=runtime,
+    )
 
-    fig_dir = out / "figures"
-    pictures: list[tuple[str, list[ReportFigure]]] = []
-    written: list[Path] = []
-    for p, (i, j) in enumerate(pairs[: cfg.figure_pairs]):
+
+def _write_figures(
+    fig_dir: Path,
+    dataset: Any,
+    pairs: list[tuple[int, int]],
+    kept: dict[str, list[torch.Tensor]],
+    count: int,
+    device: torch.device,
+) -> list[tuple[str, list[Any]]]:
+    """Four-panel figures of every method, grid and Jacobian of mind and pdd, for the first
+    ``count`` pairs; returns the report sections."""
+    from ..spatial import warp, warp_labels
+    from .figures import save_pair_figures
+    from .html import ReportFigure
+
+    sections = []
+    for p, (i, j) in enumerate(pairs[:count]):
         fixed, moving, _, m = _pair_tensors(dataset, i, j, device)
         mseg = torch.as_tensor(np.asarray(moving.labels, dtype=np.int64))[None, None].to(device)
         figs: list[ReportFigure] = []
         for name in METHODS:
             d = kept[name][p]
+            kinds = ("pair",) if name == "none" else ("pair", "grid", "jacobian")
             paths = save_pair_figures(
                 fig_dir,
                 f"pair{p}_{name}",
@@ -180,39 +254,8 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
                 fixed_seg=fixed.labels,
                 warped_seg=warp_labels(mseg, d)[0, 0].cpu().numpy(),
                 title=f"{name}: fixed {fixed.name}, moving {moving.name}",
+                kinds=kinds,
             )
-            kinds = ("pair",) if name == "none" else ("pair", "grid", "jacobian")
             figs += [ReportFigure(f"{name}: {paths[k].name}", paths[k]) for k in kinds]
-            written.extend(paths.values())
-        pictures.append((f"Pair {p}: fixed {fixed.name}, moving {moving.name}", figs))
-
-    settings = {
-        "dataset": spec,
-        "held-out pairs": len(pairs),
-        "fine-tuning steps": cfg.steps,
-        "fine-tuning time s": round(train_s, 1),
-        "seed": cfg.seed,
-        "device": str(device),
-        "torch threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    from .. import __version__
-
-    settings["pddreg"] = __version__
-    report = write_report(
-        out / "report.html",
-        title="pddreg demo: discrete registration on abdominal phantoms",
-        notes=[
-            "Held-out phantom pairs registered with no registration (none), the training-free "
-            "MIND-SSC discrete registration (mind) and the shipped 2D PDD-Net fine-tuned "
-            f"briefly on the training subjects (pdd). Dice over {len(pairs)} pairs.",
-        ],
-        table_rows=[{k: v for k, v in r.items() if not isinstance(v, (list, tuple))} for r in rows],
-        table_text=table,
-        figures=pictures,
-        settings=settings,
-    )
-    runtime = time.perf_counter() - t0
-    logger.info("demo finished in %.1f s", runtime)
-    return DemoResult(table=table, rows=rows, report=report, figures=written, runtime_s=runtime)
+        sections.append((f"Pair {p}: fixed {fixed.name}, moving {moving.name}", figs))
+    return sections

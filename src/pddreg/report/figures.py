@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -312,19 +313,26 @@ def save_pair_figures(
     fixed_seg: Any = None,
     warped_seg: Any = None,
     title: str | None = None,
+    kinds: Sequence[str] = ("pair", "grid", "jacobian"),
 ) -> dict[str, Path]:
-    """Write ``<prefix>_pair.png``, ``<prefix>_grid.png`` and ``<prefix>_jacobian.png``.
+    """Write ``<prefix>_pair.png`` (four panels), ``<prefix>_grid.png`` (deformation grid over
+    the moving image) and ``<prefix>_jacobian.png``, or the subset named in ``kinds``.
 
     Returns:
-        dict kind -> path ("pair", "grid", "jacobian").
+        dict kind -> path.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figs = {
-        "pair": four_panel_figure(fixed, moving, warped, fixed_seg, warped_seg, title=title),
-        "grid": grid_figure(
+    makers = {
+        "pair": lambda: four_panel_figure(
+            fixed, moving, warped, fixed_seg, warped_seg, title=title
+        ),
+        "grid": lambda: grid_figure(
             disp, image=moving, title=f"{title}: deformation grid" if title else None
         ),
-        "jacobian": jacobian_figure(disp),
+        "jacobian": lambda: jacobian_figure(disp),
     }
-    return {k: save_figure(f, out / f"{prefix}_{k}.png") for k, f in figs.items()}
+    unknown = set(kinds) - set(makers)
+    if unknown:
+        raise ValueError(f"save_pair_figures(): unknown kinds {sorted(unknown)}")
+    return {k: save_figure(makers[k](), out / f"{prefix}_{k}.png") for k in kinds}
