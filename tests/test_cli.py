@@ -143,6 +143,7 @@ def test_rerun_into_existing_out_replaces_and_drops_stale_files(png_pair, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["disp.npy", "mine.txt", "warped.png"]
 
 
+@pytest.mark.slow
 def test_register_via_subprocess(png_pair, tmp_path):
     out = tmp_path / "sub"
     cmd = [sys.executable, "-m", "pddreg.cli", *_register_args(png_pair, out, "--method", "none")]
@@ -273,7 +274,7 @@ def test_track_command(tmp_path, capsys):
     assert names == sorted(
         [f"seg_{t:04d}.png" for t in range(4)]
         + [f"disp_{t:04d}.npy" for t in range(4)]
-        + ["summary.json"]
+        + ["summary.json", "track.png"]
     )
     summary = json.loads((out / "summary.json").read_text())
     assert [f["frame"] for f in summary["frames"]] == [0, 1, 2, 3]

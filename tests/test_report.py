@@ -257,3 +257,15 @@ def test_track_modes_compared_on_a_moving_sequence():
     print(f"mean Dice over frames: copy {copy:.3f}, {scores}")
     assert scores["anchored"] > copy + 0.1 and scores["sequential"] > copy + 0.1
     assert scores["anchored"] >= scores["sequential"] - 0.01
+
+
+def test_sequence_figure_picks_evenly_spaced_frames():
+    from pddreg.report.figures import sequence_figure
+
+    shape = (12, 16)
+    frames = [np.random.default_rng(t).random(shape) for t in range(20)]
+    segs = [_disc_labels(shape, t / 10) for t in range(20)]
+    fig = sequence_figure(frames, segs, max_frames=5)
+    assert [ax.get_title() for ax in fig.get_axes()] == [f"frame {t}" for t in (0, 5, 10, 14, 19)]
+    with pytest.raises(ValueError, match="label maps"):
+        sequence_figure(frames, segs[:3])

@@ -196,7 +196,8 @@ def _add_track(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="propagate the first frame's segmentation through a 2D+t sequence",
         description="Propagate FIRST_SEG (the labels of the first frame) through the frames and "
-        "write OUT/seg_TTTT.* per frame, OUT/disp_TTTT.npy and OUT/summary.json. Mode "
+        "write OUT/seg_TTTT.* and OUT/disp_TTTT.npy per frame, OUT/summary.json and "
+        "OUT/track.png. Mode "
         "'anchored' (default) registers every frame to the first one, starting from the "
         "previous frame's field; 'sequential' registers each frame to the one before and "
         "composes the fields.",

@@ -34,6 +34,7 @@ __all__ = [
     "middle_slices",
     "save_figure",
     "save_pair_figures",
+    "sequence_figure",
 ]
 
 _AXIS_NAMES = ("axis 0", "axis 1", "axis 2")
@@ -284,6 +285,41 @@ def jacobian_figure(disp: Any, title: str | None = None) -> Figure:
         or f"Jacobian determinant: {100 * folding:.2f}% folding, SDlogJ {float(np.std(logj)):.3f}",
         fontsize=10,
     )
+    return fig
+
+
+def sequence_figure(
+    frames: Sequence[Any],
+    segs: Sequence[Any],
+    max_frames: int = 8,
+    title: str | None = None,
+) -> Figure:
+    """Frames of a sequence with their (propagated) label maps, up to ``max_frames`` evenly
+    spaced ones in a row; 3D frames show their middle slice along axis 0.
+
+    Args:
+        frames: T images ``(*S)``.
+        segs: T label maps ``(*S)``.
+    """
+    if len(frames) != len(segs) or not frames:
+        raise ValueError(
+            f"sequence_figure(): need as many label maps as frames, got {len(segs)} and "
+            f"{len(frames)}"
+        )
+    picks = np.unique(np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round())
+    planes = [
+        (middle_slices(_np(frames[int(t)]))[0][1], middle_slices(_np(segs[int(t)]))[0][1])
+        for t in picks
+    ]
+    num_labels = max(int(s.max(initial=0)) for _, s in planes)
+    fig = Figure(figsize=(len(planes) * 2.6, 2.6 * _aspect(planes[0][0]) + 0.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(planes), squeeze=False)[0]
+    vrange = _display_range(np.stack([p for p, _ in planes]))
+    for ax, t, (image, seg) in zip(axes, picks, planes, strict=True):
+        _show(ax, image, seg, num_labels, f"frame {int(t)}", vrange)
+    fig.suptitle(title or "labels propagated from frame 0", fontsize=10)
+    fig.tight_layout()
     return fig
 
 

@@ -170,11 +170,12 @@ def track_files(
     """``pddreg track``: read the frames and the first segmentation, write the results to ``out``.
 
     Writes ``seg_TTTT.<fmt>`` (format of ``seg_path``), ``disp_TTTT.npy`` (``(ndim, *S)``, frame
-    t -> frame 0) per frame and ``summary.json``; all or nothing (a temporary folder moved into
-    place). Returns the summary.
+    t -> frame 0) per frame, ``summary.json`` and ``track.png`` (frames with their propagated
+    labels); all or nothing (a temporary folder moved into place). Returns the summary.
     """
     from ..cli import atomic_output_dir, output_suffix
     from ..data.io import check_image, read_image, read_labels, write_image
+    from .figures import save_figure, sequence_figure
 
     images = [read_image(p) for p in frame_paths]
     for p, img in zip(frame_paths, images, strict=True):
@@ -209,10 +210,14 @@ def track_files(
         ],
     }
     suffix = output_suffix(seg_path)
-    with atomic_output_dir(out, ("seg_*", "disp_*.npy", "summary.json")) as tmp:
+    with atomic_output_dir(out, ("seg_*", "disp_*.npy", "summary.json", "track.png")) as tmp:
         for t, (s, d) in enumerate(zip(result.segs, result.disps, strict=True)):
             write_image(str(tmp / f"seg_{t:04d}{suffix}"), s, like=images[0])
             np.save(tmp / f"disp_{t:04d}.npy", d)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_figure(
+            sequence_figure([img.array for img in images], result.segs),
+            tmp / "track.png",
+        )
     logger.info("tracked %d frames in %.1f s -> %s", len(images), result.runtime_s, Path(out))
     return summary
