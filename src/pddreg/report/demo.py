@@ -15,6 +15,7 @@ the whole demo within 5 minutes on 2 CPU cores (measured; see :data:`DEFAULT_STE
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import time
@@ -150,6 +151,21 @@ def _label_names(dataset: Any) -> dict[int, str]:
     return {i: str(n) for i, n in enumerate(names or ())}
 
 
+def _display_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A summary row of :func:`pddreg.report.evaluate.summarise` as the report shows it."""
+    out: dict[str, Any] = {"method": row["method"], "pairs": row.get("pairs")}
+    out.update({k.split(":", 1)[1]: v for k, v in row.items() if k.startswith("dice:")})
+    mean, std = row.get("dice_mean", math.nan), row.get("dice_std", math.nan)
+    out["mean Dice"] = f"{mean:.3f} \u00b1 {std:.3f}"
+    out["large"] = row.get("dice_large")
+    out["small"] = row.get("dice_small")
+    out["HD95 mm"] = row.get("hd95")
+    out["SDlogJ"] = row.get("sdlogj")
+    out["% folding"] = row.get("folding_pct")
+    out["s / pair"] = row.get("time")
+    return out
+
+
 def run_demo(config: DemoConfig | None = None) -> DemoResult:
     """Run the demo (see the module docstring) and write its outputs to ``config.output``:
     ``report.html``, ``results.{txt,csv,json}``, ``pairs.json`` and ``figures/*.png``, all at
@@ -214,9 +230,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
                 f"fine-tuned briefly on the training subjects (pdd). Dice over {len(pairs)} "
                 "pairs.",
             ],
-            table_rows=[
-                {k: v for k, v in r.items() if not isinstance(v, (list, tuple))} for r in rows
-            ],
+            table_rows=[_display_row(r) for r in rows],
             table_text=table,
             figures=pictures,
             settings=settings,

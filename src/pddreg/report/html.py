@@ -22,7 +22,8 @@ h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
-figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+.scroll { overflow-x: auto; } .figures { display: flex; flex-wrap: wrap; gap: 0.5em; }
+figure { margin: 0.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.9em; color: #555; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 """
@@ -63,7 +64,7 @@ def rows_to_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     body = "\n".join(
         "<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows
     )
-    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>"
+    return f'<div class="scroll"><table>\n<tr>{head}</tr>\n{body}\n</table></div>'
 
 
 def render_report(
@@ -103,7 +104,7 @@ def render_report(
     else:
         sections = list(figures)  # type: ignore[arg-type]
     for heading, figs in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        parts.append(f'<h2>{html.escape(heading)}</h2><div class="figures">')
         for fig in figs:
             b64 = base64.b64encode(fig.data()).decode("ascii")
             cap = html.escape(fig.caption)
@@ -111,6 +112,7 @@ def render_report(
                 f'<figure><img alt="{cap}" src="data:image/png;base64,{b64}">'
                 f"<figcaption>{cap}</figcaption></figure>"
             )
+        parts.append("</div>")
     if settings:
         parts.append("<h2>Settings</h2>")
         parts.append(rows_to_html([{"setting": k, "value": v} for k, v in settings.items()], None))
