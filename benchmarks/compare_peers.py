@@ -206,12 +206,13 @@ def convex_adam(fixed: Tensor, moving: Tensor) -> Tensor:
     80 Adam iterations), float32, on the inputs' device. 3D only."""
     from convexAdam.convex_adam_MIND import convex_adam_pt
 
-    disp = convex_adam_pt(
-        _np(fixed),
-        _np(moving),
-        dtype=torch.float32,
-        device=fixed.device,
-    )  # (H, W, D, 3) in voxels, component i along axis i
+    with torch.enable_grad():  # its Adam stage needs autograd
+        disp = convex_adam_pt(
+            _np(fixed),
+            _np(moving),
+            dtype=torch.float32,
+            device=fixed.device,
+        )  # (H, W, D, 3) in voxels, component i along axis i
     return _out(np.moveaxis(disp, -1, 0), fixed)
 
 
@@ -321,8 +322,7 @@ def run_dim(args: argparse.Namespace, ndim: int) -> tuple[list[dict[str, Any]], 
         x = torch.as_tensor(np.asarray(f0.image), dtype=torch.float32)[None, None].to(device)
         for name, fn in list(methods):
             try:
-                with torch.no_grad():
-                    fn(x, x)
+                fn(x, x)
             except Exception as exc:  # a peer failing must not lose the others' results
                 notes.append(f"`{name}` failed: {type(exc).__name__}: {exc}".splitlines()[0])
                 log.exception("%s failed", name)
@@ -421,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("-o", "--output", type=Path, default=None, help="write the Markdown here")
+    p.add_argument("--append", action="store_true", help="append to --output")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -451,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         print(parts[-1], flush=True)
     text = "\n".join(parts)
     if args.output:
+        if args.append and args.output.exists():
+            text = args.output.read_text().rstrip("\n") + "\n\n" + text
         args.output.write_text(text)
         log.info("wrote %s", args.output)
     return 0

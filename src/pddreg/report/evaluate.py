@@ -100,7 +100,11 @@ def make_register_fn(name: str, ndim: int, device: str | torch.device | None = N
     if name == "mind":
         from pddreg.optim import register_mind
 
-        return lambda fixed, moving: register_mind(fixed, moving)
+        def mind(fixed: Tensor, moving: Tensor) -> Tensor:
+            with torch.no_grad():  # its instance optimisation switches autograd on inside
+                return register_mind(fixed, moving)
+
+        return mind
     if name in ("pdd", "pdd+inst"):
         from pddreg.models import pretrained
 
@@ -164,7 +168,9 @@ def evaluate_method(
         dataset: a :class:`pddreg.data.RegistrationDataset` (``subject(i)`` with ``image``,
             ``labels``, ``spacing``, ``name``; ``num_labels``; ``label_names``).
         name: the method's name in the records.
-        register_fn: ``(fixed (1,1,*S), moving (1,1,*S)) -> disp (1,ndim,*S)``.
+        register_fn: ``(fixed (1,1,*S), moving (1,1,*S)) -> disp (1,ndim,*S)``; called with
+            autograd enabled (instance optimisation needs it), so it should switch gradients
+            off itself where it does not (``model.register`` does).
         pairs: ``(fixed_index, moving_index)`` pairs.
         device: device of the image tensors handed to ``register_fn`` (default CPU).
         progress: show a progress bar.
@@ -192,7 +198,8 @@ def evaluate_method(
         fs, ms = dataset.subject(int(fi)), dataset.subject(int(mi))
         if fs.labels is None or ms.labels is None:
             raise InputError(
-                f"dataset: subjects {fs.name!r} and {ms.name!r} need label maps to be evaluated"
+                f"dataset: subjects {fs.name!r} and {ms.name!r} need label maps to be evaluated "
+                "(Learn2Reg test pairs have none: try --pairs val)"
             )
         fixed = _to_tensor(fs.image, torch.float32, dev)[None, None]
         moving = _to_tensor(ms.image, torch.float32, dev)[None, None]
@@ -205,12 +212,12 @@ def evaluate_method(
             found = np.union1d(np.unique(fs.labels), np.unique(ms.labels))
             labels = [int(v) for v in found if v != 0]
 
-        with torch.no_grad():
-            _sync(dev)
-            t0 = time.perf_counter()
-            disp = register_fn(fixed, moving)
-            _sync(dev)
-            elapsed = time.perf_counter() - t0
+        # no torch.no_grad() here: methods with instance optimisation need autograd inside
+        _sync(dev)
+        t0 = time.perf_counter()
+        disp = register_fn(fixed, moving)
+        _sync(dev)
+        elapsed = time.perf_counter() - t0
         disp = torch.as_tensor(disp).detach().to("cpu", torch.float32)
         expected = (1, ndim, *fixed.shape[2:])
         if tuple(disp.shape) != expected:
