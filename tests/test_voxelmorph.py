@@ -39,6 +39,8 @@ def test_bad_input_shapes_raise() -> None:
         model(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 9))
     with pytest.raises(ValueError, match="ndim"):
         VoxelMorphConfig(ndim=4)
+    with pytest.raises(ValueError, match="loss_scales"):
+        VoxelMorphConfig(loss_scales=(1, 0))
     with pytest.raises(ValueError, match="one entry per encoder level"):
         VoxelMorphConfig(enc_channels=(8, 8), dec_channels=(8,))
 

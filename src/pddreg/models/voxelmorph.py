@@ -48,6 +48,10 @@ class VoxelMorphConfig:
         diffusion_weight: weight of the diffusion penalty in :meth:`VoxelMorph.training_loss`.
         similarity_weight: weight of a MIND-SSC similarity term (only used when no labels are
             given to the loss).
+        loss_scales: the warped label loss is averaged over these downsampling factors (the
+            field resized and the one-hot labels area-downsampled to each): coarse scales see
+            blurred labels, which widens the capture range of a loss whose gradient otherwise
+            lives only within a voxel of the label boundaries.
     """
 
     ndim: int = 2
@@ -57,11 +61,17 @@ class VoxelMorphConfig:
     integration_steps: int = 0
     diffusion_weight: float = 0.1
     similarity_weight: float = 1.0
+    loss_scales: tuple[int, ...] = (1, 2, 4, 8)
 
     def __post_init__(self) -> None:
         self.enc_channels = tuple(int(c) for c in self.enc_channels)
         self.dec_channels = tuple(int(c) for c in self.dec_channels)
         self.final_channels = tuple(int(c) for c in self.final_channels)
+        self.loss_scales = tuple(int(c) for c in self.loss_scales)
+        if not self.loss_scales or min(self.loss_scales) < 1:
+            raise ValueError(
+                f"VoxelMorphConfig: loss_scales must be factors >= 1, got {self.loss_scales}"
+            )
         if self.ndim not in (2, 3):
             raise ValueError(f"VoxelMorphConfig: ndim must be 2 or 3, got {self.ndim}")
         if not self.enc_channels or len(self.dec_channels) != len(self.enc_channels):
@@ -221,14 +231,14 @@ class VoxelMorph(nn.Module):
             ``(loss, logs)`` with ``logs`` holding floats: ``loss``, ``label`` (or
             ``similarity``) and ``diffusion``.
         """
-        from pddreg.losses import similarity_loss, warped_label_loss
+        from pddreg.losses import similarity_loss
         from pddreg.spatial import diffusion
 
         disp = self(fixed, moving)["disp"]
         reg = diffusion(disp)
         logs: dict[str, float] = {"diffusion": float(reg.detach())}
         if fixed_seg is not None and moving_seg is not None:
-            data = warped_label_loss(disp, fixed_seg, moving_seg, num_labels)
+            data = self._label_loss(disp, fixed_seg, moving_seg, num_labels)
             logs["label"] = float(data.detach())
         else:
             data = self.config.similarity_weight * similarity_loss(fixed, moving, disp)
@@ -236,6 +246,21 @@ class VoxelMorph(nn.Module):
         loss = data + self.config.diffusion_weight * reg
         logs["loss"] = float(loss.detach())
         return loss, logs
+
+    def _label_loss(
+        self, disp: Tensor, fixed_seg: Tensor, moving_seg: Tensor, num_labels: int
+    ) -> Tensor:
+        """Mean over ``config.loss_scales`` of the warped label loss at that scale."""
+        from pddreg.losses import warped_label_loss
+        from pddreg.spatial import resize_field
+
+        shape = disp.shape[2:]
+        total = disp.new_zeros(())
+        for s in self.config.loss_scales:
+            coarse = tuple(max(1, round(n / s)) for n in shape)
+            d = disp if coarse == tuple(shape) else resize_field(disp, coarse)
+            total = total + warped_label_loss(d, fixed_seg, moving_seg, num_labels)
+        return total / len(self.config.loss_scales)
 
 
 def _act() -> nn.Module:
