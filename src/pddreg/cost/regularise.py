@@ -406,23 +406,26 @@ def _regularise_fused(d: torch.Tensor, a: torch.Tensor, max_memory: int | None) 
     mf_mats = [_mat(g, "meanfield", d.device, d.dtype) for g in grid]
     kc = _column_chunk(d, max_memory)
     lc = _row_chunk(d, max_memory)
-    buf1 = torch.empty_like(dflat)  # MC(D), then E = a2*D + a3*c1, then the result
+    # MF is linear: fold the weights into its first-axis matrix, the rest into fused adds
+    mf1 = [mf_mats[0] * a1, *mf_mats[1:]]
+    mf2 = [mf_mats[0] * (a4 * a5), *mf_mats[1:]]
+    buf1 = torch.empty_like(dflat)  # MC(D), then a5 * (a2*D + a3*c1), then the result
     buf2 = torch.empty_like(dflat)  # c1, then MC(c1) in place
     for k in range(0, K, kc):
         buf1[:, :, k : k + kc] = _minconv_block(dflat[:, :, k : k + kc], n, nd, mc_mat)
     for l in range(0, nl, lc):
         rows = buf1[:, l : l + lc]
-        mf = _meanfield_block(rows.reshape(-1, *grid), mf_mats).view(rows.shape)
+        mf = _meanfield_block(rows.reshape(-1, *grid), mf1).view(rows.shape)
         dr = dflat[:, l : l + lc]
-        c1 = torch.add(mf.mul_(a1), dr, alpha=a0)
-        buf2[:, l : l + lc] = c1
-        buf1[:, l : l + lc] = torch.add(c1.mul_(a3), dr, alpha=a2)
+        c1 = buf2[:, l : l + lc]
+        torch.add(mf, dr, alpha=a0, out=c1)
+        torch.mul(c1, a3 * a5, out=rows)
+        if a2 != 0.0:
+            rows.add_(dr, alpha=a2 * a5)
     for k in range(0, K, kc):
         buf2[:, :, k : k + kc] = _minconv_block(buf2[:, :, k : k + kc], n, nd, mc_mat)
     for l in range(0, nl, lc):
         rows = buf2[:, l : l + lc]
-        mf = _meanfield_block(rows.reshape(-1, *grid), mf_mats).view(rows.shape)
-        e = buf1[:, l : l + lc]
-        e.add_(mf, alpha=a4).mul_(a5)
+        buf1[:, l : l + lc].add_(_meanfield_block(rows.reshape(-1, *grid), mf2).view(rows.shape))
     del buf2
     return buf1.view(d.shape)
