@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--shape", default="128x160", help="phantom size, e.g. 256x320")
     p.add_argument("--n", type=int, default=40, help="phantom subjects (last 8 held out)")
     p.add_argument("--seed", type=int, default=0)
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from pddreg.train import TrainConfig, train
 
     dataset = open_dataset(f"phantom2d:n={args.n},seed={args.seed},shape={args.shape}")
+    dataset_scale = int(args.shape.split("x")[0]) / 256  # phantoms are 256x320 by default
     pairs = dataset.pairs(args.pairs)
     args.output.mkdir(parents=True, exist_ok=True)
     rows_wanted = args.only or ["none", "mind", "pdd", "pdd+inst", *list(VARIANTS)[1:]]
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             models[name] = load_model(path)
             continue
         cfg = default_config(2)
+        # the shipped configuration is made for ~320x256 slices (control points every 8 px);
+        # on smaller phantoms keep the control spacing relative to the anatomy
+        cfg.grid_stride = max(1, round(cfg.grid_stride * dataset_scale))
         for key, value in overrides.items():
             setattr(cfg, key, value)
         cfg.__post_init__()

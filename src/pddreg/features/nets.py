@@ -80,24 +80,31 @@ def _check_image(x: Tensor, ndim: int, name: str) -> None:
 class LectureNet(nn.Module):
     """The lecture's small feature CNN: strided convolutions, normalisation, PReLU, sigmoid.
 
-    Two stride-2 stages (stride 4 overall), ``channels`` outputs in ``[0, 1]``.
+    Two stride-2 stages (``stride=4``, the lecture's) or one (``stride=2``, finer features at
+    about 4x the convolution cost), ``channels`` outputs in ``[0, 1]``.
     About 25k weights in 2D, 70k in 3D with the defaults.
 
-    Input ``(B, 1, *S)``; output ``(B, channels, *ceil(S / 4))``.
+    Input ``(B, 1, *S)``; output ``(B, channels, *ceil(S / stride))``.
     """
 
-    stride = 4
-
     def __init__(
-        self, ndim: int, channels: int = 24, width: int = 32, norm: str = "instance"
+        self,
+        ndim: int,
+        channels: int = 24,
+        width: int = 32,
+        norm: str = "instance",
+        stride: int = 4,
     ) -> None:
         super().__init__()
+        if stride not in (2, 4):
+            raise ValueError(f"LectureNet: stride must be 2 or 4, got {stride}")
         self.ndim = ndim
+        self.stride = stride
         self.out_channels = channels
         half = width // 2
         self.body = nn.Sequential(
             *_block(ndim, 1, half, 5, 2, norm),
-            *_block(ndim, half, width, 3, 2, norm),
+            *_block(ndim, half, width, 3, stride // 2, norm),
             *_block(ndim, width, width, 3, 1, norm),
             *_block(ndim, width, width, 3, 1, norm),
             layer("conv", ndim)(width, channels, 1),
@@ -105,7 +112,7 @@ class LectureNet(nn.Module):
         )
 
     def forward(self, image: Tensor) -> Tensor:
-        """``(B, 1, *S) -> (B, C, *ceil(S / 4))``."""
+        """``(B, 1, *S) -> (B, C, *ceil(S / stride))``."""
         _check_image(image, self.ndim, "LectureNet")
         return self.body(image)
 
