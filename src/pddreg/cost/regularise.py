@@ -41,12 +41,13 @@ __all__ = [
 
 # Six scalar weights of ``regularise`` (see its docstring for the formula).  Chosen for SSD of
 # features in [0, 1] with about 12 channels (multi-scale MIND-SSC: the SSD of a good match is
-# ~0.2, the mean over the displacement set ~1.9): a grid search (``python
-# benchmarks/bench_cost.py --calibrate``) over a0, a2 in {0..1}, a4 in {0.5..4}, a5 in {1..64}
-# (a1 = a3 = 1; the overall scale is a5) on six synthetic smooth deformations (up to 4 and 7
-# feature voxels) of a real brain MRI slice minimised the mean end-point error of ``soft_field``
-# (1.69 -> 0.75 voxels for the small, 3.1 -> 1.25 for the large ones); neighbours of this choice
-# were within 2%.  For features with twice the channels (same per-channel contrast) halve a5.
+# ~0.2, the mean over the displacement set ~1.9) by a grid search (``python
+# benchmarks/bench_cost.py --calibrate``: a0 in {.25..1}, a2 in {0..0.5}, a4 in {.5..4},
+# a5 in {4..64}; a1 = a3 = 1, the overall scale is a5) on six synthetic smooth deformations (up
+# to 4 and 7 feature voxels) of a real brain MRI slice, minimising the mean end-point error of
+# ``soft_field`` (1.69 -> 0.75 voxels for the small, 2.96 -> 1.25 for the large ones); the best
+# of the grid was 1% better.  For features with twice the channels (same per-channel contrast)
+# halve a5.
 DEFAULT_ALPHA: list[float] = [0.5, 1.0, 0.0, 1.0, 2.0, 16.0]
 
 # Weight of ``minconv_exact`` used by ``regularise(exact=True)``, per squared displacement step
