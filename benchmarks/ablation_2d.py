@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fns = {"none": zero, "mind": mind}
     for name, model in models.items():
+        model.config.smooth = default_config(2).smooth  # the shipped inference setting
         fns[name] = model.register
     if "pdd" in models:
         fns["pdd+inst"] = lambda f, m: models["pdd"].register(f, m, instance_opt=True)

@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "--init",
         type=Path,
         default=None,
-        help="continue from a saved model (its config's lambda_diffusion is reset to the "
-        "shipped one); use another --seed for fresh pairs",
+        help="continue training a saved model (use another --seed for fresh pairs)",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -91,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     if args.init is not None:
         model = load_model(args.init)
-        model.config.lambda_diffusion = default_config(ndim).lambda_diffusion
     else:
         model = PDDNet(default_config(ndim))
     t0 = time.perf_counter()

@@ -48,6 +48,8 @@ class VoxelMorphConfig:
         diffusion_weight: weight of the diffusion penalty in :meth:`VoxelMorph.training_loss`.
         similarity_weight: weight of a MIND-SSC similarity term (only used when no labels are
             given to the loss).
+        label_similarity_weight: weight of the MIND-SSC similarity term added to the label loss
+            when labels are given (0: weak supervision by labels only, as PDD-Net).
         loss_scales: the warped label loss is averaged over these downsampling factors (the
             field resized and the one-hot labels area-downsampled to each): coarse scales see
             blurred labels, which widens the capture range of a loss whose gradient otherwise
@@ -61,6 +63,7 @@ class VoxelMorphConfig:
     integration_steps: int = 0
     diffusion_weight: float = 0.1
     similarity_weight: float = 1.0
+    label_similarity_weight: float = 0.0
     loss_scales: tuple[int, ...] = (1, 2, 4, 8)
 
     def __post_init__(self) -> None:
@@ -237,12 +240,20 @@ class VoxelMorph(nn.Module):
         disp = self(fixed, moving)["disp"]
         reg = diffusion(disp)
         logs: dict[str, float] = {"diffusion": float(reg.detach())}
-        if fixed_seg is not None and moving_seg is not None:
+        labelled = fixed_seg is not None and moving_seg is not None
+        data = disp.new_zeros(())
+        if labelled:
             data = self._label_loss(disp, fixed_seg, moving_seg, num_labels)
             logs["label"] = float(data.detach())
-        else:
-            data = self.config.similarity_weight * similarity_loss(fixed, moving, disp)
-            logs["similarity"] = float(data.detach())
+        if not labelled or self.config.label_similarity_weight > 0:
+            w = (
+                self.config.similarity_weight
+                if not labelled
+                else self.config.label_similarity_weight
+            )
+            sim = similarity_loss(fixed, moving, disp)
+            logs["similarity"] = float(sim.detach())
+            data = data + w * sim
         loss = data + self.config.diffusion_weight * reg
         logs["loss"] = float(loss.detach())
         return loss, logs

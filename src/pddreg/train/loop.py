@@ -111,7 +111,18 @@ def _load_subjects(dataset: Any, indices: list[int]) -> dict[int, tuple[Tensor, 
             )
         image = torch.as_tensor(np.asarray(s.image, dtype=np.float32))[None]
         labels = torch.as_tensor(np.asarray(s.labels)).long()[None]
+        if image.shape != labels.shape:
+            raise InputError(
+                f"dataset subject {s.name!r}: image {tuple(image.shape[1:])} and labels "
+                f"{tuple(labels.shape[1:])} differ in shape"
+            )
         out[i] = (image, labels)
+    shapes = {tuple(v[0].shape) for v in out.values()}
+    if len(shapes) > 1:
+        raise InputError(
+            f"dataset: training subjects differ in shape ({sorted(shapes)[:3]}...); "
+            "resample them to one grid (as Learn2Reg data are)"
+        )
     return out
 
 
