@@ -3,12 +3,14 @@
     nice -n 10 python benchmarks/ablation_2d.py [--steps 300] [--shape 128x160] [-o OUT]
 
 Rows: none (zero field), mind (training-free MIND-SSC discrete registration), pdd (trained on
-the training split with the non-local label loss), pdd+inst (the same with instance
-optimisation), pdd-noMF (trained without the mean-field step), pdd-warped (trained with the
-plain warped-label loss instead of the non-local one), mind-alpha (MIND-SSC features, only the
-six regularisation weights trained). Columns: Dice per label, mean +- std, SDlogJ, % folding,
-run time per pair (from :mod:`pddreg.report.evaluate`). Every trained row uses the same
-seed, steps and pairs; models are written to OUT (``--reuse`` loads them instead of training).
+the training split with the non-local label loss plus the warped label loss of its expected
+field, the default ``label_loss="both"``), pdd+inst (the same with instance optimisation),
+pdd-noMF (trained without the mean-field step), pdd-warped (without the non-local loss: plain
+warped-label loss only), pdd-nonlocal (the paper's non-local loss only), mind-alpha (MIND-SSC
+features, only the six regularisation weights trained). Columns: Dice per label,
+mean +- std, SDlogJ, % folding, run time per pair (from :mod:`pddreg.report.evaluate`).
+Every trained row uses the same seed, steps and pairs; models are written to OUT
+(``--reuse`` loads them instead of training).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ VARIANTS = {
     "pdd": {},
     "pdd-noMF": {"use_meanfield": False},
     "pdd-warped": {"label_loss": "warped"},
+    "pdd-nonlocal": {"label_loss": "nonlocal"},
     "mind-alpha": {"features": "mind"},
 }
 

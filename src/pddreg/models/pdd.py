@@ -33,7 +33,7 @@ __all__ = ["PDDNet", "PDDNetConfig", "default_config"]
 log = logging.getLogger(__name__)
 
 FEATURES = ("lecture", "obelisk", "mind")
-LABEL_LOSSES = ("nonlocal", "warped")
+LABEL_LOSSES = ("nonlocal", "warped", "both")
 
 
 @dataclass
@@ -53,8 +53,11 @@ class PDDNetConfig:
         exact_minconv: exact lower-envelope min-convolution instead of the lecture's approximation.
         alpha: initial regularisation weights (six); None takes ``pddreg.cost.DEFAULT_ALPHA``.
         padding: how the moving features are padded outside the image ("border" or "zeros").
-        label_loss: "nonlocal" (PDD-Net's loss on the probabilities) or "warped" (warp the
-            moving one-hot labels with the soft field; ablation).
+        label_loss: "nonlocal" (PDD-Net's loss on the probabilities), "warped" (warp the
+            moving one-hot labels with the expected field) or "both" (their sum: the
+            probabilities and the field they give are supervised; on held-out phantom pairs
+            "nonlocal" alone let the probabilities hedge and the expected field lag behind
+            "warped", see benchmarks/ablation_2d.py).
         lambda_diffusion: weight of the diffusion penalty of the control-grid field.
         smooth: box-3 averaging passes (replicate borders) of every level's control-grid field
             before it is upsampled: a light spatial regularisation of the expected field
@@ -77,7 +80,7 @@ class PDDNetConfig:
     exact_minconv: bool = False
     alpha: list[float] | None = None
     padding: str = "border"
-    label_loss: str = "nonlocal"
+    label_loss: str = "both"
     lambda_diffusion: float = 0.1
     smooth: int = 0
     instance_opt: bool = False
@@ -353,25 +356,29 @@ class PDDNet(nn.Module):
         seg = moving_seg
         for i, lv in enumerate(out["levels"]):
             last = i == len(out["levels"]) - 1
+            terms: dict[str, Tensor] = {}
             if fixed_seg is None or moving_seg is None:
-                data = similarity_loss(fixed, moving, out["disp"]) if last else None
-            elif cfg.label_loss == "nonlocal":
-                data = nonlocal_label_loss(
-                    lv["prob"],
-                    fixed_seg,
-                    seg,
-                    num_labels,
-                    lv["radius"],
-                    lv["spacing"],
-                    moving_shape=lv["feature_shape"],
-                )
+                if last:
+                    terms["similarity"] = similarity_loss(fixed, moving, out["disp"])
             else:
-                data = warped_label_loss(lv["disp_grid"], fixed_seg, seg, num_labels)
+                if cfg.label_loss in ("nonlocal", "both"):
+                    terms[f"label{i + 1}"] = nonlocal_label_loss(
+                        lv["prob"],
+                        fixed_seg,
+                        seg,
+                        num_labels,
+                        lv["radius"],
+                        lv["spacing"],
+                        moving_shape=lv["feature_shape"],
+                    )
+                if cfg.label_loss in ("warped", "both"):
+                    terms[f"warped{i + 1}"] = warped_label_loss(
+                        lv["disp_grid"], fixed_seg, seg, num_labels
+                    )
             reg = diffusion(lv["disp_grid"])
-            if data is not None:
-                total = total + data
-                key = f"label{i + 1}" if fixed_seg is not None else "similarity"
-                logs[key] = float(data.detach())
+            for key, value in terms.items():
+                total = total + value
+                logs[key] = float(value.detach())
             total = total + cfg.lambda_diffusion * reg
             logs[f"diffusion{i + 1}"] = float(reg.detach())
             if not last and moving_seg is not None:
