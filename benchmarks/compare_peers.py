@@ -245,16 +245,17 @@ def train_here(dataset: Any, kind: str, ndim: int, steps: int, device: torch.dev
     from pddreg.train import TrainConfig, train
 
     model = None
-    if kind == "pdd":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    if kind == "pdd":  # the shipped configuration, fresh weights
+        import copy
+
+        from pddreg.models import PDDNet, PDDNetConfig, pretrained
+
         try:
-            from pretrain import MODEL  # the shipped configuration
-
-            from pddreg.models import PDDNet
-
-            model = PDDNet(MODEL[ndim])
-        finally:
-            sys.path.pop(0)
+            cfg = copy.deepcopy(pretrained(ndim).config)
+        except Exception as exc:
+            log.warning("no shipped %dD model (%s): default PDDNetConfig", ndim, exc)
+            cfg = PDDNetConfig(ndim=ndim)
+        model = PDDNet(cfg)
     config = TrainConfig(
         model="pdd" if kind == "pdd" else "voxelmorph",
         steps=steps,
@@ -293,7 +294,13 @@ def run_dim(args: argparse.Namespace, ndim: int) -> tuple[list[dict[str, Any]], 
         if name in ("pdd-here", "voxelmorph-here"):
             if args.train_steps <= 0:
                 continue
-            model = train_here(dataset, name.split("-")[0], ndim, args.train_steps, device)
+            try:
+                model = train_here(dataset, name.split("-")[0], ndim, args.train_steps, device)
+            except Exception as exc:
+                notes.append(f"`{name}` training failed: {type(exc).__name__}: {exc}")
+                log.exception("training %s failed", name)
+                continue
+            notes.append(f"`{name}` trained for {args.train_steps} steps on the train split")
             methods.append((name, lambda f, m, model=model: model.register(f, m)))
             continue
         try:
