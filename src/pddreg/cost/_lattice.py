@@ -278,11 +278,22 @@ def run_chunks(
     return rec(0, ())
 
 
-def checkpointed(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
-    """``fn(*args)``; under autograd, recomputed in backward instead of storing intermediates."""
-    if torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in args
-    ):
+# Under autograd, chunked ops whose output exceeds this many bytes recompute each chunk in the
+# backward pass (torch.utils.checkpoint) instead of storing its intermediates; smaller ones run
+# as one plain autograd chunk, which is faster.
+CHECKPOINT_BYTES = 32 * 2**20
+
+
+def wants_checkpoint(nbytes: int, *ts: torch.Tensor | None) -> bool:
+    """Whether a chunked op producing ``nbytes`` under autograd should checkpoint its chunks."""
+    grads = any(t is not None and t.requires_grad for t in ts)
+    return torch.is_grad_enabled() and grads and nbytes > CHECKPOINT_BYTES
+
+
+def checkpointed(fn: Callable[..., torch.Tensor], *args, enabled: bool = True) -> torch.Tensor:
+    """``fn(*args)``; under autograd and ``enabled``, recomputed in backward (checkpoint)."""
+    grads = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if enabled and torch.is_grad_enabled() and grads:
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 

@@ -27,6 +27,7 @@ from ._lattice import (
     run_chunks,
     tiles_view,
     to_lattice,
+    wants_checkpoint,
     windows,
 )
 
@@ -167,6 +168,7 @@ def _correlation_tiled(
     esize = fixed.element_size()
     per_tile = esize * (kt * ca + ca * wt + kt * wt + 2 * kt * nl) + 8 * kt * nl
     chunk = chunk_shape(plan.ntiles, per_tile, mem)
+    ckpt = wants_checkpoint(B * nl * math.prod(plan.grid) * esize, fixed, moving)
     out = None if grad else fixed.new_empty((B, nl, *plan.padded_grid))
     results = []
     for b in range(B):
@@ -180,7 +182,7 @@ def _correlation_tiled(
                 prod = torch.bmm(fvb[sl].reshape(n, kt, ca), wvb[sl].reshape(n, ca, wt))
                 return prod.gather(2, idx.expand(n, kt, nl)).view(*counts, *plan.tile, nl)
 
-            cost = checkpointed(compute, fv[b], wv[b])
+            cost = checkpointed(compute, fv[b], wv[b], enabled=ckpt)
             if target is None:
                 return cost
             tsl: list[slice] = [slice(None)]
@@ -322,6 +324,7 @@ def expected_values(
     esize = prob.element_size()
     per_tile = esize * (kt * nl + kt * wt + wt * C + kt * C) + 8 * kt * nl
     chunk = chunk_shape(plan.ntiles, per_tile, mem)
+    ckpt = wants_checkpoint(B * C * math.prod(plan.grid) * esize * kt, prob, values)
     results = []
     for b in range(B):
 
@@ -334,7 +337,7 @@ def expected_values(
                 dense = pc.new_zeros(n, kt, wt).scatter(2, idx.expand(n, kt, nl), pc)
                 return torch.bmm(dense, wvb[sl].reshape(n, wt, C)).view(*counts, *plan.tile, C)
 
-            return checkpointed(compute, pv[b], wv[b])
+            return checkpointed(compute, pv[b], wv[b], enabled=ckpt)
 
         res = run_chunks(block, plan.ntiles, chunk)
         assert res is not None

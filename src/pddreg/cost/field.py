@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._lattice import DEFAULT_MAX_MEMORY, checkpointed
+from ._lattice import DEFAULT_MAX_MEMORY, checkpointed, wants_checkpoint
 from .correlation import _check_radius_spacing, displacement_set
 
 __all__ = ["expected_displacement", "probabilities", "soft_field"]
@@ -85,8 +85,11 @@ def soft_field(
     K = flat.shape[2]
     budget = min(max_memory or DEFAULT_MAX_MEMORY, 4 * 2**20)
     kc = max(1, budget // (3 * B * nl * cost.element_size()))
+    ckpt = wants_checkpoint(cost.numel() * cost.element_size(), cost)
+    if torch.is_grad_enabled() and cost.requires_grad and not ckpt:
+        kc = K  # small: one plain autograd chunk
     parts = []
     for k in range(0, K, kc):
-        parts.append(checkpointed(_soft_block, flat[:, :, k : k + kc], d))
+        parts.append(checkpointed(_soft_block, flat[:, :, k : k + kc], d, enabled=ckpt))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
     return out.view(B, nd, *grid)

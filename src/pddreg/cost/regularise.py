@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InputError
-from ._lattice import DEFAULT_MAX_MEMORY, checkpointed
+from ._lattice import DEFAULT_MAX_MEMORY, checkpointed, wants_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,10 @@ def minconv(cost: torch.Tensor, *, max_memory: int | None = None) -> torch.Tenso
     mat = _mat(n, "minconv", cost.device, cost.dtype)
     kc = _column_chunk(cost, max_memory)
     if _needs_grad(cost):
+        ckpt = wants_checkpoint(cost.numel() * cost.element_size(), cost)
+        if not ckpt:
+            return _minconv_block(flat, n, nd, mat).view(cost.shape)
+        kc = max(kc, 16 * kc)  # fewer, larger chunks: each is recomputed in backward
         parts = [
             checkpointed(_minconv_block, flat[:, :, k : k + kc], n, nd, mat)
             for k in range(0, K, kc)
@@ -221,6 +225,9 @@ def meanfield(cost: torch.Tensor, *, max_memory: int | None = None) -> torch.Ten
     mats = [_mat(g, "meanfield", cost.device, cost.dtype) for g in grid]
     lc = _row_chunk(cost, max_memory)
     if _needs_grad(cost):
+        if not wants_checkpoint(cost.numel() * cost.element_size(), cost):
+            return _meanfield_rows(cost, *mats)
+        lc = 16 * lc
         parts = [
             checkpointed(_meanfield_rows, cost[:, l : l + lc], *mats) for l in range(0, nl, lc)
         ]
@@ -378,19 +385,48 @@ def regularise(
     return _regularise_fused(cost, a, max_memory)
 
 
+def _combine(
+    w: torch.Tensor, m: torch.Tensor, d: torch.Tensor, c: torch.Tensor | None, mf: bool, *mats
+) -> torch.Tensor:
+    """w[0] * d + w[1] * c + w[2] * MF(m) on rows (B, Lc, *G) (MF = identity if not ``mf``)."""
+    out = _meanfield_rows(m, *mats) if mf else m
+    out = w[2] * out + w[0] * d
+    return out if c is None else out + w[1] * c
+
+
 def _regularise_graph(
     d: torch.Tensor, a: torch.Tensor, use_meanfield: bool, exact: bool, max_memory: int | None
 ) -> torch.Tensor:
-    def r(x: torch.Tensor) -> torch.Tensor:
-        if exact:
-            y = minconv_exact(x, EXACT_WEIGHT, max_memory=max_memory)
-        else:
-            y = minconv(x, max_memory=max_memory)
-        return meanfield(y, max_memory=max_memory) if use_meanfield else y
+    """Autograd path: each round stores only its min-convolution and its result."""
+    nl = d.shape[1]
+    mats = [_mat(g, "meanfield", d.device, d.dtype) for g in d.shape[2:]]
+    ckpt = wants_checkpoint(d.numel() * d.element_size(), d, a)
+    lc = 16 * _row_chunk(d, max_memory) if ckpt else nl
 
-    c1 = a[0] * d + a[1] * r(d)
-    c2 = a[2] * d + a[3] * c1 + a[4] * r(c1)
-    return a[5] * c2
+    def mc(x: torch.Tensor) -> torch.Tensor:
+        if exact:
+            return minconv_exact(x, EXACT_WEIGHT, max_memory=max_memory)
+        return minconv(x, max_memory=max_memory)
+
+    def rows(w: torch.Tensor, m: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        parts = [
+            checkpointed(
+                _combine,
+                w,
+                m[:, l : l + lc],
+                d[:, l : l + lc],
+                None if c is None else c[:, l : l + lc],
+                use_meanfield,
+                *mats,
+                enabled=ckpt,
+            )
+            for l in range(0, nl, lc)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    zero = a[0] * 0
+    c1 = rows(torch.stack([a[0], zero, a[1]]), mc(d), None)
+    return rows(torch.stack([a[2] * a[5], a[3] * a[5], a[4] * a[5]]), mc(c1), c1)
 
 
 def _regularise_fused(d: torch.Tensor, a: torch.Tensor, max_memory: int | None) -> torch.Tensor:
