@@ -133,12 +133,10 @@ def instance_optimise(
 
 def _smooth(field: Tensor, passes: int) -> Tensor:
     """``passes`` box-3 averages (replicate borders) of a field ``(B, ndim, *S)``."""
-    if passes <= 0:
-        return field
-    ndim = field.dim() - 2
-    pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
+    from pddreg.features.mind import _box_filter
+
     for _ in range(passes):
-        field = pool(F.pad(field, [1] * (2 * ndim), mode="replicate"), 3, stride=1)
+        field = _box_filter(field, 1)
     return field
 
 

@@ -8,7 +8,8 @@ instance optimisation -> dense field.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -17,36 +18,70 @@ from pddreg.features.mind import mind_ssc
 
 from .discrete import InstanceConfig, LevelConfig, discrete_register, pool_features
 
-__all__ = ["MindConfig", "default_levels", "mind_features", "register_mind"]
+__all__ = ["MindConfig", "default_instance", "default_levels", "mind_features", "register_mind"]
 
 logger = logging.getLogger(__name__)
 
 #: Default levels (voxels of the feature map F), per number of spatial dimensions; each is
-#: ``LevelConfig(pool, grid_stride, radius, spacing, smooth)``.
-#: 2D (features at full resolution, ~320x256 slices): level 1 searches +-32 px in steps of 4 px
-#: on a control grid of stride 8 (features box-5 smoothed against aliasing), level 2 +-8 px in
-#: steps of 2 on a stride-4 grid (box-3), level 3 +-3 px in steps of 1 on a stride-2 grid.
-#: 3D (features at half resolution, e.g. 96x80x128 for AbdomenCTCT): level 1 searches +-10
-#: feature voxels (+-20 image voxels, 40 mm at 2 mm) in steps of 2 on a stride-4 grid (box-3),
-#: level 2 +-3 feature voxels in steps of 1 on a stride-2 grid.
-#: Pooling the moving features as well (``pool > 1``) lost accuracy in our checks, and large
-#: steps without the smoothing aliased on fine texture.
+#: ``LevelConfig(pool, grid_stride, radius, spacing, smooth, fixed_sampling)``.
+#: 2D (features at full resolution, ~320x256 slices): level 1 searches +-24 px in steps of 2 px
+#: on a control grid of stride 8 (features box-5 smoothed: block aggregation and anti-aliasing),
+#: level 2 +-4 px in steps of 1 on a stride-4 grid, level 3 +-2 px on a stride-2 grid (box-3).
+#: 3D (features at half resolution, e.g. 96x80x128 for AbdomenCTCT): level 1 searches +-8
+#: feature voxels (+-16 image voxels, 32 mm at 2 mm) in steps of 2 on a stride-4 grid, level 2
+#: +-2 feature voxels on a stride-3 grid (box-3 both); about 11 M and 5 M costs for AbdomenCTCT,
+#: chosen for the time of the regularisation, which grows faster than the cost volume.
+#: Steps of 4 (or 2.5) voxels of the feature map aliased on fine texture and lost the capture
+#: (and a non-integer step made the correlation 40x slower).
+#: The fixed features are sampled at the control points ("point"), as the moving ones are at
+#: displacement 0; block means against point samples ("area") biased identical images away
+#: from zero. Pooling the moving features as well (``pool > 1``) lost accuracy in our checks.
 DEFAULT_LEVELS: dict[int, tuple[LevelConfig, ...]] = {
     2: (
-        LevelConfig(pool=1, grid_stride=8, radius=8, spacing=4.0, smooth=2),
-        LevelConfig(pool=1, grid_stride=4, radius=4, spacing=2.0, smooth=1),
-        LevelConfig(pool=1, grid_stride=2, radius=3, spacing=1.0),
+        LevelConfig(
+            pool=1, grid_stride=8, radius=12, spacing=2.0, smooth=2, fixed_sampling="point"
+        ),
+        LevelConfig(pool=1, grid_stride=4, radius=4, spacing=1.0, smooth=1, fixed_sampling="point"),
+        LevelConfig(pool=1, grid_stride=2, radius=2, spacing=1.0, smooth=1, fixed_sampling="point"),
     ),
     3: (
-        LevelConfig(pool=1, grid_stride=4, radius=5, spacing=2.0, smooth=1),
-        LevelConfig(pool=1, grid_stride=2, radius=3, spacing=1.0),
+        LevelConfig(pool=1, grid_stride=4, radius=4, spacing=2.0, smooth=1, fixed_sampling="point"),
+        LevelConfig(pool=1, grid_stride=3, radius=2, spacing=1.0, smooth=1, fixed_sampling="point"),
     ),
 }
 
-#: Multiplier of the MIND SSD before the regulariser (with ``pddreg.cost.DEFAULT_ALPHA``; the
-#: softmax temperature), calibrated on known deformations of textured images and on phantom
-#: pairs (Dice): 4 beat 1, 2 and 16.
+#: Multiplier of the mean-normalised MIND SSD before the regulariser (with
+#: ``pddreg.cost.DEFAULT_ALPHA``; the softmax temperature), calibrated on known deformations of
+#: textured images, identical pairs and phantom pairs (Dice): 4 beat 1 and 16.
 DEFAULT_COST_SCALE = 4.0
+
+#: Gaussian prior on each level's residual (standard deviation in units of the radius):
+#: 0.25 kept identical images near zero displacement (0.56 px mean on a 2D phantom, against
+#: 3 px without) and gave the best end-point errors on known deformations.
+DEFAULT_PRIOR = 0.25
+
+#: Moving MIND features outside the image repeat the border ones in the correlation ("zeros"
+#: makes every displacement that leaves the image expensive, which pushes the soft-argmin of
+#: points near the border inwards, several voxels even for identical images).
+PADDING = "border"
+
+
+#: 3D images with more voxels than this get their MIND features at half resolution.
+LARGE_VOLUME = 128**3
+
+#: Feature grids with more voxels than this get their instance optimisation on features
+#: pooled by 2 (3D): the Adam steps resample every feature channel.
+LARGE_FEATURE_GRID = 64**3
+
+
+def default_instance(ndim: int, feature_voxels: int = 0) -> InstanceConfig:
+    """Default instance optimisation: feature SSD, 50 Adam steps on a stride-2 grid in 2D and
+    small 3D volumes; for 3D feature grids above :data:`LARGE_FEATURE_GRID` voxels (e.g.
+    AbdomenCTCT at half resolution) 30 steps on features pooled by 2, which keeps it to a few
+    seconds."""
+    if ndim == 3 and feature_voxels > LARGE_FEATURE_GRID:
+        return InstanceConfig(mode="features", iters=30, lr=0.5, lambda_=1.0, grid_stride=1, pool=2)
+    return InstanceConfig(mode="features", iters=50, lr=0.5, lambda_=1.0, grid_stride=2)
 
 
 def default_levels(ndim: int) -> tuple[LevelConfig, ...]:
@@ -63,13 +98,17 @@ class MindConfig:
     Attributes:
         mind_radius, mind_dilation: MIND-SSC patch radius and neighbour distance (voxels of
             the feature grid).
-        feature_stride: the image is area-downsampled by this factor before MIND; None: 1 in
-            2D, 2 in 3D (half resolution: 8x fewer voxels, and a coarser, more robust
-            descriptor for abdominal CT).
+        feature_stride: the image is area-downsampled by this factor before MIND; None: 2 for
+            3D images above :data:`LARGE_VOLUME` voxels (half resolution: 8x fewer voxels and
+            a coarser, more robust descriptor, e.g. AbdomenCTCT and brain MRI), else 1. The
+            levels count feature voxels, so their capture range in image voxels doubles too.
         levels: :class:`LevelConfig` per level (coarse to fine); None: :func:`default_levels`.
         alpha: six regularisation weights (None: ``pddreg.cost.DEFAULT_ALPHA``).
         cost_scale: multiplier of the MIND SSD (None: :data:`DEFAULT_COST_SCALE`).
-        instance: instance optimisation (None to skip it).
+        prior: Gaussian prior on each level's residual, standard deviation ``prior * radius``
+            steps (None: off); see :func:`discrete_register`.
+        instance: instance optimisation; None: :func:`default_instance` (to skip it, pass
+            ``InstanceConfig(iters=0)``).
         max_memory: bytes per chunk for the correlation/regularisation (None: their default).
     """
 
@@ -79,16 +118,24 @@ class MindConfig:
     levels: tuple[LevelConfig, ...] | None = None
     alpha: tuple[float, ...] | None = None
     cost_scale: float | None = None
-    instance: InstanceConfig | None = field(default_factory=InstanceConfig)
+    prior: float | None = DEFAULT_PRIOR
+    instance: InstanceConfig | None = None
     max_memory: int | None = None
 
-    def resolved(self, ndim: int) -> MindConfig:
-        """A copy with every None default filled in for ``ndim`` spatial dimensions."""
+    def resolved(self, ndim: int, shape: tuple[int, ...] | None = None) -> MindConfig:
+        """A copy with every None default filled in for ``ndim`` spatial dimensions (and an
+        image of ``shape``, which picks the instance optimisation for large volumes)."""
+        stride = self.feature_stride
+        if stride is None:
+            large = ndim == 3 and (shape is None or math.prod(shape) > LARGE_VOLUME)
+            stride = 2 if large else 1
+        voxels = math.prod(-(-s // stride) for s in shape) if shape else 0
         return replace(
             self,
-            feature_stride=self.feature_stride or (2 if ndim == 3 else 1),
+            feature_stride=stride,
             levels=tuple(self.levels) if self.levels is not None else default_levels(ndim),
             cost_scale=DEFAULT_COST_SCALE if self.cost_scale is None else self.cost_scale,
+            instance=self.instance if self.instance is not None else default_instance(ndim, voxels),
         )
 
 
@@ -123,7 +170,7 @@ def register_mind(fixed: Tensor, moving: Tensor, config: MindConfig | None = Non
             f"got {tuple(moving.shape)}"
         )
     ndim = fixed.dim() - 2
-    cfg = (config or MindConfig()).resolved(ndim)
+    cfg = (config or MindConfig()).resolved(ndim, tuple(fixed.shape[2:]))
     if not fixed.is_floating_point():
         fixed = fixed.float()
     if not moving.is_floating_point():
@@ -142,5 +189,8 @@ def register_mind(fixed: Tensor, moving: Tensor, config: MindConfig | None = Non
         alpha=None if cfg.alpha is None else torch.tensor(cfg.alpha, dtype=torch.float32),
         instance=cfg.instance,
         cost_scale=float(cfg.cost_scale or DEFAULT_COST_SCALE),
+        normalise=True,
+        prior=cfg.prior,
+        padding=PADDING,
         max_memory=cfg.max_memory,
     )
