@@ -408,3 +408,24 @@ def test_checkpointed_gradients_equal_plain(monkeypatch):
         grads.append((ff.grad, fm.grad, a.grad))
     for x, y in zip(grads[0], grads[1], strict=True):
         assert torch.allclose(x, y, atol=1e-10)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_dtype_follow_inputs_and_radius_zero(device):
+    for dtype in (torch.float32, torch.float64):
+        ff = torch.rand(1, 3, 6, 5, device=device, dtype=dtype)
+        fm = torch.rand(1, 3, 12, 10, device=device, dtype=dtype)
+        c = correlation(ff, fm, 1, 0.5)
+        assert c.device.type == device and c.dtype == dtype
+        r = regularise(c)
+        assert r.dtype == dtype and soft_field(r, 1, 0.5).dtype == dtype
+        p = probabilities(r)
+        assert expected_values(fm, p, 1, 0.5).shape == (1, 3, 6, 5)
+    # radius 0: a single displacement, the SSD at the point itself
+    ff = torch.rand(1, 2, 4, 4, device=device)
+    c0 = correlation(ff, ff, 0)
+    assert c0.shape == (1, 1, 4, 4) and float(c0.abs().max()) < 1e-5
+    assert torch.equal(soft_field(c0, 0), torch.zeros(1, 2, 4, 4, device=device))
