@@ -29,6 +29,31 @@ __all__ = ["cost_objective", "feature_optimise", "feature_objective", "instance_
 logger = logging.getLogger(__name__)
 
 
+class _Adam:
+    """Plain Adam on one tensor (Kingma & Ba 2015, default betas): ``torch.optim.Adam`` imports
+    the compiler stack on first use, which costs seconds per process for a few lines of maths.
+    """
+
+    def __init__(self, param: Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        g = self.param.grad
+        if g is None:
+            return
+        b1, b2 = self.betas
+        self.t += 1
+        self.m.mul_(b1).add_(g, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (self.v / (1 - b2**self.t)).sqrt_().add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - b1**self.t))
+        self.param.grad = None
+
+
 def _lattice_view(cost: Tensor, radius: int) -> tuple[Tensor, int, tuple[int, ...]]:
     """``(B, |L|, *G)`` -> ``(B * prod(G), 1, *(2r+1,)*ndim)`` (one tiny image per point)."""
     b, n_labels = cost.shape[:2]
@@ -117,10 +142,9 @@ def instance_optimise(
         scale = lattice.abs().mean().clamp_min(torch.finfo(lattice.dtype).tiny)
         lattice = lattice / scale
     disp = init.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([disp], lr=lr * spacing)
+    opt = _Adam(disp, lr=lr * spacing)
     with torch.enable_grad():
         for it in range(iters):
-            opt.zero_grad(set_to_none=True)
             loss = cost_objective(lattice, disp, radius, spacing, lambda_)
             loss.backward()
             opt.step()
@@ -223,10 +247,9 @@ def feature_optimise(
     with torch.no_grad():
         params0 = resize_field(init.detach(), grid) if grid != shape else init.detach().clone()
     params = params0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([params], lr=lr)
+    opt = _Adam(params, lr=lr)
     with torch.enable_grad():
         for it in range(iters):
-            opt.zero_grad(set_to_none=True)
             loss = feature_objective(feat_fixed, feat_moving, params, lambda_, smooth)
             loss.backward()
             opt.step()

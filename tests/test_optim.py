@@ -1,0 +1,170 @@
+"""Instance optimisation (cost volume and feature SSD) and the generic discrete registration."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pddreg.cost import correlation, regularise, soft_field
+from pddreg.features.mind import mind_ssc
+from pddreg.optim import (
+    InstanceConfig,
+    LevelConfig,
+    MindConfig,
+    cost_objective,
+    discrete_register,
+    feature_objective,
+    feature_optimise,
+    instance_optimise,
+)
+from pddreg.optim.instance import _lattice_view
+from pddreg.spatial import resize_field, warp
+
+
+def _texture(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(1, 1, *shape)
+    nd = len(shape)
+    pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
+    for k in (3, 7):
+        s = torch.randn(1, 1, *shape, generator=g)
+        for _ in range(3):
+            s = pool(F.pad(s, [k // 2] * (2 * nd), mode="replicate"), k, stride=1)
+        x = x + s / s.std()
+    return (x - x.min()) / (x.max() - x.min())
+
+
+def _known_pair(shape=(64, 56), t=(2.6, -1.7)):
+    moving = _texture(shape)
+    nd = len(shape)
+    u = torch.tensor(t).view(1, nd, *([1] * nd)).expand(1, nd, *shape)
+    return warp(moving, u), moving, torch.tensor(t)
+
+
+def test_instance_optimise_lowers_objective_and_epe():
+    fixed, moving, t = _known_pair()
+    ff, fm = mind_ssc(fixed), mind_ssc(moving)
+    grid = (16, 14)
+    radius = 4
+    fg = F.interpolate(ff, size=grid, mode="bilinear", align_corners=False)
+    cost = correlation(fg, fm, radius, 1.0, padding="border")
+    # a deliberately poor start: the soft-argmin at a low temperature (shrunk towards 0)
+    init = soft_field(regularise(cost * 0.5), radius, 1.0)
+    refined = instance_optimise(cost, init, radius, 1.0, lambda_=0.5, iters=60, lr=0.1)
+    assert refined.shape == init.shape and not refined.requires_grad
+    lattice, _, _ = _lattice_view(cost, radius)
+    lattice = lattice / lattice.abs().mean()
+    before = cost_objective(lattice, init, radius, 1.0, 0.5).item()
+    after = cost_objective(lattice, refined, radius, 1.0, 0.5).item()
+    assert after < before
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    epe0 = (init - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean()
+    epe1 = (refined - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean()
+    assert epe1 <= epe0 + 1e-3
+    assert epe1 < 1.0
+
+
+def test_instance_optimise_zero_iters_and_bad_shapes():
+    cost = torch.rand(1, 9, 4, 5)
+    init = torch.zeros(1, 2, 4, 5)
+    assert torch.equal(instance_optimise(cost, init, 1, iters=0), init)
+    with pytest.raises(ValueError, match="instance_optimise"):
+        instance_optimise(cost, torch.zeros(1, 2, 4, 4), 1)
+    with pytest.raises(ValueError, match="labels"):
+        instance_optimise(torch.rand(1, 10, 4, 5), init, 1)
+
+
+def test_instance_optimise_3d_runs():
+    cost = torch.rand(1, 27, 3, 4, 5)
+    init = torch.zeros(1, 3, 3, 4, 5)
+    out = instance_optimise(cost, init, 1, 2.0, iters=5)
+    assert out.shape == init.shape and out.abs().max() <= 2.0
+
+
+def test_feature_optimise_lowers_objective_and_epe():
+    fixed, moving, t = _known_pair()
+    ff, fm = mind_ssc(fixed), mind_ssc(moving)
+    init = torch.zeros(1, 2, *ff.shape[2:])
+    init[:, 0] = 2.0  # rough start, 1.7 px off
+    out = feature_optimise(ff, fm, init, grid_stride=2, lambda_=1.0, iters=60, lr=0.5)
+    assert out.shape == init.shape
+    # the objective takes the control-grid field in voxels of the grid (stride 2)
+    params0 = resize_field(init, (32, 28))
+    params1 = resize_field(out, (32, 28))
+    assert feature_objective(ff, fm, params1, 1.0) < feature_objective(ff, fm, params0, 1.0)
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    err0 = (init - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean()
+    err1 = (out - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean()
+    assert err1 < err0 and err1 < 0.3
+
+
+def test_feature_optimise_bad_shapes():
+    f = torch.rand(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="feature_optimise"):
+        feature_optimise(f, torch.rand(1, 4, 8, 9), torch.zeros(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="init"):
+        feature_optimise(f, f, torch.zeros(1, 2, 4, 4))
+
+
+def test_discrete_register_generic_features_and_alpha_forms():
+    fixed, moving, t = _known_pair(t=(3.0, -2.0))
+    levels = [LevelConfig(1, 4, 5, 1.0, 1, "point"), LevelConfig(1, 2, 2, 1.0)]
+    for alpha in (None, [0.5, 1.0, 0.5, 1.0, 1.0, 4.0], [None, torch.ones(6)]):
+        disp = discrete_register(fixed, moving, mind_ssc, levels, alpha=alpha, normalise=True)
+        assert disp.shape == (1, 2, 64, 56)
+    # features at a stride (like a learned net): the field comes back at the image size
+    disp = discrete_register(
+        fixed,
+        moving,
+        lambda x: mind_ssc(F.avg_pool2d(x, 2)),
+        [LevelConfig(1, 2, 3, 1.0, 1, "point")],
+        normalise=True,
+        cost_scale=4.0,
+        prior=0.25,
+        instance=InstanceConfig(iters=20),
+    )
+    inner = (slice(None), slice(None), slice(10, -10), slice(10, -10))
+    assert disp.shape == (1, 2, 64, 56)
+    assert (disp - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean() < 0.6
+
+
+def test_discrete_register_cost_mode():
+    fixed, moving, t = _known_pair(t=(2.0, 1.0))
+    levels = [LevelConfig(1, 2, 4, 1.0, 1, "point")]
+    disp = discrete_register(
+        fixed,
+        moving,
+        mind_ssc,
+        levels,
+        normalise=True,
+        cost_scale=4.0,
+        instance=InstanceConfig(mode="cost", iters=30, lr=0.1, lambda_=0.5),
+    )
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    assert (disp - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean() < 1.0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="grid_stride"):
+        LevelConfig(grid_stride=0)
+    with pytest.raises(ValueError, match="spacing"):
+        LevelConfig(spacing=0.0)
+    with pytest.raises(ValueError, match="fixed_sampling"):
+        LevelConfig(fixed_sampling="nearest")
+    with pytest.raises(ValueError, match="mode"):
+        InstanceConfig(mode="adam")
+    x = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="levels"):
+        discrete_register(x, x, mind_ssc, [])
+    with pytest.raises(ValueError, match="alpha"):
+        discrete_register(x, x, mind_ssc, [LevelConfig()], alpha=[1.0, 2.0])
+    with pytest.raises(ValueError, match="features"):
+        discrete_register(x, x, lambda im: im[0], [LevelConfig()])
+
+
+def test_mind_config_resolution():
+    cfg = MindConfig().resolved(3, (192, 160, 256))
+    assert cfg.feature_stride == 2 and cfg.instance.pool == 2 and len(cfg.levels) == 2
+    small = MindConfig().resolved(3, (48, 40, 56))
+    assert small.feature_stride == 1 and small.instance.pool == 1
+    two = MindConfig().resolved(2, (256, 320))
+    assert two.feature_stride == 1 and len(two.levels) == 3
