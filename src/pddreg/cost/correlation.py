@@ -195,7 +195,7 @@ def _correlation_tiled(
         if res is not None:
             results.append(res.permute(interleave_perm(nd, 0)).reshape(nl, *plan.padded_grid))
     if out is None:
-        out = torch.stack(results, 0)
+        out = results[0].unsqueeze(0) if len(results) == 1 else torch.stack(results, 0)
     if plan.padded_grid != plan.grid:
         out = out[(slice(None), slice(None), *[slice(0, g) for g in plan.grid])].contiguous()
     return out
@@ -342,7 +342,7 @@ def expected_values(
         res = run_chunks(block, plan.ntiles, chunk)
         assert res is not None
         results.append(res.permute(interleave_perm(nd, 0)).reshape(C, *plan.padded_grid))
-    out = torch.stack(results, 0)
+    out = results[0].unsqueeze(0) if len(results) == 1 else torch.stack(results, 0)
     if plan.padded_grid != plan.grid:
         out = out[(slice(None), slice(None), *[slice(0, g) for g in plan.grid])].contiguous()
     return out
