@@ -5,9 +5,10 @@
 Rows: none (zero field), mind (training-free MIND-SSC discrete registration), pdd (trained on
 the training split with the non-local label loss plus the warped label loss of its expected
 field, the default ``label_loss="both"``), pdd+inst (the same with instance optimisation),
-pdd-noMF (trained without the mean-field step), pdd-warped (without the non-local loss: plain
-warped-label loss only), pdd-nonlocal (the paper's non-local loss only), mind-alpha (MIND-SSC
-features, only the six regularisation weights trained). Columns: Dice per label,
+pdd-warped (without the non-local loss: plain warped-label loss only), pdd-nonlocal (the
+paper's non-local loss only), pdd-nonlocal-noMF (the same without the mean-field step: the
+mean-field ablation), mind-alpha (MIND-SSC features, only the six regularisation weights
+trained). Columns: Dice per label,
 mean +- std, SDlogJ, % folding, run time per pair (from :mod:`pddreg.report.evaluate`).
 Every trained row uses the same seed, steps and pairs; models are written to OUT
 (``--reuse`` loads them instead of training).
@@ -24,9 +25,9 @@ import torch
 
 VARIANTS = {
     "pdd": {},
-    "pdd-noMF": {"use_meanfield": False},
     "pdd-warped": {"label_loss": "warped"},
     "pdd-nonlocal": {"label_loss": "nonlocal"},
+    "pdd-nonlocal-noMF": {"label_loss": "nonlocal", "use_meanfield": False},
     "mind-alpha": {"features": "mind"},
 }
 
