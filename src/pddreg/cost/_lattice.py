@@ -257,25 +257,36 @@ def chunk_shape(ntiles: Sequence[int], per_tile_bytes: int, max_memory: int) -> 
 
 
 def run_chunks(
-    fn: Callable[[tuple[slice, ...]], torch.Tensor | None],
+    fn: Callable[[tuple[slice, ...], list[torch.Tensor]], torch.Tensor | None],
+    tensors: Sequence[torch.Tensor],
     ntiles: Sequence[int],
     chunk: Sequence[int],
 ) -> torch.Tensor | None:
-    """Call ``fn`` on every block of tiles; concatenate returned blocks along the tile axes."""
+    """Call ``fn(slices, pieces)`` on every block of tiles; concatenate the returned blocks.
+
+    ``tensors`` have the tile axes ``(*nT, ...)`` first; they are cut with ``split`` (whose
+    backward concatenates the chunk gradients once, where slicing would add a full-size zero
+    gradient per chunk).
+    """
     nd = len(ntiles)
 
-    def rec(ax: int, prefix: tuple[slice, ...]) -> torch.Tensor | None:
+    def rec(ax: int, prefix: tuple[slice, ...], ts: list[torch.Tensor]) -> torch.Tensor | None:
         if ax == nd:
-            return fn(prefix)
+            return fn(prefix, ts)
+        cuts = [t.split(chunk[ax], dim=ax) for t in ts]
         parts = [
-            rec(ax + 1, prefix + (slice(s, min(s + chunk[ax], ntiles[ax])),))
-            for s in range(0, ntiles[ax], chunk[ax])
+            rec(
+                ax + 1,
+                prefix + (slice(s, min(s + chunk[ax], ntiles[ax])),),
+                [c[i] for c in cuts],
+            )
+            for i, s in enumerate(range(0, ntiles[ax], chunk[ax]))
         ]
         if parts[0] is None:
             return None
         return parts[0] if len(parts) == 1 else torch.cat(parts, ax)  # type: ignore[arg-type]
 
-    return rec(0, ())
+    return rec(0, (), list(tensors))
 
 
 # Under autograd, chunked ops whose output exceeds this many bytes recompute each chunk in the

@@ -171,18 +171,20 @@ def _correlation_tiled(
     ckpt = wants_checkpoint(B * nl * math.prod(plan.grid) * esize, fixed, moving)
     out = None if grad else fixed.new_empty((B, nl, *plan.padded_grid))
     results = []
-    for b in range(B):
+    for b, (fvb, wvb) in enumerate(zip(fv.unbind(0), wv.unbind(0), strict=True)):
         target = None if out is None else tiles_view(out[b : b + 1], plan)[0]
 
-        def block(sl: tuple[slice, ...], b: int = b, target=target) -> torch.Tensor | None:
+        def block(
+            sl: tuple[slice, ...], pieces: list[torch.Tensor], target=target
+        ) -> torch.Tensor | None:
             counts = [s.stop - s.start for s in sl]
             n = math.prod(counts)
 
-            def compute(fvb: torch.Tensor, wvb: torch.Tensor) -> torch.Tensor:
-                prod = torch.bmm(fvb[sl].reshape(n, kt, ca), wvb[sl].reshape(n, ca, wt))
+            def compute(fc: torch.Tensor, wc: torch.Tensor) -> torch.Tensor:
+                prod = torch.bmm(fc.reshape(n, kt, ca), wc.reshape(n, ca, wt))
                 return prod.gather(2, idx.expand(n, kt, nl)).view(*counts, *plan.tile, nl)
 
-            cost = checkpointed(compute, fv[b], wv[b], enabled=ckpt)
+            cost = checkpointed(compute, *pieces, enabled=ckpt)
             if target is None:
                 return cost
             tsl: list[slice] = [slice(None)]
@@ -191,7 +193,7 @@ def _correlation_tiled(
             target[tuple(tsl)].copy_(cost.permute(interleave_perm(nd, 0)))
             return None
 
-        res = run_chunks(block, plan.ntiles, chunk)
+        res = run_chunks(block, [fvb, wvb], plan.ntiles, chunk)
         if res is not None:
             results.append(res.permute(interleave_perm(nd, 0)).reshape(nl, *plan.padded_grid))
     if out is None:
@@ -305,9 +307,9 @@ def expected_values(
         per_disp = 3 * B * C * math.prod(grid) * prob.element_size()
         lc = max(1, mem // per_disp)
         total = None
-        for l0 in range(0, nl, lc):
+        for l0, pc in zip(range(0, nl, lc), prob.split(lc, 1), strict=True):
             sampled = _sample_shifted(values, grid, disps[l0 : l0 + lc], padding)
-            part = (sampled * prob[:, l0 : l0 + lc].unsqueeze(1)).sum(2)
+            part = (sampled * pc.unsqueeze(1)).sum(2)
             total = part if total is None else total + part
         assert total is not None
         return total
@@ -326,20 +328,20 @@ def expected_values(
     chunk = chunk_shape(plan.ntiles, per_tile, mem)
     ckpt = wants_checkpoint(B * C * math.prod(plan.grid) * esize * kt, prob, values)
     results = []
-    for b in range(B):
+    for pvb, wvb in zip(pv.unbind(0), wv.unbind(0), strict=True):
 
-        def block(sl: tuple[slice, ...], b: int = b) -> torch.Tensor:
+        def block(sl: tuple[slice, ...], pieces: list[torch.Tensor]) -> torch.Tensor:
             counts = [s.stop - s.start for s in sl]
             n = math.prod(counts)
 
-            def compute(pvb: torch.Tensor, wvb: torch.Tensor) -> torch.Tensor:
-                pc = pvb[sl].reshape(n, kt, nl)
+            def compute(pc: torch.Tensor, wc: torch.Tensor) -> torch.Tensor:
+                pc = pc.reshape(n, kt, nl)
                 dense = pc.new_zeros(n, kt, wt).scatter(2, idx.expand(n, kt, nl), pc)
-                return torch.bmm(dense, wvb[sl].reshape(n, wt, C)).view(*counts, *plan.tile, C)
+                return torch.bmm(dense, wc.reshape(n, wt, C)).view(*counts, *plan.tile, C)
 
-            return checkpointed(compute, pv[b], wv[b], enabled=ckpt)
+            return checkpointed(compute, *pieces, enabled=ckpt)
 
-        res = run_chunks(block, plan.ntiles, chunk)
+        res = run_chunks(block, [pvb, wvb], plan.ntiles, chunk)
         assert res is not None
         results.append(res.permute(interleave_perm(nd, 0)).reshape(C, *plan.padded_grid))
     out = results[0].unsqueeze(0) if len(results) == 1 else torch.stack(results, 0)

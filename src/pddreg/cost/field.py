@@ -89,7 +89,7 @@ def soft_field(
     if torch.is_grad_enabled() and cost.requires_grad and not ckpt:
         kc = K  # small: one plain autograd chunk
     parts = []
-    for k in range(0, K, kc):
-        parts.append(checkpointed(_soft_block, flat[:, :, k : k + kc], d, enabled=ckpt))
+    for x in flat.split(kc, 2):
+        parts.append(checkpointed(_soft_block, x, d, enabled=ckpt))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
     return out.view(B, nd, *grid)

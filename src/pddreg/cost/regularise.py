@@ -196,10 +196,7 @@ def minconv(cost: torch.Tensor, *, max_memory: int | None = None) -> torch.Tenso
         if not ckpt:
             return _minconv_block(flat, n, nd, mat).view(cost.shape)
         kc = max(kc, 16 * kc)  # fewer, larger chunks: each is recomputed in backward
-        parts = [
-            checkpointed(_minconv_block, flat[:, :, k : k + kc], n, nd, mat)
-            for k in range(0, K, kc)
-        ]
+        parts = [checkpointed(_minconv_block, x, n, nd, mat) for x in flat.split(kc, 2)]
         return torch.cat(parts, 2).view(cost.shape)
     out = torch.empty_like(flat)
     for k in range(0, K, kc):
@@ -230,9 +227,7 @@ def meanfield(cost: torch.Tensor, *, max_memory: int | None = None) -> torch.Ten
         if not wants_checkpoint(cost.numel() * cost.element_size(), cost):
             return _meanfield_rows(cost, *mats)
         lc = 16 * lc
-        parts = [
-            checkpointed(_meanfield_rows, cost[:, l : l + lc], *mats) for l in range(0, nl, lc)
-        ]
+        parts = [checkpointed(_meanfield_rows, x, *mats) for x in cost.split(lc, 1)]
         return torch.cat(parts, 1)
     out = torch.empty_like(cost)
     for l in range(0, nl, lc):
@@ -329,13 +324,12 @@ def minconv_exact(
     nd = cost.dim() - 2
     B, nl = cost.shape[:2]
     flat = cost.reshape(B, nl, -1)
-    K = flat.shape[2]
     w = weight * spacing * spacing
     budget = max_memory or DEFAULT_MAX_MEMORY
     kc = max(1, budget // (40 * B * nl * 8))
     parts = []
-    for k in range(0, K, kc):
-        y = flat[:, :, k : k + kc].reshape(B, *([n] * nd), -1)
+    for x in flat.split(kc, 2):
+        y = x.reshape(B, *([n] * nd), -1)
         for ax in range(nd):
             y = _exact_axis(y, 1 + ax, w)
         parts.append(y.reshape(B, nl, -1))
@@ -411,21 +405,14 @@ def _regularise_graph(
         return minconv(x, max_memory=max_memory)
 
     def rows(w: torch.Tensor, m: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        cs = [None] * len(ds) if c is None else c.split(lc, 1)
         parts = [
-            checkpointed(
-                _combine,
-                w,
-                m[:, l : l + lc],
-                d[:, l : l + lc],
-                None if c is None else c[:, l : l + lc],
-                use_meanfield,
-                *mats,
-                enabled=ckpt,
-            )
-            for l in range(0, nl, lc)
+            checkpointed(_combine, w, mi, di, ci, use_meanfield, *mats, enabled=ckpt)
+            for mi, di, ci in zip(m.split(lc, 1), ds, cs, strict=True)
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
+    ds = d.split(lc, 1)
     zero = a[0] * 0
     c1 = rows(torch.stack([a[0], zero, a[1]]), mc(d), None)
     return rows(torch.stack([a[2] * a[5], a[3] * a[5], a[4] * a[5]]), mc(c1), c1)
