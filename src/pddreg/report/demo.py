@@ -44,6 +44,11 @@ DEFAULT_STEPS = 600
 QUICK_STEPS = 60
 TRAIN_BATCH = 2
 TRAIN_LR = 3e-3
+#: Intra-op threads. The demo's tensors are small (128x160); on a 2-core machine shared with
+#: other work, two threads made a training step 6x slower in CPU time than one (measured:
+#: 12 steps 13.8 s vs 2.2 s), so the demo runs single-threaded, which also fixes the order
+#: of reductions (repeatable numbers).
+THREADS = 1
 METHODS = ("none", "mind", "pdd")
 
 
@@ -93,18 +98,22 @@ class DemoResult:
 
 
 @contextmanager
-def _repeatable(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch and use deterministic algorithms on the CPU; the previous setting is restored
-    afterwards (the phantoms have their own seeded generators, training its own generator)."""
+def _repeatable(seed: int, device: torch.device, threads: int) -> Iterator[None]:
+    """Seed torch, use deterministic algorithms on the CPU and ``threads`` intra-op threads;
+    the previous settings are restored afterwards (the phantoms have their own seeded
+    generators, training its own generator)."""
     was = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_threads = torch.get_num_threads()
     torch.manual_seed(seed)
+    torch.set_num_threads(threads)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        torch.set_num_threads(was_threads)
 
 
 def _fine_tune(dataset: Any, cfg: DemoConfig, device: torch.device) -> tuple[Any, float]:
@@ -192,7 +201,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     pairs = list(dataset.pairs("test"))[: cfg.max_pairs]
     records: list[dict[str, Any]] = []
     kept: dict[str, list[torch.Tensor]] = {}
-    with _repeatable(cfg.seed, device):
+    with _repeatable(cfg.seed, device, THREADS):
         model, train_s = _fine_tune(dataset, cfg, device)
         fns = {
             "none": make_register_fn("none", 2, device=device),
@@ -217,7 +226,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         "initial model": cfg.init or "shipped pdd2d.pt",
         "seed": cfg.seed,
         "device": str(device),
-        "torch threads": torch.get_num_threads(),
+        "torch threads": THREADS,
         "pddreg": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
