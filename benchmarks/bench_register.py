@@ -12,8 +12,8 @@ Times are the median of repeated runs after a warm-up; the machine is shared, so
 ratios rather than absolute numbers.
 
 Measured 2026-11-25 with ``--quick`` while the 2 cores ran ~10 other jobs (so 5-10x slow):
-infer2d 3.4 s (the same call took 0.29 s single-threaded on a quieter moment: profile
-/ correlation+regularisation ~60%, convolutions ~15%); infer3d 65-130 s, peak RSS 2.9 GB
+infer2d 3.4 s (the same call took 0.29 s single-threaded at a quieter moment; profile:
+correlation+regularisation ~60%, convolutions ~15%); infer3d 65-130 s, peak RSS 2.9 GB
 (a 96x80x128 volume took 3.3 s single-threaded); train2d 0.19 pairs/s; train3d 0.05 pairs/s.
 Targets (100 ms 2D, 5 s 3D) were not met on this machine; see the final report.
 """
