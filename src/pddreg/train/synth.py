@@ -15,10 +15,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from pddreg.data import Subject
 
 __all__ = ["SynthConfig", "SynthDataset", "smooth_noise", "synth_pair"]
 
@@ -147,12 +151,13 @@ class SynthDataset:
             return []
         return [(2 * p, 2 * p + 1) for p in range(len(self._val))]
 
-    def subject(self, i: int):  # noqa: ANN201 (a pddreg.data.Subject-like record)
-        from types import SimpleNamespace
+    def subject(self, i: int) -> Subject:
+        """Subject ``i`` of the validation pairs (a :class:`pddreg.data.Subject`)."""
+        from pddreg.data import Subject
 
         fixed, moving, fseg, mseg = self._val[i // 2]
         image, labels = (fixed, fseg) if i % 2 == 0 else (moving, mseg)
-        return SimpleNamespace(
+        return Subject(
             image=image[0].numpy(),
             labels=labels[0].numpy(),
             spacing=(1.0,) * self.ndim,
