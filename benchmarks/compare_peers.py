@@ -293,6 +293,7 @@ def run_dim(args: argparse.Namespace, ndim: int) -> tuple[list[dict[str, Any]], 
     for name in args.ours:
         if name in ("pdd-here", "voxelmorph-here"):
             if args.train_steps <= 0:
+                notes.append(f"`{name}` not run (--train-steps 0)")
                 continue
             try:
                 model = train_here(dataset, name.split("-")[0], ndim, args.train_steps, device)
