@@ -146,7 +146,7 @@ def test_report_is_self_contained(tmp_path):
     text = path.read_text()
     assert text.startswith("<!DOCTYPE html>")
     assert "T &amp; t" in text and "pdd &lt;b&gt;" in text and "grid &lt;x&gt;" in text
-    assert "<td>0.41</td>" in text and "&ndash;" in text  # NaN shown as a dash
+    assert "<td>0.410</td>" in text and "&ndash;" in text  # NaN shown as a dash
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
     assert len(embedded) == 1 and base64.b64decode(embedded[0]) == png
     assert "http" not in text and "<link" not in text  # nothing external

@@ -48,7 +48,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "&ndash;"
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+        return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.3e}"
     return html.escape(str(value))
 
 
