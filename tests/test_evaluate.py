@@ -121,6 +121,21 @@ def test_none_matches_analytic_overlap_and_oracle_is_perfect() -> None:
     assert md.splitlines()[0].startswith("| method | big | small |")
 
 
+def test_structure_rows_group_by_size() -> None:
+    from pddreg.report.evaluate import structure_rows
+
+    ds = _Dataset()
+    rec = evaluate_method(ds, "none", _zero, ds.pairs())
+    rows = structure_rows(rec, {1: "big", 2: "small"})
+    assert [(r["structure"], r["group"]) for r in rows] == [("big", "large"), ("small", "small")]
+    assert rows[0]["volume"] == pytest.approx(144.0) and rows[1]["volume"] == pytest.approx(
+        6.0
+    )  # absent from s2
+    exp = [_expected_none(f, m)[1] for f, m in ds.pairs()]
+    assert rows[0]["dice_mean"] == pytest.approx(np.mean(exp))
+    assert rows[0]["dice_std"] == pytest.approx(np.std(exp))
+
+
 def test_size_threshold_override_moves_structures() -> None:
     ds = _Dataset()
     rec = evaluate_method(ds, "none", _zero, ds.pairs())
@@ -178,6 +193,8 @@ def test_subcommand_writes_tables(tmp_path, monkeypatch, capsys) -> None:
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].startswith("method") and "none" in printed
     assert (out / "results.csv").is_file() and (out / "results.json").is_file()
+    groups = {s["group"] for s in json.loads((out / "structures.json").read_text())}
+    assert groups == {"large", "small"}
     records = json.loads((out / "records.json").read_text())
     assert len(records) == 6 and records[0]["method"] == "none"
 

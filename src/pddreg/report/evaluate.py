@@ -55,6 +55,7 @@ __all__ = [
     "make_register_fn",
     "model_register_fn",
     "run_evaluation",
+    "structure_rows",
     "summarise",
     "write_records",
     "write_results",
@@ -303,21 +304,7 @@ def summarise(
     if not records:
         return []
     # structure sizes from every record (all methods see the same fixed images)
-    volumes: dict[int, list[float]] = {}
-    domains = []
-    for r in records:
-        domains.append(float(r.get("domain", math.nan)))
-        for lab, v in r.get("volume", {}).items():
-            volumes.setdefault(int(lab), []).append(float(v))
-    ndim = int(records[0].get("ndim", 3))
-    if size_threshold is None:
-        if ndim == 3:
-            size_threshold = LARGE_VOLUME_MM3
-        else:
-            size_threshold = LARGE_AREA_FRACTION * _nanmean(domains)
-    mean_volume = {lab: _nanmean(v) for lab, v in volumes.items()}
-    large = sorted(lab for lab, v in mean_volume.items() if v >= size_threshold)
-    small = sorted(lab for lab, v in mean_volume.items() if not v >= size_threshold)
+    _, large, small, size_threshold = _size_groups(records, size_threshold)
 
     def label_name(lab: int) -> str:
         return names.get(lab, str(lab))
@@ -349,6 +336,64 @@ def summarise(
         row["size_threshold"] = float(size_threshold)
         rows.append(row)
     return rows
+
+
+def structure_rows(
+    records: Sequence[dict[str, Any]],
+    label_names: dict[int, str] | None = None,
+    size_threshold: float | None = None,
+) -> list[dict[str, Any]]:
+    """Per-structure results grouped by size: one row per (method, label), large ones first.
+
+    Keys: ``method``, ``structure``, ``label``, ``group`` (``"large"``/``"small"``),
+    ``volume`` (mean fixed volume, mm^ndim), ``dice_mean``, ``dice_std``, ``hd95`` (means over
+    pairs, NaN ignored). The threshold is the one of :func:`summarise`.
+    """
+    if not records:
+        return []
+    names = label_names or {}
+    mean_volume, large, small, _ = _size_groups(records, size_threshold)
+    rows = []
+    for m in dict.fromkeys(r["method"] for r in records):
+        rs = [r for r in records if r["method"] == m]
+        for group, labs in (("large", large), ("small", small)):
+            for lab in labs:
+                rows.append(
+                    {
+                        "method": m,
+                        "structure": names.get(lab, str(lab)),
+                        "label": lab,
+                        "group": group,
+                        "volume": mean_volume[lab],
+                        "dice_mean": _nanmean(r["dice"].get(lab, math.nan) for r in rs),
+                        "dice_std": _nanstd(r["dice"].get(lab, math.nan) for r in rs),
+                        "hd95": _nanmean(r["hd95"].get(lab, math.nan) for r in rs),
+                    }
+                )
+    return rows
+
+
+def _size_groups(
+    records: Sequence[dict[str, Any]], size_threshold: float | None
+) -> tuple[dict[int, float], list[int], list[int], float]:
+    """Mean fixed volume per label, the large and small labels, and the threshold used."""
+    volumes: dict[int, list[float]] = {}
+    domains = []
+    for r in records:
+        domains.append(float(r.get("domain", math.nan)))
+        for lab, v in r.get("volume", {}).items():
+            volumes.setdefault(int(lab), []).append(float(v))
+    ndim = int(records[0].get("ndim", 3))
+    if size_threshold is None:
+        if ndim == 3:
+            size_threshold = LARGE_VOLUME_MM3
+        else:
+            size_threshold = LARGE_AREA_FRACTION * _nanmean(domains)
+
+    mean_volume = {lab: _nanmean(v) for lab, v in volumes.items()}
+    large = sorted(lab for lab, v in mean_volume.items() if v >= size_threshold)
+    small = sorted(lab for lab, v in mean_volume.items() if not v >= size_threshold)
+    return mean_volume, large, small, float(size_threshold)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -428,16 +473,20 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_results(
-    rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, name: str = "results"
+    rows: Sequence[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    name: str = "results",
+    table: bool = True,
 ) -> dict[str, Path]:
-    """Write ``rows`` as ``<out_dir>/<name>.csv``, ``.json`` (one object per method; NaN as
-    ``null``) and ``.txt`` (the table). Returns the paths by extension."""
+    """Write ``rows`` as ``<out_dir>/<name>.csv``, ``.json`` (one object per row; NaN as
+    ``null``) and, with ``table``, ``.txt`` (:func:`format_table`). Returns the paths by
+    extension."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"{out}: cannot create the output folder ({e.strerror})") from e
-    paths = {ext: out / f"{name}.{ext}" for ext in ("csv", "json", "txt")}
+    paths = {ext: out / f"{name}.{ext}" for ext in ("csv", "json", "txt")[: 3 if table else 2]}
     keys = list(dict.fromkeys(k for r in rows for k in r))
     import io
 
@@ -453,7 +502,8 @@ def write_results(
         )
     _atomic_write(paths["csv"], buf.getvalue())
     _atomic_write(paths["json"], json.dumps(_json_safe(list(rows)), indent=2) + "\n")
-    _atomic_write(paths["txt"], format_table(rows) + "\n")
+    if table:
+        _atomic_write(paths["txt"], format_table(rows) + "\n")
     return paths
 
 
@@ -509,8 +559,8 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Register every pair of a split with each method and print a table like Table 1 "
             "of the PDD-Net paper (Dice per label, mean +- std, large/small structures, HD95, "
-            "SDlogJ, %% folding, time per pair); with -o also write results.csv/.json/.txt "
-            "and per-pair records.json."
+            "SDlogJ, %% folding, time per pair); with -o also write results.csv/.json/.txt, "
+            "structures.csv/.json (per organ, grouped by size) and per-pair records.json."
         ),
     )
     p.add_argument("dataset", help="dataset spec (Learn2Reg json/dir, NIfTI folder, phantom2d)")
@@ -567,6 +617,13 @@ def _handler(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.output:
         paths = write_results(rows, args.output)
+        srows = structure_rows(records, _label_names(dataset), args.size_threshold)
+        paths.update(
+            {
+                f"structures.{k}": v
+                for k, v in write_results(srows, args.output, "structures", False).items()
+            }
+        )
         write_records(records, Path(args.output) / "records.json")
         logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0
