@@ -19,7 +19,9 @@ none 0.350 +- 0.076; mind 0.450 +- 0.086 (19 s/pair under load); pdd 0.429 +- 0.
 (collapsed to a zero field); mind-alpha 0.362. Trained pdd beats none and every other trained
 row but not yet mind (-0.02): 300 CPU steps are far from converged (validation Dice still
 rising); the non-local loss alone lets the probabilities hedge, adding the warped-label loss of
-the expected field (the default) gave +0.06.
+the expected field (the default) gave +0.06. Continuing that pdd model for 300 more steps
+(seed 1, same settings; 600 in all) gave 0.460 +- 0.075, 0.00% folding on the same 12 pairs:
+above mind (0.450). (``--steps 600`` retrains every row that long; not run here for lack of CPU.)
 """
 
 from __future__ import annotations
