@@ -29,6 +29,10 @@ import torch.utils.checkpoint
 # Default bound on the extra working memory of one chunk (bytes).
 DEFAULT_MAX_MEMORY = 256 * 2**20
 
+# Preferred working set of one correlation chunk (bytes): in 3D on 2 cores 32-64 MiB chunks ran
+# 2.5x faster than 256 MiB ones (cache reuse of the window copies) and than 2-8 MiB ones.
+CORRELATION_CHUNK_BYTES = 48 * 2**20
+
 # Largest lattice step ratios handled by the tiled path; beyond it the direct path samples the
 # moving map at every (point, displacement) per chunk of displacements.
 _MAX_RATIO = 16

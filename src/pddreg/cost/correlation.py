@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ._lattice import (
+    CORRELATION_CHUNK_BYTES,
     DEFAULT_MAX_MEMORY,
     TilePlan,
     checkpointed,
@@ -167,7 +168,7 @@ def _correlation_tiled(
     ca = C + 2
     esize = fixed.element_size()
     per_tile = esize * (kt * ca + ca * wt + kt * wt + 2 * kt * nl) + 8 * kt * nl
-    chunk = chunk_shape(plan.ntiles, per_tile, mem)
+    chunk = chunk_shape(plan.ntiles, per_tile, min(mem, CORRELATION_CHUNK_BYTES))
     ckpt = wants_checkpoint(B * nl * math.prod(plan.grid) * esize, fixed, moving)
     out = None if grad else fixed.new_empty((B, nl, *plan.padded_grid))
     results = []
