@@ -81,11 +81,6 @@ METHODS = ("none", "mind", "pdd", "pdd+inst")
 # --------------------------------------------------------------------------------------------
 # register functions
 # --------------------------------------------------------------------------------------------
-def _zero_field(fixed: Tensor, moving: Tensor) -> Tensor:
-    ndim = fixed.dim() - 2
-    return fixed.new_zeros((fixed.shape[0], ndim, *fixed.shape[2:]))
-
-
 def make_register_fn(name: str, ndim: int, device: str | torch.device | None = None) -> RegisterFn:
     """The ``register_fn`` of a built-in method.
 
@@ -96,26 +91,15 @@ def make_register_fn(name: str, ndim: int, device: str | torch.device | None = N
         ndim: 2 or 3.
         device: where the pretrained model lives.
     """
-    if name == "none":
-        return _zero_field
-    if name == "mind":
-        from pddreg.optim import register_mind
+    from pddreg.api import make_register_fn as api_register_fn
 
-        def mind(fixed: Tensor, moving: Tensor) -> Tensor:
-            with torch.no_grad():  # its instance optimisation switches autograd on inside
-                return register_mind(fixed, moving)
-
-        return mind
-    if name in ("pdd", "pdd+inst"):
-        from pddreg.models import pretrained
-
-        model = pretrained(ndim)
-        if device is not None:
-            model = model.to(device)
-        model.eval()
-        inst = name == "pdd+inst"
-        return lambda fixed, moving: model.register(fixed, moving, instance_opt=inst)
-    raise InputError(f"--method: unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    if name not in METHODS:
+        raise InputError(f"--method: unknown method {name!r}; expected one of {', '.join(METHODS)}")
+    if name == "pdd+inst":
+        return api_register_fn("pdd", ndim, device=device, instance_opt=True)
+    if name == "pdd":
+        return api_register_fn("pdd", ndim, device=device, instance_opt=False)
+    return api_register_fn(name, ndim, device=device)
 
 
 def model_register_fn(model: torch.nn.Module) -> RegisterFn:
