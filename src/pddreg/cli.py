@@ -66,6 +66,9 @@ def atomic_output_dir(out: str | os.PathLike[str], owned: tuple[str, ...] = ()) 
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        umask = os.umask(0)  # mkdtemp makes the folder 0700; give OUT the usual permissions
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
     except OSError as err:
         raise InputError(f"{out}: cannot create the output folder ({err.strerror})") from err
     try:

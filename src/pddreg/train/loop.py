@@ -394,7 +394,10 @@ def train(
             checkpoint(step)
         if callback is not None and rank == 0:
             callback(step, logs)
-        bar.set_postfix(loss=f"{logs['loss']:.4f}", dice=f"{dice:.3f}")
+        shown = {"loss": f"{logs['loss']:.4f}"}
+        if not math.isnan(dice):  # validation Dice once it has run
+            shown["val_dice"] = f"{dice:.3f}"
+        bar.set_postfix(shown)
         bar.update(1)
     bar.close()
     if rank == 0 and val and not (config.val_every and step % config.val_every == 0):
