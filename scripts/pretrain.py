@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from pddreg.models import PDDNet, default_config, load_model, save_model
+from pddreg.models.pdd import SHIPPED_SMOOTH_2D
 from pddreg.train import TrainConfig, train
 from pddreg.train.synth import SynthConfig, SynthDataset
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     if args.init is not None:
         model = load_model(args.init)
+        model.config.smooth = default_config(ndim).smooth  # train with the training smoothing
     else:
         model = PDDNet(default_config(ndim))
     t0 = time.perf_counter()
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         time.perf_counter() - t0,
         model.val_dice,
     )
+    if ndim == 2:  # inference smoothing of the shipped 2D file (see SHIPPED_SMOOTH_2D)
+        model.config.smooth = SHIPPED_SMOOTH_2D
     save_model(model, out)
     Path(str(out) + ".ckpt").unlink(missing_ok=True)
     log.info("wrote %s (%.1f kB)", out, out.stat().st_size / 1024)

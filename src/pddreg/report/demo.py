@@ -118,10 +118,14 @@ def _repeatable(seed: int, device: torch.device, threads: int) -> Iterator[None]
 
 def _fine_tune(dataset: Any, cfg: DemoConfig, device: torch.device) -> tuple[Any, float]:
     """The initial 2D model (shipped, or ``cfg.init``) fine-tuned for ``cfg.steps`` steps."""
-    from ..models import load_model, pretrained
+    from ..models import default_config, load_model, pretrained
     from ..train import TrainConfig, train
 
     model = pretrained(2) if cfg.init is None else load_model(cfg.init, map_location="cpu")
+    if cfg.init is None:
+        # The shipped file smooths its fields heavily for use without training; fine-tuning on
+        # labels trains with the training smoothing (pddreg.models.pdd.SHIPPED_SMOOTH_2D).
+        model.config.smooth = default_config(2).smooth
     if not cfg.steps:
         return model.to(device).eval(), 0.0
     start = time.perf_counter()
