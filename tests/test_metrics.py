@@ -224,3 +224,22 @@ def test_tre_bad_landmarks_raise_input_error_naming_them():
         tre(np.array([[1.0, 1.0]]), np.array([[1.0, 1.0], [2.0, 2.0]]), zero)
     with pytest.raises(InputError, match="points_fixed"):
         tre(np.array([1.0, 1.0]), np.array([1.0, 1.0]), zero)
+
+
+def test_dice_label_lost_by_warping_scores_zero_with_reference():
+    from pddreg.metrics import dice, mean_dice
+
+    fixed = np.zeros((10, 10), np.int64)
+    fixed[2:5, 2:5] = 1
+    fixed[6:9, 6:9] = 2
+    moving = fixed.copy()
+    warped = fixed.copy()
+    warped[warped == 2] = 0  # label 2 shrunk away by the registration
+    assert math.isnan(dice(fixed, warped)[2])  # without the moving map: unknown, left out
+    scored = dice(fixed, warped, reference=moving)
+    assert scored[2] == 0.0 and scored[1] == 1.0
+    assert mean_dice(fixed, warped) == 1.0
+    # a label that the moving map never had stays NaN
+    moving_without_2 = moving.copy()
+    moving_without_2[moving_without_2 == 2] = 0
+    assert math.isnan(dice(fixed, warped, reference=moving_without_2)[2])

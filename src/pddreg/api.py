@@ -247,7 +247,7 @@ def compute_metrics(
     from . import metrics as M
 
     labels = sorted(int(v) for v in np.union1d(np.unique(fixed_seg), np.unique(moving_seg)) if v)
-    dice_after = M.dice(fixed_seg, warped_seg, labels=labels)
+    dice_after = M.dice(fixed_seg, warped_seg, labels=labels, reference=moving_seg)
     dice_before = M.dice(fixed_seg, moving_seg, labels=labels)
     hd = M.hd95(fixed_seg, warped_seg, spacing=spacing, labels=labels)
     d = torch.from_numpy(np.ascontiguousarray(disp))[None]

@@ -32,16 +32,26 @@ def _counts(x: np.ndarray, size: int) -> np.ndarray:
     return np.bincount(x.ravel(), minlength=size)
 
 
-def dice(a: Any, b: Any, labels: Sequence[int] | None = None) -> dict[int, float]:
+def dice(
+    a: Any, b: Any, labels: Sequence[int] | None = None, *, reference: Any = None
+) -> dict[int, float]:
     """Dice overlap ``2 |A ∩ B| / (|A| + |B|)`` per label.
 
     Args:
         a, b: label maps of one shape, e.g. the fixed segmentation and the warped moving one.
         labels: labels to score (default: every non-zero label present in either map).
+        reference: optional label map ``b`` was made from (the moving segmentation before
+            warping, any shape). A label present in ``a`` and in ``reference`` but lost from
+            ``b`` (a registration that shrank it away) then scores 0, not NaN.
 
     Returns:
-        ``{label: dice}``; NaN where the label is missing from ``a`` or from ``b``.
+        ``{label: dice}``; NaN where the label is missing from ``a`` or from ``b`` (unless
+        ``reference`` shows it was lost, see above).
     """
+    lost: set[int] = set()
+    if reference is not None:
+        ref = reference.detach().cpu().numpy() if hasattr(reference, "detach") else reference
+        lost = {int(v) for v in np.unique(np.asarray(ref))}
     la, lb = pair_of_label_maps(a, b, "dice()")
     wanted = resolve_labels(la, lb, labels)
     if not wanted:
@@ -66,7 +76,10 @@ def dice(a: Any, b: Any, labels: Sequence[int] | None = None) -> dict[int, float
     out: dict[int, float] = {}
     for v in wanted:
         na, nb, nab = stats(v)
-        out[v] = math.nan if na == 0 or nb == 0 else 2.0 * nab / (na + nb)
+        if na > 0 and nb == 0 and v in lost:
+            out[v] = 0.0
+        else:
+            out[v] = math.nan if na == 0 or nb == 0 else 2.0 * nab / (na + nb)
     return out
 
 

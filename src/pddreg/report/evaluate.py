@@ -237,7 +237,8 @@ def evaluate_method(
             records.append(record)
             continue
         warped = warp_labels(moving_seg, disp)[0, 0].numpy()
-        d = {int(k): _finite_or_nan(v) for k, v in dice(fixed_np, warped, labels=labels).items()}
+        scores = dice(fixed_np, warped, labels=labels, reference=moving_seg)
+        d = {int(k): _finite_or_nan(v) for k, v in scores.items()}
         h = {
             int(k): _finite_or_nan(v)
             for k, v in hd95(fixed_np, warped, spacing=spacing, labels=labels).items()
