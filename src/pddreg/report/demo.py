@@ -162,13 +162,6 @@ def _keeping_first(fn: Any, count: int, kept: list[torch.Tensor]) -> Any:
     return wrapped
 
 
-def _label_names(dataset: Any) -> dict[int, str]:
-    names = getattr(dataset, "label_names", None)
-    if isinstance(names, dict):
-        return {int(k): str(v) for k, v in names.items()}
-    return {i: str(n) for i, n in enumerate(names or ())}
-
-
 def _display_row(row: dict[str, Any]) -> dict[str, Any]:
     """A summary row of :func:`pddreg.report.evaluate.summarise` as the report shows it."""
     out: dict[str, Any] = {"method": row["method"], "pairs": row.get("pairs")}
@@ -192,7 +185,14 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     from ..api import make_register_fn
     from ..cli import atomic_output_dir
     from ..data import open_dataset
-    from .evaluate import evaluate_method, format_table, summarise, write_records, write_results
+    from .evaluate import (
+        evaluate_method,
+        format_table,
+        label_names,
+        summarise,
+        write_records,
+        write_results,
+    )
     from .html import write_report
 
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
             records += evaluate_method(
                 dataset, name, fn, pairs, device=device, progress=cfg.progress
             )
-    rows = summarise(records, label_names=_label_names(dataset))
+    rows = summarise(records, label_names=label_names(dataset))
     table = format_table(rows)
     settings = {
         "dataset": spec,

@@ -52,6 +52,7 @@ __all__ = [
     "add_subcommand",
     "evaluate_method",
     "format_table",
+    "label_names",
     "make_register_fn",
     "model_register_fn",
     "run_evaluation",
@@ -116,7 +117,8 @@ def _to_tensor(array: Any, dtype: torch.dtype, device: torch.device | str | None
     return t.to(device=device, dtype=dtype)
 
 
-def _label_names(dataset: Any) -> dict[int, str]:
+def label_names(dataset: Any) -> dict[int, str]:
+    """``{label: name}`` of a dataset's ``label_names`` (a dict or a sequence; {} if none)."""
     names = getattr(dataset, "label_names", None)
     if isinstance(names, dict):
         return {int(k): str(v) for k, v in names.items()}
@@ -528,7 +530,7 @@ def run_evaluation(
     records: list[dict[str, Any]] = []
     for name, fn in methods:
         records += evaluate_method(dataset, name, fn, pairs, device=device, progress=progress)
-    rows = summarise(records, _label_names(dataset), size_threshold)
+    rows = summarise(records, label_names(dataset), size_threshold)
     return records, rows
 
 
@@ -602,7 +604,7 @@ def _handler(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.output:
         paths = write_results(rows, args.output)
-        srows = structure_rows(records, _label_names(dataset), args.size_threshold)
+        srows = structure_rows(records, label_names(dataset), args.size_threshold)
         paths.update(
             {
                 f"structures.{k}": v
