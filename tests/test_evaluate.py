@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from pddreg.cli import add_evaluate
 from pddreg.errors import InputError
 from pddreg.report.evaluate import (
-    add_subcommand,
     evaluate_method,
     format_table,
     summarise,
@@ -184,7 +184,7 @@ def test_subcommand_writes_tables(tmp_path, monkeypatch, capsys) -> None:
 
     monkeypatch.setattr(pddreg.data, "open_dataset", lambda spec: _Dataset(), raising=False)
     parser = argparse.ArgumentParser()
-    add_subcommand(parser.add_subparsers(dest="command"))
+    add_evaluate(parser.add_subparsers(dest="command"))
     out = tmp_path / "res"
     args = parser.parse_args(
         ["evaluate", "tiny", "--method", "none", "-o", str(out), "--device", "cpu"]

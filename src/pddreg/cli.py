@@ -1,4 +1,4 @@
-"""The ``pddreg`` command: ``register``, ``track``, ``demo`` here; ``train``, ``evaluate`` and
+"""The ``pddreg`` command: ``register``, ``track``, ``demo``, ``evaluate`` here; ``train`` and
 ``slices`` registered by their own modules through ``add_subcommand(subparsers)``.
 
 Errors of the user's input (:class:`pddreg.errors.PddregError`) end as ONE line on stderr,
@@ -29,7 +29,7 @@ logger = logging.getLogger("pddreg")
 __all__ = ["atomic_output_dir", "main", "output_suffix"]
 
 # Subcommands that live in other modules, each offering ``add_subcommand(subparsers)``.
-_EXTERNAL_COMMANDS = ("pddreg.train.command", "pddreg.report.evaluate", "pddreg.data.command")
+_EXTERNAL_COMMANDS = ("pddreg.train.command", "pddreg.data.command")
 
 # Files ``register`` may write; stale ones from an earlier run into the same OUT are removed.
 _REGISTER_OUTPUTS = ("disp.npy", "disp.nii.gz", "warped.*", "warped_seg.*", "metrics.json")
@@ -276,6 +276,103 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
     return p
 
 
+def add_evaluate(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``pddreg evaluate`` (:mod:`pddreg.report.evaluate`) on a subparsers object."""
+    import torch
+
+    from .report.evaluate import METHODS
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="register every pair of a dataset split with each method and tabulate the results",
+        description=(
+            "Register every pair of a split with each method and print a table like Table 1 "
+            "of the PDD-Net paper (Dice per label, mean +- std, large/small structures, HD95, "
+            "SDlogJ, %% folding, time per pair); with -o also write results.csv/.json/.txt, "
+            "structures.csv/.json (per organ, grouped by size) and per-pair records.json."
+        ),
+    )
+    p.add_argument("dataset", help="dataset spec (Learn2Reg json/dir, NIfTI folder, phantom2d)")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        choices=METHODS,
+        help="built-in method (repeatable): none, mind, pdd, pdd+inst",
+    )
+    p.add_argument("--model", action="append", default=[], help="a saved model file (repeatable)")
+    p.add_argument("--pairs", default="test", choices=("train", "val", "test", "all"))
+    p.add_argument("-o", "--output", default=None, help="output folder for the tables")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: available)",
+    )
+    p.add_argument(
+        "--size-threshold",
+        type=float,
+        default=None,
+        help="volume (mm^ndim) between small and large structures (default: 100 mL in 3D, "
+        "1%% of the slice area in 2D)",
+    )
+    p.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import open_dataset
+    from .models import load_model
+    from .report.evaluate import (
+        format_table,
+        label_names,
+        make_register_fn,
+        model_register_fn,
+        run_evaluation,
+        structure_rows,
+        write_records,
+        write_results,
+    )
+
+    if not args.method and not args.model:
+        raise InputError("evaluate: give at least one --method or --model")
+    if args.size_threshold is not None and not args.size_threshold > 0:
+        raise InputError(f"--size-threshold: must be positive, got {args.size_threshold}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device: CUDA is not available on this machine")
+    dataset = open_dataset(args.dataset)
+    ndim = int(dataset.ndim)
+    methods: list[tuple[str, Any]] = []
+    for name in args.method:
+        methods.append((name, make_register_fn(name, ndim, device)))
+    for path in args.model:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: model file not found")
+        model = load_model(path, map_location=device)
+        model_ndim = getattr(getattr(model, "config", None), "ndim", ndim)
+        if int(model_ndim) != ndim:
+            raise InputError(f"{path}: a {model_ndim}D model cannot register {ndim}D data")
+        methods.append((Path(path).stem, model_register_fn(model.to(device))))
+    records, rows = run_evaluation(
+        dataset, methods, args.pairs, device=device, size_threshold=args.size_threshold
+    )
+    print(format_table(rows))
+    if args.output:
+        paths = write_results(rows, args.output)
+        srows = structure_rows(records, label_names(dataset), args.size_threshold)
+        paths.update(
+            {
+                f"structures.{k}": v
+                for k, v in write_results(srows, args.output, "structures", False).items()
+            }
+        )
+        write_records(records, Path(args.output) / "records.json")
+        logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``pddreg`` parser with every subcommand that is installed."""
     from . import __version__
@@ -292,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register(sub, common)
     _add_track(sub, common)
     _add_demo(sub, common)
+    add_evaluate(sub)
     for name in _EXTERNAL_COMMANDS:
         try:
             module = importlib.import_module(name)

@@ -18,7 +18,7 @@ Library use::
 
     records = evaluate_method(dataset, "mind", register_fn, dataset.pairs("test"))
     rows = summarise(records)
-    print(format_table(rows))
+    text = format_table(rows)
     write_results(rows, "results/")
 
 A ``register_fn`` maps ``(fixed (1, 1, *S), moving (1, 1, *S))`` float tensors in ``[0, 1]``
@@ -27,7 +27,6 @@ to a displacement ``(1, ndim, *S)`` in voxels (``warped(x) = moving(x + u(x))``)
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -49,7 +48,6 @@ __all__ = [
     "LARGE_VOLUME_MM3",
     "METHODS",
     "RegisterFn",
-    "add_subcommand",
     "evaluate_method",
     "format_table",
     "label_names",
@@ -532,85 +530,3 @@ def run_evaluation(
         records += evaluate_method(dataset, name, fn, pairs, device=device, progress=progress)
     rows = summarise(records, label_names(dataset), size_threshold)
     return records, rows
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``pddreg evaluate`` on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "evaluate",
-        help="register every pair of a dataset split with each method and tabulate the results",
-        description=(
-            "Register every pair of a split with each method and print a table like Table 1 "
-            "of the PDD-Net paper (Dice per label, mean +- std, large/small structures, HD95, "
-            "SDlogJ, %% folding, time per pair); with -o also write results.csv/.json/.txt, "
-            "structures.csv/.json (per organ, grouped by size) and per-pair records.json."
-        ),
-    )
-    p.add_argument("dataset", help="dataset spec (Learn2Reg json/dir, NIfTI folder, phantom2d)")
-    p.add_argument(
-        "--method",
-        action="append",
-        default=[],
-        choices=METHODS,
-        help="built-in method (repeatable): none, mind, pdd, pdd+inst",
-    )
-    p.add_argument("--model", action="append", default=[], help="a saved model file (repeatable)")
-    p.add_argument("--pairs", default="test", choices=("train", "val", "test", "all"))
-    p.add_argument("-o", "--output", default=None, help="output folder for the tables")
-    p.add_argument("--device", default=_default_device(), help="cpu or cuda (default: available)")
-    p.add_argument(
-        "--size-threshold",
-        type=float,
-        default=None,
-        help="volume (mm^ndim) between small and large structures (default: 100 mL in 3D, "
-        "1%% of the slice area in 2D)",
-    )
-    p.set_defaults(func=_handler)
-    return p
-
-
-def _handler(args: argparse.Namespace) -> int:
-    from pddreg.data import open_dataset
-
-    if not args.method and not args.model:
-        raise InputError("evaluate: give at least one --method or --model")
-    if args.size_threshold is not None and not args.size_threshold > 0:
-        raise InputError(f"--size-threshold: must be positive, got {args.size_threshold}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device: CUDA is not available on this machine")
-    dataset = open_dataset(args.dataset)
-    ndim = int(dataset.ndim)
-    methods: list[tuple[str, RegisterFn]] = []
-    for name in args.method:
-        methods.append((name, make_register_fn(name, ndim, device)))
-    for path in args.model:
-        from pddreg.models import load_model
-
-        if not Path(path).is_file():
-            raise InputError(f"{path}: model file not found")
-        model = load_model(path, map_location=device)
-        model_ndim = getattr(getattr(model, "config", None), "ndim", ndim)
-        if int(model_ndim) != ndim:
-            raise InputError(f"{path}: a {model_ndim}D model cannot register {ndim}D data")
-        methods.append((Path(path).stem, model_register_fn(model.to(device))))
-    records, rows = run_evaluation(
-        dataset, methods, args.pairs, device=device, size_threshold=args.size_threshold
-    )
-    print(format_table(rows))
-    if args.output:
-        paths = write_results(rows, args.output)
-        srows = structure_rows(records, label_names(dataset), args.size_threshold)
-        paths.update(
-            {
-                f"structures.{k}": v
-                for k, v in write_results(srows, args.output, "structures", False).items()
-            }
-        )
-        write_records(records, Path(args.output) / "records.json")
-        logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-    return 0
