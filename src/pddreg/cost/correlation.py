@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from . import _native
 from ._lattice import (
     CORRELATION_CHUNK_BYTES,
     DEFAULT_MAX_MEMORY,
@@ -151,6 +152,10 @@ def _correlation_tiled(
     B, C = fixed.shape[:2]
     grad = torch.is_grad_enabled() and (fixed.requires_grad or moving.requires_grad)
     g = to_lattice(moving, plan, padding)  # (B, C, *N)
+    if nd <= 3 and _native.usable(fixed, g):
+        a = tuple(lat.a for lat in plan.axes)
+        b = tuple(lat.b for lat in plan.axes)
+        return _native.correlation(fixed.contiguous(), g.contiguous(), a, b, 2 * plan.radius + 1)
     ones_g = torch.ones_like(g[:, :1])
     g_aug = torch.cat([-2.0 * g, (g * g).sum(1, keepdim=True), ones_g], 1)
     f = pad_grid(fixed, plan)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _native
 from ._lattice import DEFAULT_MAX_MEMORY, checkpointed, wants_checkpoint
 from .correlation import _check_radius_spacing, displacement_set
 
@@ -83,6 +84,10 @@ def soft_field(
     d = displacement_set(radius, spacing, nd, device=cost.device, dtype=cost.dtype).t()
     flat = cost.reshape(B, nl, -1)
     K = flat.shape[2]
+    if nd <= 3 and _native.usable(cost):
+        out = cost.new_empty(B, nd, *grid)
+        _native.soft_field(flat.contiguous(), d.t(), out)
+        return out
     budget = min(max_memory or DEFAULT_MAX_MEMORY, 4 * 2**20)
     kc = max(1, budget // (3 * B * nl * cost.element_size()))
     ckpt = wants_checkpoint(cost.numel() * cost.element_size(), cost)

@@ -14,6 +14,8 @@ The lecture's 2D formulation (reproduced exactly, in any dimension):
 
 Cost volumes are ``(B, |L|, *G)``; the min-convolution works on chunks of control points
 (columns), the mean-field on chunks of displacements (rows), so each chunk stays in cache.
+Float32 CPU inference runs the same operators in the native kernels of ``_native.c`` where
+they are available (see ``_native.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InputError
+from . import _native
 from ._lattice import DEFAULT_MAX_MEMORY, checkpointed, wants_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -200,6 +203,9 @@ def minconv(cost: torch.Tensor, *, max_memory: int | None = None) -> torch.Tenso
         parts = [checkpointed(_minconv_block, x, n, nd, mat) for x in flat.split(kc, 2)]
         return torch.cat(parts, 2).view(cost.shape)
     out = torch.empty_like(flat)
+    if nd <= 3 and _native.usable(cost):
+        _native.minconv(flat.contiguous(), out, n, nd)
+        return out.view(cost.shape)
     for k in range(0, K, kc):
         out[:, :, k : k + kc] = _minconv_block(flat[:, :, k : k + kc], n, nd, mat)
     return out.view(cost.shape)
@@ -231,6 +237,9 @@ def meanfield(cost: torch.Tensor, *, max_memory: int | None = None) -> torch.Ten
         parts = [checkpointed(_meanfield_rows, x, *mats) for x in cost.split(lc, 1)]
         return torch.cat(parts, 1)
     out = torch.empty_like(cost)
+    if len(grid) <= 3 and _native.usable(cost):
+        _native.meanfield(cost.contiguous(), None, None, out, _K13)
+        return out
     for l in range(0, nl, lc):
         blk = cost[:, l : l + lc]
         out[:, l : l + lc] = _meanfield_block(blk.reshape(-1, *grid), mats).view(blk.shape)
@@ -419,6 +428,20 @@ def _regularise_graph(
     return rows(torch.stack([a[2] * a[5], a[3] * a[5], a[4] * a[5]]), mc(c1), c1)
 
 
+def _regularise_native(d: torch.Tensor, a: tuple[float, ...], n: int) -> torch.Tensor:
+    """Inference path with the native kernels: three volumes (D and two buffers)."""
+    a0, a1, a2, a3, a4, a5 = a
+    nd = d.dim() - 2
+    buf1 = _native.empty_like(d)
+    buf2 = _native.empty_like(d)
+    _native.minconv(d, buf1, n, nd)  # MC(D)
+    _native.meanfield(buf1, d, None, buf2, _K13, wd=a0, wm=a1)  # c1
+    _native.minconv(buf2, buf1, n, nd)  # MC(c1)
+    dd = d if a2 != 0.0 else None
+    _native.meanfield(buf1, dd, buf2, buf2, _K13, wd=a2 * a5, wc=a3 * a5, wm=a4 * a5)
+    return buf2
+
+
 def _regularise_fused(d: torch.Tensor, a: torch.Tensor, max_memory: int | None) -> torch.Tensor:
     """Inference path: two preallocated buffers, every pass written in place, chunk by chunk."""
     a0, a1, a2, a3, a4, a5 = (float(x) for x in a.tolist())
@@ -427,6 +450,8 @@ def _regularise_fused(d: torch.Tensor, a: torch.Tensor, max_memory: int | None) 
     B, nl = d.shape[:2]
     grid = tuple(d.shape[2:])
     d = d.contiguous()
+    if nd <= 3 and _native.usable(d):
+        return _regularise_native(d, (a0, a1, a2, a3, a4, a5), n)
     dflat = d.view(B, nl, -1)
     K = dflat.shape[2]
     mc_mat = _mat(n, "minconv", d.device, d.dtype)

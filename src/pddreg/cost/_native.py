@@ -1,0 +1,320 @@
+"""Native CPU kernels for inference on cost volumes: compiled on first use, cached, optional.
+
+The correlation, the min-convolution, the mean-field and the soft field are chains of small,
+memory-bound ops in PyTorch (every op a pass over a chunk, the correlation a matmul over
+windows plus a gather); ``_native.c`` runs each as one loop nest per cache-sized block, with
+the sums in AVX registers (3D at 32^3 x 15^3: 1.7 s instead of 4.4 s on 2 cores, see
+``benchmarks/bench_cost.py``).  Large cost volumes are allocated on transparent huge pages
+(Linux ``madvise``), since the kernels read short runs from thousands of rows.  The source
+has no Python or torch headers: the system C compiler (``$CC``, else ``cc``) builds
+it in about a second, once per source version, into ``$PDDREG_CACHE_DIR`` (default
+``~/.cache/pddreg``, else a temporary folder); the calls go through ``ctypes``, which releases
+the GIL, so ``torch.get_num_threads()`` Python threads split each call.
+
+Used only where it computes exactly what the PyTorch code does: float32 tensors on the CPU,
+no autograd.  Without a compiler, on a failed build, or with ``PDDREG_NATIVE=0`` every caller
+keeps its PyTorch path (the outputs agree to float32 rounding; tests check both).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["available", "correlation", "empty_like", "meanfield", "minconv", "soft_field", "usable"]
+
+_SOURCE = Path(__file__).with_name("_native.c")
+_MC_W = 32  # column block of pdd_minconv (MC_W in the C source)
+_SF_T = 2048  # column tile of pdd_soft_field (SF_T)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
+
+_p = ctypes.c_void_p
+_l = ctypes.c_long
+_i = ctypes.c_int
+_f = ctypes.c_float
+_SIGNATURES = {
+    "pdd_minconv": [_p, _p, _l, _i, _i, _l, _l, _p],
+    "pdd_meanfield": [_p, _p, _p, _p, _i, _p, _l, _l, _f, _f, _f, _p, _p],
+    "pdd_soft_field": [_p, _p, _p, _l, _l, _i, _l, _l, _p],
+    "pdd_hugepages": [_p, _l],
+    "pdd_correlation": [_p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l],
+}
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc.split()[0]) and cc
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math"]
+    cap = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() in ("x86_64", "amd64") and cap in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _cache_dirs() -> list[Path]:
+    env = os.environ.get("PDDREG_CACHE_DIR")
+    if env:
+        return [Path(env)]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    user = getattr(os, "getuid", lambda: "user")()
+    return [Path(base) / "pddreg", Path(tempfile.gettempdir()) / f"pddreg-{user}"]
+
+
+def _build(cc: str, flags: list[str], target: Path) -> None:
+    """Compile into a temporary file beside ``target``, then move it into place atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [*cc.split(), *flags, "-o", tmp, str(_SOURCE), "-lm"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr.strip().splitlines()[-1] if res.stderr else "failed")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    cc = _compiler()
+    if cc is None:
+        logger.info("no C compiler (cc or $CC): cost volumes use the PyTorch kernels")
+        return None
+    flags = _flags()
+    key = hashlib.sha256(
+        _SOURCE.read_bytes() + repr((cc, flags, sys.platform, platform.machine())).encode()
+    ).hexdigest()[:16]
+    error: Exception | None = None
+    for folder in _cache_dirs():
+        target = folder / f"_native-{key}.so"
+        try:
+            try:
+                lib = ctypes.CDLL(str(target))
+            except OSError:  # not built yet, or a broken file: (re)build it
+                _build(cc, flags, target)
+                lib = ctypes.CDLL(str(target))
+        except Exception as exc:  # unwritable folder, compiler error
+            error = exc
+            continue
+        for name, args in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = args
+            fn.restype = None
+        return lib
+    logger.info("native cost kernels unavailable (%s): using the PyTorch kernels", error)
+    return None
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (building them on the first call)."""
+    global _lib, _tried
+    if os.environ.get("PDDREG_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _lib = _load()
+                _tried = True
+    return _lib is not None
+
+
+def _library() -> ctypes.CDLL:
+    if not available():
+        raise RuntimeError("pddreg native kernels are not available")
+    return _lib
+
+
+def usable(*ts: torch.Tensor | None) -> bool:
+    """True when every tensor is float32 on the CPU, outside autograd, and the kernels load."""
+    for t in ts:
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return False
+        if torch.is_grad_enabled() and t.requires_grad:
+            return False
+    return available()
+
+
+def empty_like(t: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``torch.empty`` of ``shape`` (default ``t.shape``) like ``t``, contiguous, backed by
+    transparent huge pages where Linux has them (madvise before the first touch; tensors of
+    4 MiB and more)."""
+    out = torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device=t.device)
+    nbytes = out.numel() * out.element_size()
+    if nbytes >= 4 * 2**20 and out.device.type == "cpu" and available():
+        _lib.pdd_hugepages(out.data_ptr(), nbytes)
+    return out
+
+
+def _run(fn, ranges: list[tuple[int, int]], work_floats: int) -> None:
+    """fn(lo, hi, work_ptr) over the ranges, one Python thread each (ctypes drops the GIL)."""
+    global _pool
+    works = [torch.empty(work_floats, dtype=torch.float32) for _ in ranges]
+    if len(ranges) == 1:
+        fn(*ranges[0], works[0].data_ptr())
+        return
+    pid = os.getpid()
+    if _pool is None or _pool[0] != pid:
+        with _lock:
+            if _pool is None or _pool[0] != pid:
+                _pool = (pid, ThreadPoolExecutor(max(2, os.cpu_count() or 2), "pddreg-native"))
+    pool = _pool[1]
+    futures = [
+        pool.submit(fn, lo, hi, w.data_ptr()) for (lo, hi), w in zip(ranges, works, strict=True)
+    ]
+    for f in futures:
+        f.result()
+
+
+def _split(total: int, align: int) -> list[tuple[int, int]]:
+    """``[0, total)`` in up to torch.get_num_threads() ranges, boundaries on ``align``."""
+    parts = max(1, min(torch.get_num_threads(), -(-total // align)))
+    blocks = -(-total // align)
+    edges = [min(total, (blocks * i // parts) * align) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def minconv(src: torch.Tensor, dst: torch.Tensor, n: int, nd: int) -> None:
+    """``dst = minconv(src)``, the lecture's min-convolution over the displacement axes.
+
+    Args:
+        src, dst: (B, n**nd, *G) contiguous float32 (may be the same tensor).
+        n, nd: side and dimension of the displacement cube (nd <= 3).
+    """
+    B, nl = src.shape[:2]
+    K = src[0, 0].numel()
+    lib = _library()
+    work = 2 * (n + 2) ** nd * _MC_W
+    for b in range(B):
+        s = src.data_ptr() + b * nl * K * 4
+        d = dst.data_ptr() + b * nl * K * 4
+
+        def call(k0: int, k1: int, w: int, s=s, d=d) -> None:
+            lib.pdd_minconv(s, d, K, n, nd, k0, k1, w)
+
+        _run(call, _split(K, _MC_W), work)
+
+
+def meanfield(
+    x: torch.Tensor,
+    d: torch.Tensor | None,
+    c: torch.Tensor | None,
+    out: torch.Tensor,
+    taps: tuple[float, ...],
+    wd: float = 0.0,
+    wc: float = 0.0,
+    wm: float = 1.0,
+) -> None:
+    """``out = wd * d + wc * c + wm * MF(x)``, MF the lecture's mean-field over the grid axes.
+
+    Args:
+        x, d, c, out: (B, |L|, *G) contiguous float32, ``len(G) <= 3``; ``d``/``c`` may be
+            None (term left out), ``c`` may be ``out``.
+        taps: the 13 taps of the mean-field filter (three box-5 averages), used on the last
+            grid axis (the others sum the boxes directly).
+    """
+    grid = tuple(x.shape[2:])
+    nd = len(grid)
+    rows = x.shape[0] * x.shape[1]
+    t32 = torch.tensor(taps, dtype=torch.float32)
+    g = (ctypes.c_int * nd)(*grid)
+    G = x[0, 0].numel()
+    lib = _library()
+    ptr = [None if t is None else t.data_ptr() for t in (x, d, c, out)]
+
+    def call(r0: int, r1: int, w: int) -> None:
+        lib.pdd_meanfield(*ptr, nd, g, r0, r1, wd, wc, wm, t32.data_ptr(), w)
+
+    _run(call, _split(rows, 1), 2 * G + 32 * (grid[-1] + 28))
+
+
+def correlation(
+    fixed: torch.Tensor,
+    lattice: torch.Tensor,
+    a: tuple[int, ...],
+    b: tuple[int, ...],
+    n: int,
+) -> torch.Tensor:
+    """``cost[:, l, k] = sum_c (fixed[:, c, k] - lattice[:, c, a * k + b * j_l])**2``.
+
+    Args:
+        fixed: (B, C, *G) contiguous float32 fixed features at the control points.
+        lattice: (B, C, *N) contiguous float32 moving features on the lattice (per axis node
+            ``a * k + b * j`` for point ``k``, displacement index ``j`` in ``0..n-1``).
+        a, b: lattice steps per axis; n: displacements per axis (``2 r + 1``).
+
+    Returns:
+        (B, n**nd, *G) float32 (huge-page backed where available).
+    """
+    B, C = fixed.shape[:2]
+    grid = tuple(fixed.shape[2:])
+    nodes = tuple(lattice.shape[2:])
+    nd = len(grid)
+    lead = 3 - nd
+    arr = ctypes.c_long * 3
+    G = arr(*([1] * lead + list(grid)))
+    N = arr(*([1] * lead + list(nodes)))
+    A = arr(*([0] * lead + list(a)))
+    Bs = arr(*([0] * lead + list(b)))
+    NJ = arr(*([1] * lead + [n] * nd))
+    out = empty_like(fixed, (B, n**nd, *grid))
+    lib = _library()
+    rows = G[0] * G[1]
+    fk = fixed[0, 0].numel()
+    gk = lattice[0, 0].numel()
+    for i in range(B):
+        fp = fixed.data_ptr() + i * C * fk * 4
+        gp = lattice.data_ptr() + i * C * gk * 4
+        op = out.data_ptr() + i * n**nd * fk * 4
+
+        def call(r0: int, r1: int, w: int, fp=fp, gp=gp, op=op) -> None:
+            lib.pdd_correlation(fp, gp, op, C, G, N, A, Bs, NJ, r0, r1)
+
+        _run(call, _split(rows, G[1] if G[0] >= 2 * torch.get_num_threads() else 1), 1)
+    return out
+
+
+def soft_field(cost: torch.Tensor, disp: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = sum_l softmax(-cost)_l * disp[l]`` per control point.
+
+    Args:
+        cost: (B, |L|, *G) contiguous float32.
+        disp: (|L|, nd) displacement set, nd <= 3.
+        out: (B, nd, *G) contiguous float32.
+    """
+    B, nl = cost.shape[:2]
+    K = cost[0, 0].numel()
+    nd = disp.shape[1]
+    d32 = disp.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    lib = _library()
+    for b in range(B):
+        c = cost.data_ptr() + b * nl * K * 4
+        o = out.data_ptr() + b * nd * K * 4
+
+        def call(k0: int, k1: int, w: int, c=c, o=o) -> None:
+            lib.pdd_soft_field(c, d32.data_ptr(), o, nl, K, nd, k0, k1, w)
+
+        _run(call, _split(K, _SF_T), 5 * _SF_T)
