@@ -10,7 +10,8 @@ Prints:
    ``F.unfold`` + ``nn.Sequential`` formulation: max relative difference and speed ratio.
 2. 3D abdominal scale (16 channels, 32^3 grid, 15^3 displacements, features 32^3): time (wall and
    CPU) and peak-RSS increase, each measured in a fresh subprocess (resource.getrusage
-   ru_maxrss), with torch.no_grad and with autograd (forward + backward).
+   ru_maxrss): torch.no_grad with the native CPU kernels (pddreg/cost/_native.c) and with the
+   PyTorch ones (PDDREG_NATIVE=0), and with autograd (forward + backward, always PyTorch).
 3. Mean and max difference between the lecture's approximate min-convolution and the exact one
    (``minconv_exact`` with ``EXACT_WEIGHT``) on SSD costs of MIND-like features of a real MRI.
 
@@ -67,6 +68,12 @@ def lecture_chain(feat_fixed, feat_mov, alpha, disp_range=11):
 
     c1 = alpha[0] * ssd + alpha[1] * reg(ssd)
     return alpha[5] * (alpha[2] * ssd + alpha[3] * c1 + alpha[4] * reg(c1))
+
+
+def native_ok() -> bool:
+    from pddreg.cost import _native
+
+    return _native.available()
 
 
 def best_time(fn, repeats):
@@ -167,6 +174,13 @@ def bench_lecture_2d(repeats: int) -> dict:
         diff = float((ours - ref).abs().max() / ref.abs().max())
         t_lec, c_lec = best_time(lambda: lecture_chain(ff, fm, alpha), repeats)
         t_ours, c_ours = best_time(lambda: regularise(correlation(ff, fm, 5), alpha), repeats)
+        os.environ["PDDREG_NATIVE"] = "0"
+        try:
+            ref_torch = regularise(correlation(ff, fm, 5), alpha)
+            diff_torch = float((ref_torch - ref).abs().max() / ref.abs().max())
+            t_torch, _ = best_time(lambda: regularise(correlation(ff, fm, 5), alpha), repeats)
+        finally:
+            os.environ.pop("PDDREG_NATIVE")
     ffg = ff.clone().requires_grad_()
 
     def ours_grad():
@@ -181,6 +195,8 @@ def bench_lecture_2d(repeats: int) -> dict:
         "max_rel_diff": diff,
         "lecture_s": t_lec,
         "ours_s": t_ours,
+        "ours_torch_s": t_torch,
+        "max_rel_diff_torch": diff_torch,
         "speedup": t_lec / t_ours,
         "lecture_cpu_s": c_lec,
         "ours_cpu_s": c_ours,
@@ -192,7 +208,10 @@ def bench_lecture_2d(repeats: int) -> dict:
 
 def child_3d(mode: str, threads: int) -> None:
     """Runs in a fresh process; prints one JSON line."""
+    from pddreg.cost import _native
+
     torch.set_num_threads(threads)
+    _native.available()  # build the kernels (once per source version) before timing
     torch.manual_seed(0)
     grad = mode != "no_grad"
     ff = torch.rand(1, 16, 32, 32, 32, requires_grad=grad)
@@ -226,15 +245,19 @@ def child_3d(mode: str, threads: int) -> None:
 
 
 def bench_3d(threads: int) -> list[dict]:
+    """no_grad with the native kernels and without them (PDDREG_NATIVE=0), then autograd."""
     out = []
-    for mode in ("no_grad", "grad_backward"):
+    for mode, native in (("no_grad", "1"), ("no_grad", "0"), ("grad_backward", "1")):
         res = subprocess.run(
             [sys.executable, __file__, "--child", mode, "--threads", str(threads)],
             capture_output=True,
             text=True,
             check=True,
+            env=dict(os.environ, PDDREG_NATIVE=native),
         )
-        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row["native"] = native == "1"
+        out.append(row)
     return out
 
 
@@ -302,11 +325,18 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {args.threads} threads, load average {load():.1f}")
     r = bench_lecture_2d(args.repeats)
     print("1. 2D lecture scale (C=24, grid 80x64, 11x11 displacements), correlation + regularise")
-    print(f"   max relative difference to the lecture's formulation: {r['max_rel_diff']:.2e}")
+    print(
+        f"   max relative difference to the lecture's formulation: {r['max_rel_diff']:.2e}"
+        f" (PyTorch kernels: {r['max_rel_diff_torch']:.2e})"
+    )
     print(
         f"   no_grad: lecture {r['lecture_s'] * 1e3:.1f} ms, ours {r['ours_s'] * 1e3:.1f} ms"
         f" -> {r['speedup']:.1f}x faster (CPU {r['lecture_cpu_s'] * 1e3:.1f} vs"
         f" {r['ours_cpu_s'] * 1e3:.1f} ms)"
+    )
+    print(
+        f"   with the PyTorch kernels (PDDREG_NATIVE=0): {r['ours_torch_s'] * 1e3:.1f} ms"
+        f" -> {r['lecture_s'] / r['ours_torch_s']:.1f}x faster than the lecture"
     )
     print(
         f"   forward+backward: lecture {r['grad_lecture_s'] * 1e3:.1f} ms, ours"
@@ -317,13 +347,19 @@ def main(argv=None) -> int:
             "2. 3D abdominal scale (C=16, grid 32^3, features 32^3, 15^3 displacements):"
             " correlation + regularise + soft_field, fresh subprocess each"
         )
-        for res in bench_3d(args.threads):
+        rows = bench_3d(args.threads)
+        for res in rows:
+            native = res["native"] and res["mode"] == "no_grad" and native_ok()
+            kernels = "native" if native else "PyTorch"
             print(
-                f"   {res['mode']:>13}: wall {res['wall_s']:.2f} s"
+                f"   {res['mode']:>13} ({kernels:>7} kernels): wall {res['wall_s']:.2f} s"
                 f" (forward {res['forward_s']:.2f} s),"
                 f" CPU {res['cpu_s']:.2f} s, peak RSS +{res['peak_rss_delta_mb']:.0f} MB"
             )
-        print(f"   (load average now {load():.1f} on {os.cpu_count()} cores)")
+        print(
+            f"   native vs PyTorch kernels (no_grad): {rows[1]['wall_s'] / rows[0]['wall_s']:.1f}x"
+            f" faster; (load average now {load():.1f} on {os.cpu_count()} cores)"
+        )
     m = bench_minconv()
     print(
         f"3. approximate vs exact min-convolution (weight {m['weight']} per squared step), SSD of"
