@@ -18,6 +18,7 @@ from pddreg.cost import (
     correlation,
     meanfield,
     minconv,
+    probabilities,
     regularise,
     soft_field,
 )
@@ -87,6 +88,17 @@ def test_soft_field_matches_torch(monkeypatch, shape, n):
         ours = soft_field(x, r, spacing)
         ref = torch_path(monkeypatch, soft_field, x, r, spacing)
         assert (ours - ref).abs().max() < 2e-5 * r * spacing + 1e-6
+
+
+@needs_native
+@pytest.mark.parametrize("shape,n", COST_CASES)
+def test_probabilities_match_torch(monkeypatch, shape, n):
+    torch.manual_seed(5)
+    x = torch.rand(shape) * 30 - 5
+    ours = probabilities(x)
+    ref = torch_path(monkeypatch, probabilities, x)
+    assert (ours - ref).abs().max() < 1e-6
+    assert torch.allclose(ours.sum(1), torch.ones(()), atol=1e-5)
 
 
 @needs_native

@@ -307,6 +307,37 @@ void pdd_soft_field(const float* cost, const float* disp, float* out, long L, lo
     }
 }
 
+/* out = softmax(-cost) over L, columns [k0, k1) of one batch item; cost, out: (L, K), out may
+ * be cost.  Tiles of SF_T columns, three streaming passes over the rows (minimum;
+ * exponentials and their sum; scaling).  work: SF_T * 2 floats. */
+void pdd_softmax_neg(const float* cost, float* out, long L, long K, long k0, long k1, float* work) {
+    float* RESTRICT mn = work;
+    float* RESTRICT s = work + SF_T;
+    for (long kb = k0; kb < k1; kb += SF_T) {
+        const long w = (k1 - kb) < SF_T ? (k1 - kb) : SF_T;
+        for (long q = 0; q < w; ++q) mn[q] = INFINITY;
+        for (long l = 0; l < L; ++l) {
+            const float* RESTRICT c = cost + l * K + kb;
+            for (long q = 0; q < w; ++q) mn[q] = c[q] < mn[q] ? c[q] : mn[q];
+        }
+        for (long q = 0; q < w; ++q) s[q] = 0.0f;
+        for (long l = 0; l < L; ++l) {
+            const float* c = cost + l * K + kb;
+            float* o = out + l * K + kb;
+            for (long q = 0; q < w; ++q) {
+                const float e = exp_neg(mn[q] - c[q]);
+                o[q] = e;
+                s[q] += e;
+            }
+        }
+        for (long q = 0; q < w; ++q) s[q] = 1.0f / s[q];
+        for (long l = 0; l < L; ++l) {
+            float* RESTRICT o = out + l * K + kb;
+            for (long q = 0; q < w; ++q) o[q] *= s[q];
+        }
+    }
+}
+
 /* SSD correlation on a lattice, rows [r0, r1) of the control grid of one batch item.
  *   out[l, k] = sum_c (f[c, k] - g[c, a * k + b * j])**2   (per axis: node a_ax k_ax + b_ax j_ax)
  * f: (C, G0, G1, G2) fixed features at the control points; g: (C, N0, N1, N2) moving features

@@ -1,6 +1,7 @@
 """Native CPU kernels for inference on cost volumes: compiled on first use, cached, optional.
 
-The correlation, the min-convolution, the mean-field and the soft field are chains of small,
+The correlation, the min-convolution, the mean-field, the softmax and the soft field are chains
+of small,
 memory-bound ops in PyTorch (every op a pass over a chunk, the correlation a matmul over
 windows plus a gather); ``_native.c`` runs each as one loop nest per cache-sized block, with
 the sums in AVX registers (3D at 32^3 x 15^3: 1.7 s instead of 4.4 s on 2 cores, see
@@ -35,7 +36,16 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "correlation", "empty_like", "meanfield", "minconv", "soft_field", "usable"]
+__all__ = [
+    "available",
+    "correlation",
+    "empty_like",
+    "meanfield",
+    "minconv",
+    "probabilities",
+    "soft_field",
+    "usable",
+]
 
 _SOURCE = Path(__file__).with_name("_native.c")
 _MC_W = 32  # column block of pdd_minconv (MC_W in the C source)
@@ -55,6 +65,7 @@ _SIGNATURES = {
     "pdd_meanfield": [_p, _p, _p, _p, _i, _p, _l, _l, _f, _f, _f, _p, _p],
     "pdd_soft_field": [_p, _p, _p, _l, _l, _i, _l, _l, _p],
     "pdd_hugepages": [_p, _l],
+    "pdd_softmax_neg": [_p, _p, _l, _l, _l, _l, _p],
     "pdd_correlation": [_p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l],
 }
 
@@ -294,6 +305,23 @@ def correlation(
             lib.pdd_correlation(fp, gp, op, C, G, N, A, Bs, NJ, r0, r1)
 
         _run(call, _split(rows, G[1] if G[0] >= 2 * torch.get_num_threads() else 1), 1)
+    return out
+
+
+def probabilities(cost: torch.Tensor) -> torch.Tensor:
+    """``softmax(-cost, dim=1)`` of a contiguous float32 (B, |L|, *G) cost (huge pages)."""
+    B, nl = cost.shape[:2]
+    K = cost[0, 0].numel()
+    out = empty_like(cost)
+    lib = _library()
+    for b in range(B):
+        c = cost.data_ptr() + b * nl * K * 4
+        o = out.data_ptr() + b * nl * K * 4
+
+        def call(k0: int, k1: int, w: int, c=c, o=o) -> None:
+            lib.pdd_softmax_neg(c, o, nl, K, k0, k1, w)
+
+        _run(call, _split(K, _SF_T), 2 * _SF_T)
     return out
 
 

@@ -20,6 +20,8 @@ def probabilities(cost: torch.Tensor) -> torch.Tensor:
     if not isinstance(cost, torch.Tensor) or cost.dim() < 3:
         got = _shape_str(cost) if isinstance(cost, torch.Tensor) else type(cost).__name__
         raise ValueError(f"probabilities(): 'cost' must have shape (B, |L|, *grid), got {got}")
+    if _native.usable(cost):
+        return _native.probabilities(cost.contiguous())
     return torch.softmax(-cost, dim=1)
 
 
