@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("-o", "--output", type=Path, default=None)
     p.add_argument(
+        "--label-loss",
+        choices=("nonlocal", "warped", "both"),
+        default=None,
+        help="label loss (default: the --init file's own, else the model default)",
+    )
+    p.add_argument(
         "--init",
         type=Path,
         default=None,
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         model.config.smooth = default_config(ndim).smooth  # train with the training smoothing
     else:
         model = PDDNet(default_config(ndim))
+    if args.label_loss is not None:
+        model.config.label_loss = args.label_loss
     t0 = time.perf_counter()
     model = train(dataset, config, model=model.train())
     log.info(
