@@ -114,6 +114,8 @@ def test_probabilities_match_torch(monkeypatch, shape, n):
         ((1, 4, 5, 6, 37), (1, 4, 5, 6, 37), 2, 1.0),  # unit lattice steps: vector paths
         ((1, 6, 7, 40), (1, 6, 7, 40), 3, 1.0),
         ((1, 5, 9, 12), (1, 5, 9, 12), 1, 1.0),
+        ((2, 4, 9, 11), (2, 4, 25, 31), 3, 0.7),  # no common lattice step: product lattice
+        ((1, 3, 7, 5, 6), (1, 3, 20, 14, 17), 2, 1.3),
     ],
 )
 @pytest.mark.parametrize("padding", ["zeros", "border"])
@@ -124,7 +126,7 @@ def test_correlation_matches_torch(monkeypatch, fixed, moving, radius, spacing, 
     ours = correlation(ff, fm, radius, spacing, padding=padding)
     ref = torch_path(monkeypatch, correlation, ff, fm, radius, spacing, padding=padding)
     assert ours.shape == ref.shape
-    assert close(ours, ref, 1e-5)
+    assert close(ours, ref, 2e-5)  # the PyTorch direct path interpolates in another order
 
 
 @needs_native

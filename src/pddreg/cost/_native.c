@@ -338,6 +338,28 @@ void pdd_softmax_neg(const float* cost, float* out, long L, long K, long k0, lon
     }
 }
 
+/* Linear resampling along the middle axis, rows [p0, p1): y (P, o, Q) from x (P, n, Q) with
+ *   y[p, i, q] = w0[i] x[p, i0[i], q] + w1[i] x[p, i1[i], q]
+ * (indices in range, weights 0 for taps outside the map). */
+void pdd_resample(const float* x, float* y, long n, long Q, long o, const long* i0, const float* w0,
+                  const long* i1, const float* w1, long p0, long p1) {
+    for (long p = p0; p < p1; ++p) {
+        const float* xp = x + p * n * Q;
+        float* yp = y + p * o * Q;
+        if (Q == 1) {
+            for (long i = 0; i < o; ++i) yp[i] = w0[i] * xp[i0[i]] + w1[i] * xp[i1[i]];
+            continue;
+        }
+        for (long i = 0; i < o; ++i) {
+            const float a = w0[i], b = w1[i];
+            const float* RESTRICT xa = xp + i0[i] * Q;
+            const float* RESTRICT xb = xp + i1[i] * Q;
+            float* RESTRICT yi = yp + i * Q;
+            for (long q = 0; q < Q; ++q) yi[q] = a * xa[q] + b * xb[q];
+        }
+    }
+}
+
 /* SSD correlation on a lattice, rows [r0, r1) of the control grid of one batch item.
  *   out[l, k] = sum_c (f[c, k] - g[c, a * k + b * j])**2   (per axis: node a_ax k_ax + b_ax j_ax)
  * f: (C, G0, G1, G2) fixed features at the control points; g: (C, N0, N1, N2) moving features
@@ -422,13 +444,17 @@ void pdd_correlation(const float* f, const float* g, float* out, int C, const lo
                                 st8(o + k, s0 + s1);
                             }
                         }
-                        for (; k < G2; ++k) {
-                            float acc = 0.0f;
-                            for (int c = 0; c < C; ++c) {
-                                const float d0 = fr[c * Gt + k] - gx[c * Nt + a2 * k];
-                                acc += d0 * d0;
+                        /* the rest (all of a strided row): channel by channel, so that
+                         * each pass reads one row of f and of g */
+                        const long k0 = k;
+                        for (k = k0; k < G2; ++k) o[k] = 0.0f;
+                        for (int c = 0; c < C; ++c) {
+                            const float* fc = fr + c * Gt;
+                            const float* gc = gx + c * Nt;
+                            for (k = k0; k < G2; ++k) {
+                                const float d0 = fc[k] - gc[a2 * k];
+                                o[k] += d0 * d0;
                             }
-                            o[k] = acc;
                         }
                     }
                 }

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -43,6 +44,7 @@ __all__ = [
     "meanfield",
     "minconv",
     "probabilities",
+    "resample_axis",
     "soft_field",
     "usable",
 ]
@@ -66,6 +68,7 @@ _SIGNATURES = {
     "pdd_soft_field": [_p, _p, _p, _l, _l, _i, _l, _l, _p],
     "pdd_hugepages": [_p, _l],
     "pdd_softmax_neg": [_p, _p, _l, _l, _l, _l, _p],
+    "pdd_resample": [_p, _p, _l, _l, _l, _p, _p, _p, _p, _l, _l],
     "pdd_correlation": [_p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l],
 }
 
@@ -305,6 +308,40 @@ def correlation(
             lib.pdd_correlation(fp, gp, op, C, G, N, A, Bs, NJ, r0, r1)
 
         _run(call, _split(rows, G[1] if G[0] >= 2 * torch.get_num_threads() else 1), 1)
+    return out
+
+
+def resample_axis(x: torch.Tensor, dim: int, positions: torch.Tensor, padding: str) -> torch.Tensor:
+    """Linear interpolation of contiguous float32 ``x`` along ``dim`` at voxel ``positions``.
+
+    The same samples as ``pddreg.cost._lattice.resample_axis``: ``padding="zeros"`` drops the
+    taps outside the map, ``"border"`` clamps the positions.
+    """
+    size = x.shape[dim]
+    pos = positions.to(torch.float64)
+    if padding == "border":
+        pos = pos.clamp(0, size - 1)
+    f0 = torch.floor(pos)
+    frac = pos - f0
+    i0 = f0.long()
+    i1 = i0 + 1
+    w0 = (1.0 - frac) * ((i0 >= 0) & (i0 < size))
+    w1 = frac * ((i1 >= 0) & (i1 < size))
+    i0 = i0.clamp(0, size - 1).contiguous()
+    i1 = i1.clamp(0, size - 1).contiguous()
+    w0 = w0.to(torch.float32).contiguous()
+    w1 = w1.to(torch.float32).contiguous()
+    o = pos.numel()
+    P = math.prod(x.shape[:dim])
+    Q = math.prod(x.shape[dim + 1 :])
+    out = empty_like(x, (*x.shape[:dim], o, *x.shape[dim + 1 :]))
+    lib = _library()
+    ptrs = (i0.data_ptr(), w0.data_ptr(), i1.data_ptr(), w1.data_ptr())
+
+    def call(p0: int, p1: int, w: int) -> None:
+        lib.pdd_resample(x.data_ptr(), out.data_ptr(), size, Q, o, *ptrs, p0, p1)
+
+    _run(call, _split(P, 1), 1)
     return out
 
 

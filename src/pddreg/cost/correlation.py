@@ -140,6 +140,10 @@ def correlation(
     mem = _max_memory(max_memory)
     plan = make_plan(grid, size, radius, spacing, C)
     if plan is None:
+        if grid and len(grid) <= 3 and _native.usable(feat_fixed, feat_moving):
+            out = _correlation_product(feat_fixed, feat_moving, radius, spacing, padding, mem)
+            if out is not None:
+                return out
         logger.debug("correlation: no small common lattice step, using the direct path")
         return _correlation_direct(feat_fixed, feat_moving, radius, spacing, padding, mem)
     return _correlation_tiled(feat_fixed, feat_moving, plan, padding, mem)
@@ -151,11 +155,14 @@ def _correlation_tiled(
     nd = plan.ndim
     B, C = fixed.shape[:2]
     grad = torch.is_grad_enabled() and (fixed.requires_grad or moving.requires_grad)
-    g = to_lattice(moving, plan, padding)  # (B, C, *N)
-    if nd <= 3 and _native.usable(fixed, g):
+    if nd <= 3 and _native.usable(fixed, moving):
+        g = moving
+        for ax in range(nd):
+            g = _native.resample_axis(g.contiguous(), 2 + ax, plan.lattice_positions(ax), padding)
         a = tuple(lat.a for lat in plan.axes)
         b = tuple(lat.b for lat in plan.axes)
-        return _native.correlation(fixed.contiguous(), g.contiguous(), a, b, 2 * plan.radius + 1)
+        return _native.correlation(fixed.contiguous(), g, a, b, 2 * plan.radius + 1)
+    g = to_lattice(moving, plan, padding)  # (B, C, *N)
     ones_g = torch.ones_like(g[:, :1])
     g_aug = torch.cat([-2.0 * g, (g * g).sum(1, keepdim=True), ones_g], 1)
     f = pad_grid(fixed, plan)
@@ -240,6 +247,29 @@ def _sample_shifted(
     norm = norm.reshape(1, lc * grid[0], *grid[1:], nd).expand(B, *([-1] * (nd + 1)))
     out = F.grid_sample(x, norm, mode="bilinear", padding_mode=padding, align_corners=True)
     return out.view(B, x.shape[1], lc, *grid)
+
+
+def _correlation_product(
+    fixed: torch.Tensor, moving: torch.Tensor, radius: int, spacing: float, padding: str, mem: int
+) -> torch.Tensor | None:
+    """Native path for any stride and spacing: the moving map resampled (separable linear
+    interpolation, exactly what trilinear sampling does) at every ``p_k + d_j`` per axis, i.e. a
+    lattice of ``G * (2r + 1)`` nodes per axis with node ``(2r + 1) k + j``; None when that
+    lattice would exceed ``mem`` bytes."""
+    nd = fixed.dim() - 2
+    B, C = fixed.shape[:2]
+    grid = tuple(fixed.shape[2:])
+    size = tuple(moving.shape[2:])
+    n = 2 * radius + 1
+    if B * C * math.prod(g * n for g in grid) * fixed.element_size() > mem:
+        return None
+    lat = moving
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64) * spacing
+    for ax, (g, s) in enumerate(zip(grid, size, strict=True)):
+        p = (torch.arange(g, dtype=torch.float64) + 0.5) * (s / g) - 0.5
+        pos = (p[:, None] + offsets[None, :]).reshape(-1)
+        lat = _native.resample_axis(lat.contiguous(), 2 + ax, pos, padding)
+    return _native.correlation(fixed.contiguous(), lat.contiguous(), (n,) * nd, (1,) * nd, n)
 
 
 def _correlation_direct(
