@@ -155,6 +155,12 @@ def _load_pdd(model: Any, ndim: int, device: torch.device) -> torch.nn.Module:
 
     if model is None:
         net = models.pretrained(ndim)
+        if ndim == 3:
+            logger.warning(
+                "pdd with the shipped 3D weights (synthetic pretraining only) is weak: on 3D "
+                "phantoms mean Dice 0.29 against 0.27 unregistered and 0.45 for --method mind; "
+                "use --method mind, or --model with a PDD-Net trained on your labelled scans"
+            )
     elif isinstance(model, (str, os.PathLike)):
         net = models.load_model(os.fspath(model), map_location="cpu")
     elif isinstance(model, torch.nn.Module):
