@@ -30,10 +30,19 @@ static inline void st8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof v); }
 
 static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 
+/* Optional last step of a filter pass: y = wm * y + wd * d + wc * c (d, c: same layout as y,
+ * either may be NULL; c may be y itself). */
+struct epilogue {
+    const float* d;
+    const float* c;
+    float wd, wc, wm;
+};
+
 /* yi[q .. q + 8 nv) = sum_t taps[t] * rows[t][q .. q + 8 nv), the sums in registers; with
- * ``split`` even and odd taps go to separate accumulators (more independent FMA chains). */
+ * ``split`` even and odd taps go to separate accumulators (more independent FMA chains).  With
+ * an epilogue, element q of yi is element at + q of its arrays. */
 static inline void fir_vec(const float* const* rows, const float* taps, int nt, long q, float* yi,
-                           const int nv, const int split) {
+                           const int nv, const int split, const struct epilogue* e, long at) {
     v8f acc[8], acc2[8];
     for (int k = 0; k < nv; ++k) acc[k] = acc2[k] = splat8(0.0f);
     int t = 0;
@@ -50,13 +59,23 @@ static inline void fir_vec(const float* const* rows, const float* taps, int nt, 
         const v8f w = splat8(taps[t]);
         for (int k = 0; k < nv; ++k) acc[k] += w * ld8(rows[t] + q + 8 * k);
     }
-    for (int k = 0; k < nv; ++k) st8(yi + q + 8 * k, split ? acc[k] + acc2[k] : acc[k]);
+    for (int k = 0; k < nv; ++k) {
+        v8f v = split ? acc[k] + acc2[k] : acc[k];
+        if (e) {
+            const long i = at + q + 8 * k;
+            v *= splat8(e->wm);
+            if (e->d) v += splat8(e->wd) * ld8(e->d + i);
+            if (e->c) v += splat8(e->wc) * ld8(e->c + i);
+        }
+        st8(yi + q + 8 * k, v);
+    }
 }
 
 /* y (P, o, Q) = FIR ``taps`` (nt <= 64) along the middle axis of x (P, n, Q), replicate-padded
- * by ``pad`` (o = n + 2 pad - nt + 1), on blocks of 64, 32, 16, 8 contiguous q, then 1. */
-static void fir_mid(const float* RESTRICT x, float* RESTRICT y, long P, int n, long Q,
-                    const float* RESTRICT taps, int nt, int pad) {
+ * by ``pad`` (o = n + 2 pad - nt + 1), on blocks of 64, 32, 16, 8 contiguous q, then 1; then
+ * the epilogue ``e`` (or NULL). */
+static void fir_mid(const float* RESTRICT x, float* y, long P, int n, long Q,
+                    const float* RESTRICT taps, int nt, int pad, const struct epilogue* e) {
     const int o = n + 2 * pad - nt + 1;
     const float* rows[64];
     for (long p = 0; p < P; ++p) {
@@ -68,14 +87,20 @@ static void fir_mid(const float* RESTRICT x, float* RESTRICT y, long P, int n, l
                 rows[t] = xp + (s < 0 ? 0 : (s >= n ? n - 1 : s)) * Q;
             }
             float* yi = yp + i * Q;
+            const long at = (p * o + i) * Q;
             long q = 0;
-            for (; q + 64 <= Q; q += 64) fir_vec(rows, taps, nt, q, yi, 8, 0);
-            for (; q + 32 <= Q; q += 32) fir_vec(rows, taps, nt, q, yi, 4, 1);
-            for (; q + 16 <= Q; q += 16) fir_vec(rows, taps, nt, q, yi, 2, 1);
-            for (; q + 8 <= Q; q += 8) fir_vec(rows, taps, nt, q, yi, 1, 1);
+            for (; q + 64 <= Q; q += 64) fir_vec(rows, taps, nt, q, yi, 8, 0, e, at);
+            for (; q + 32 <= Q; q += 32) fir_vec(rows, taps, nt, q, yi, 4, 1, e, at);
+            for (; q + 16 <= Q; q += 16) fir_vec(rows, taps, nt, q, yi, 2, 1, e, at);
+            for (; q + 8 <= Q; q += 8) fir_vec(rows, taps, nt, q, yi, 1, 1, e, at);
             for (; q < Q; ++q) {
                 float acc = 0.0f;
                 for (int t = 0; t < nt; ++t) acc += taps[t] * rows[t][q];
+                if (e) {
+                    acc *= e->wm;
+                    if (e->d) acc += e->wd * e->d[at + q];
+                    if (e->c) acc += e->wc * e->c[at + q];
+                }
                 yi[q] = acc;
             }
         }
@@ -180,18 +205,22 @@ void pdd_minconv(const float* src, float* dst, long K, int n, int nd, long k0, l
             for (; q < w; ++q) a[q] = s[q];
             for (; q < MC_W; ++q) a[q] = 0.0f;
         }
+        /* filter the innermost axis first, while the block is smallest (n -> n + 2 each) */
         float *cur = A, *nxt = B;
-        long P = 1, Q = L * MC_W;
-        for (int a = 0; a < nd; ++a) {
-            Q /= n;
-            fir_mid(cur, nxt, P, n, Q, taps, 9, 5);
-            P *= n + 2;
+        int len[3] = {n, n, n};
+        for (int a = nd - 1; a >= 0; --a) {
+            long P = 1, Q = MC_W;
+            for (int b = 0; b < a; ++b) P *= len[b];
+            for (int b = a + 1; b < nd; ++b) Q *= len[b];
+            fir_mid(cur, nxt, P, n, Q, taps, 9, 5, NULL);
+            len[a] = n + 2;
             float* t = cur;
             cur = nxt;
             nxt = t;
         }
+        /* 3-wide mins, the last one written straight into the destination rows */
         long Pm = 1, Qm = Lp * MC_W;
-        for (int a = 0; a < nd; ++a) {
+        for (int a = 0; a < nd - 1; ++a) {
             Qm /= n + 2;
             min3_mid(cur, nxt, Pm, n, Qm);
             Pm *= n;
@@ -199,10 +228,16 @@ void pdd_minconv(const float* src, float* dst, long K, int n, int nd, long k0, l
             cur = nxt;
             nxt = t;
         }
-        for (long l = 0; l < L; ++l) {
-            const float* c = cur + l * MC_W;
-            float* d = dst + l * K + kb;
-            for (long q = 0; q < w; ++q) d[q] = c[q];
+        for (long p = 0; p < Pm; ++p) {
+            const float* xp = cur + p * (n + 2) * MC_W;
+            for (int i = 0; i < n; ++i) {
+                const float *a = xp + i * MC_W, *b = a + MC_W, *c = b + MC_W;
+                float* d = dst + (p * n + i) * K + kb;
+                for (long q = 0; q < w; ++q) {
+                    const float v = a[q] < b[q] ? a[q] : b[q];
+                    d[q] = v < c[q] ? v : c[q];
+                }
+            }
         }
     }
 }
@@ -222,26 +257,26 @@ void pdd_meanfield(const float* x, const float* d, const float* c, float* out, i
         /* the last axis first (x -> A), then the others, ending in A or B */
         fir_last(xr, A, G / g[nd - 1], g[nd - 1], taps, 13, 6, xpad);
         float *cur = A, *nxt = B;
+        float* o = out + r * G;
+        const struct epilogue e = {d ? d + r * G : NULL, c ? c + r * G : NULL, wd, wc, wm};
+        if (nd == 1) {
+            for (long i = 0; i < G; ++i) {
+                float v = wm * cur[i];
+                if (e.d) v += wd * e.d[i];
+                if (e.c) v += wc * e.c[i];
+                o[i] = v;
+            }
+            continue;
+        }
         long P = 1, Q = G;
         for (int a = 0; a < nd - 1; ++a) {
             Q /= g[a];
-            fir_mid(cur, nxt, P, g[a], Q, taps, 13, 6);
+            const int last = a == nd - 2; /* the last pass writes the weighted sum into out */
+            fir_mid(cur, last ? o : nxt, P, g[a], Q, taps, 13, 6, last ? &e : NULL);
             P *= g[a];
             float* t = cur;
             cur = nxt;
             nxt = t;
-        }
-        float* o = out + r * G; /* c may alias out: no restrict */
-        const float* dr = d ? d + r * G : NULL;
-        const float* cr = c ? c + r * G : NULL;
-        if (dr && cr) {
-            for (long i = 0; i < G; ++i) o[i] = wm * cur[i] + wd * dr[i] + wc * cr[i];
-        } else if (dr) {
-            for (long i = 0; i < G; ++i) o[i] = wm * cur[i] + wd * dr[i];
-        } else if (cr) {
-            for (long i = 0; i < G; ++i) o[i] = wm * cur[i] + wc * cr[i];
-        } else {
-            for (long i = 0; i < G; ++i) o[i] = wm * cur[i];
         }
     }
 }
