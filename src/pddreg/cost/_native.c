@@ -3,11 +3,14 @@
  * Compiled on first use by pddreg/cost/_native.py with the system C compiler (no Python or
  * torch headers: every entry point takes plain pointers and sizes) and cached per source hash.
  * Each kernel works on a range of columns or rows so that Python threads (ctypes releases the
- * GIL) can split a call; none allocates more than a few hundred kB of scratch per call.
+ * GIL) can split a call; none allocates: the caller passes each thread a scratch buffer (about
+ * 1 MB for the 3D min-convolution, less for the others).
  *
  * The operators are the lecture's (regularise.py): along an axis, replicate padding then a
- * cascade of box-5 sums (two with padding 5 for the min-convolution, three with padding 6 for
- * the mean-field), scaled; then, for the min-convolution, a 3-wide min along every axis.
+ * cascade of box-5 averages (two with padding 5 for the min-convolution: the 9-tap filter
+ * [1 2 3 4 5 4 3 2 1] / 25; three with padding 6 for the mean-field: a 13-tap filter), then,
+ * for the min-convolution, a 3-wide min along every axis.  The filters run as FIR sums with
+ * the accumulators in AVX registers (GCC/Clang vector extensions, 8 floats).
  */
 
 #include <math.h>
