@@ -307,6 +307,15 @@ static inline float exp_neg(float x) {
     return p * u.f;
 }
 
+/* mn[q] = min over the L rows of cost (L, K) at column kb + q, q < w (streaming the rows). */
+static void column_min(const float* cost, long L, long K, long kb, long w, float* RESTRICT mn) {
+    for (long q = 0; q < w; ++q) mn[q] = INFINITY;
+    for (long l = 0; l < L; ++l) {
+        const float* RESTRICT c = cost + l * K + kb;
+        for (long q = 0; q < w; ++q) mn[q] = c[q] < mn[q] ? c[q] : mn[q];
+    }
+}
+
 /* Expected displacement of softmax(-cost) over L, columns [k0, k1) of one batch item.
  * cost: (L, K); disp: (L, nd) displacement set; out: (nd, K), nd <= 3.  Columns go in tiles
  * of SF_T; each tile streams through the rows twice (minimum, then exponentials and sums),
@@ -319,11 +328,7 @@ void pdd_soft_field(const float* cost, const float* disp, float* out, long L, lo
     float* RESTRICT acc = work + 2 * SF_T;
     for (long kb = k0; kb < k1; kb += SF_T) {
         const long w = (k1 - kb) < SF_T ? (k1 - kb) : SF_T;
-        for (long q = 0; q < w; ++q) mn[q] = INFINITY;
-        for (long l = 0; l < L; ++l) {
-            const float* RESTRICT c = cost + l * K + kb;
-            for (long q = 0; q < w; ++q) mn[q] = c[q] < mn[q] ? c[q] : mn[q];
-        }
+        column_min(cost, L, K, kb, w, mn);
         for (long q = 0; q < w; ++q) s[q] = 0.0f;
         for (long q = 0; q < 3 * SF_T; ++q) acc[q] = 0.0f;
         for (long l = 0; l < L; ++l) {
@@ -353,11 +358,7 @@ void pdd_softmax_neg(const float* cost, float* out, long L, long K, long k0, lon
     float* RESTRICT s = work + SF_T;
     for (long kb = k0; kb < k1; kb += SF_T) {
         const long w = (k1 - kb) < SF_T ? (k1 - kb) : SF_T;
-        for (long q = 0; q < w; ++q) mn[q] = INFINITY;
-        for (long l = 0; l < L; ++l) {
-            const float* RESTRICT c = cost + l * K + kb;
-            for (long q = 0; q < w; ++q) mn[q] = c[q] < mn[q] ? c[q] : mn[q];
-        }
+        column_min(cost, L, K, kb, w, mn);
         for (long q = 0; q < w; ++q) s[q] = 0.0f;
         for (long l = 0; l < L; ++l) {
             const float* c = cost + l * K + kb;
