@@ -280,7 +280,7 @@ def train_here(dataset: Any, kind: str, ndim: int, steps: int, device: torch.dev
 # --------------------------------------------------------------------------------------------
 def run_dim(args: argparse.Namespace, ndim: int) -> tuple[list[dict[str, Any]], list[str]]:
     from pddreg.data import open_dataset
-    from pddreg.report.evaluate import _label_names, evaluate_method, make_register_fn, summarise
+    from pddreg.report.evaluate import evaluate_method, label_names, make_register_fn, summarise
 
     device = torch.device(args.device)
     spec = args.dataset2d if ndim == 2 else args.dataset3d
@@ -352,7 +352,7 @@ def run_dim(args: argparse.Namespace, ndim: int) -> tuple[list[dict[str, Any]], 
                 rec[0]["mean_dice"],
                 rec[0]["time"],
             )
-    rows = summarise(records, _label_names(dataset))
+    rows = summarise(records, label_names(dataset))
     for row in rows:
         p = peaks.get(row["method"], [])
         row["peak_mb"] = max(p) / 2**20 if p else float("nan")
