@@ -179,3 +179,17 @@ def test_a_broken_cache_file_is_rebuilt(tmp_path):
     again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert again.stdout.strip() == "True", again.stderr
     assert so.read_bytes()[:4] == b"\x7fELF" or sys.platform != "linux"
+
+
+@needs_native
+def test_concurrent_callers_get_their_own_results(monkeypatch):
+    """Two Python threads regularising different volumes at once (shared worker pool)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(6)
+    xs = [torch.rand(1, 125, 9, 10, 11) * (k + 1) for k in range(4)]
+    refs = [torch_path(monkeypatch, regularise, x) for x in xs]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(regularise, xs))
+    for out, ref in zip(outs, refs, strict=True):
+        assert close(out, ref)
