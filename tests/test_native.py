@@ -193,3 +193,16 @@ def test_concurrent_callers_get_their_own_results(monkeypatch):
         outs = list(pool.map(regularise, xs))
     for out, ref in zip(outs, refs, strict=True):
         assert close(out, ref)
+
+
+@needs_native
+def test_a_folder_others_can_write_is_not_used(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    code = "from pddreg.cost import _native; print(_native.available())"
+    env = dict(os.environ, PDDREG_CACHE_DIR=str(shared))
+    env.pop("PDDREG_NATIVE", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.stdout.strip() == "False", res.stderr
+    assert not list(shared.glob("*.so"))

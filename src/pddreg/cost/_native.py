@@ -95,9 +95,19 @@ def _cache_dirs() -> list[Path]:
     return [Path(base) / "pddreg", Path(tempfile.gettempdir()) / f"pddreg-{user}"]
 
 
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` (mode 0700) and refuse it unless this user owns it and nobody else
+    may write to it: a library loaded from a folder others can write to runs their code."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not hasattr(os, "getuid"):
+        return
+    st = folder.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(f"{folder}: not a private folder of this user")
+
+
 def _build(cc: str, flags: list[str], target: Path) -> None:
     """Compile into a temporary file beside ``target``, then move it into place atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -124,12 +134,13 @@ def _load() -> ctypes.CDLL | None:
     for folder in _cache_dirs():
         target = folder / f"_native-{key}.so"
         try:
+            _private_folder(folder)
             try:
                 lib = ctypes.CDLL(str(target))
             except OSError:  # not built yet, or a broken file: (re)build it
                 _build(cc, flags, target)
                 lib = ctypes.CDLL(str(target))
-        except Exception as exc:  # unwritable folder, compiler error
+        except Exception as exc:  # unwritable or shared folder, compiler error
             error = exc
             continue
         for name, args in _SIGNATURES.items():
