@@ -165,6 +165,8 @@ def test_mind_config_resolution():
     cfg = MindConfig().resolved(3, (192, 160, 256))
     assert cfg.feature_stride == 2 and cfg.instance.pool == 2 and len(cfg.levels) == 2
     small = MindConfig().resolved(3, (48, 40, 56))
-    assert small.feature_stride == 1 and small.instance.pool == 1
+    assert small.feature_stride == 1 and small.instance.pool == 2
+    tiny = MindConfig().resolved(3, (12, 12, 12))  # a pooled 6^3 grid would be too coarse
+    assert tiny.feature_stride == 1 and tiny.instance.pool == 1
     two = MindConfig().resolved(2, (256, 320))
     assert two.feature_stride == 1 and len(two.levels) == 3
