@@ -44,8 +44,9 @@ struct epilogue {
 /* yi[q .. q + 8 nv) = sum_t taps[t] * rows[t][q .. q + 8 nv), the sums in registers; with
  * ``split`` even and odd taps go to separate accumulators (more independent FMA chains).  With
  * an epilogue, element q of yi is element at + q of its arrays. */
-static inline void fir_vec(const float* const* rows, const float* taps, int nt, long q, float* yi,
-                           const int nv, const int split, const struct epilogue* e, long at) {
+static inline void fir_vec(const float* const* rows, const float* taps, int nt, int64_t q,
+                           float* yi, const int nv, const int split, const struct epilogue* e,
+                           int64_t at) {
     v8f acc[8], acc2[8];
     for (int k = 0; k < nv; ++k) acc[k] = acc2[k] = splat8(0.0f);
     int t = 0;
@@ -65,7 +66,7 @@ static inline void fir_vec(const float* const* rows, const float* taps, int nt, 
     for (int k = 0; k < nv; ++k) {
         v8f v = split ? acc[k] + acc2[k] : acc[k];
         if (e) {
-            const long i = at + q + 8 * k;
+            const int64_t i = at + q + 8 * k;
             v *= splat8(e->wm);
             if (e->d) v += splat8(e->wd) * ld8(e->d + i);
             if (e->c) v += splat8(e->wc) * ld8(e->c + i);
@@ -77,11 +78,11 @@ static inline void fir_vec(const float* const* rows, const float* taps, int nt, 
 /* y (P, o, Q) = FIR ``taps`` (nt <= 64) along the middle axis of x (P, n, Q), replicate-padded
  * by ``pad`` (o = n + 2 pad - nt + 1), on blocks of 64, 32, 16, 8 contiguous q, then 1; then
  * the epilogue ``e`` (or NULL). */
-static void fir_mid(const float* RESTRICT x, float* y, long P, int n, long Q,
+static void fir_mid(const float* RESTRICT x, float* y, int64_t P, int n, int64_t Q,
                     const float* RESTRICT taps, int nt, int pad, const struct epilogue* e) {
     const int o = n + 2 * pad - nt + 1;
     const float* rows[64];
-    for (long p = 0; p < P; ++p) {
+    for (int64_t p = 0; p < P; ++p) {
         const float* xp = x + p * n * Q;
         float* yp = y + p * o * Q;
         for (int i = 0; i < o; ++i) {
@@ -90,8 +91,8 @@ static void fir_mid(const float* RESTRICT x, float* y, long P, int n, long Q,
                 rows[t] = xp + (s < 0 ? 0 : (s >= n ? n - 1 : s)) * Q;
             }
             float* yi = yp + i * Q;
-            const long at = (p * o + i) * Q;
-            long q = 0;
+            const int64_t at = (p * o + i) * Q;
+            int64_t q = 0;
             for (; q + 64 <= Q; q += 64) fir_vec(rows, taps, nt, q, yi, 8, 0, e, at);
             for (; q + 32 <= Q; q += 32) fir_vec(rows, taps, nt, q, yi, 4, 1, e, at);
             for (; q + 16 <= Q; q += 16) fir_vec(rows, taps, nt, q, yi, 2, 1, e, at);
@@ -113,12 +114,12 @@ static void fir_mid(const float* RESTRICT x, float* y, long P, int n, long Q,
 /* y (P, o) = FIR ``taps`` along the last axis of x (P, n), replicate-padded by ``pad``,
  * vectorised over the outputs.  Rows are padded 32 at a time into xpad (32 * (n + 2 pad + 16)
  * floats) before they are read back, so no load waits on a store still in flight. */
-static void fir_last(const float* RESTRICT x, float* RESTRICT y, long P, int n,
+static void fir_last(const float* RESTRICT x, float* RESTRICT y, int64_t P, int n,
                      const float* RESTRICT taps, int nt, int pad, float* RESTRICT xpad) {
     const int o = n + 2 * pad - nt + 1, len = n + 2 * pad + 16;
-    for (long p0 = 0; p0 < P; p0 += 32) {
-        const long pb = P - p0 < 32 ? P - p0 : 32;
-        for (long p = 0; p < pb; ++p) {
+    for (int64_t p0 = 0; p0 < P; p0 += 32) {
+        const int64_t pb = P - p0 < 32 ? P - p0 : 32;
+        for (int64_t p = 0; p < pb; ++p) {
             const float* xp = x + (p0 + p) * n;
             float* xq = xpad + p * len;
             /* the vector loop reads xq[0 .. n + 2 pad): pad <= 8 edges as one vector each */
@@ -131,7 +132,7 @@ static void fir_last(const float* RESTRICT x, float* RESTRICT y, long P, int n,
             }
             __builtin_memcpy(xq + pad, xp, n * sizeof(float));
         }
-        for (long p = 0; p < pb; ++p) {
+        for (int64_t p = 0; p < pb; ++p) {
             const float* xq = xpad + p * len;
             float* yp = y + (p0 + p) * o;
             int i = 0;
@@ -163,8 +164,8 @@ static void fir_last(const float* RESTRICT x, float* RESTRICT y, long P, int n,
 }
 
 /* y (P, n, Q) = 3-wide valid min-pool of x (P, n + 2, Q) along the middle axis. */
-static void min3_mid(const float* RESTRICT x, float* RESTRICT y, long P, int n, long Q) {
-    for (long p = 0; p < P; ++p) {
+static void min3_mid(const float* RESTRICT x, float* RESTRICT y, int64_t P, int n, int64_t Q) {
+    for (int64_t p = 0; p < P; ++p) {
         const float* xp = x + p * (n + 2) * Q;
         float* yp = y + p * n * Q;
         for (int i = 0; i < n; ++i) {
@@ -172,7 +173,7 @@ static void min3_mid(const float* RESTRICT x, float* RESTRICT y, long P, int n, 
             const float* RESTRICT b = a + Q;
             const float* RESTRICT c = b + Q;
             float* RESTRICT yi = yp + i * Q;
-            for (long q = 0; q < Q; ++q) {
+            for (int64_t q = 0; q < Q; ++q) {
                 float v = a[q] < b[q] ? a[q] : b[q];
                 yi[q] = v < c[q] ? v : c[q];
             }
@@ -188,23 +189,23 @@ static void min3_mid(const float* RESTRICT x, float* RESTRICT y, long P, int n, 
 #ifndef MC_W
 #define MC_W 32
 #endif
-void pdd_minconv(const float* src, float* dst, long K, int n, int nd, long k0, long k1,
+void pdd_minconv(const float* src, float* dst, int64_t K, int n, int nd, int64_t k0, int64_t k1,
                  float* work) {
     static const float taps[9] = {1.0f / 25, 2.0f / 25, 3.0f / 25, 4.0f / 25, 5.0f / 25,
                                   4.0f / 25, 3.0f / 25, 2.0f / 25, 1.0f / 25};
-    long L = 1, Lp = 1;
+    int64_t L = 1, Lp = 1;
     for (int a = 0; a < nd; ++a) {
         L *= n;
         Lp *= n + 2;
     }
     float *A = work, *B = work + Lp * MC_W;
-    for (long kb = k0; kb < k1; kb += MC_W) {
-        const long w = (k1 - kb) < MC_W ? (k1 - kb) : MC_W;
+    for (int64_t kb = k0; kb < k1; kb += MC_W) {
+        const int64_t w = (k1 - kb) < MC_W ? (k1 - kb) : MC_W;
         /* gather the block (L, w) into A as (n, .., n, W), zero-filling unused columns */
-        for (long l = 0; l < L; ++l) {
+        for (int64_t l = 0; l < L; ++l) {
             const float* s = src + l * K + kb;
             float* a = A + l * MC_W;
-            long q = 0;
+            int64_t q = 0;
             for (; q < w; ++q) a[q] = s[q];
             for (; q < MC_W; ++q) a[q] = 0.0f;
         }
@@ -212,7 +213,7 @@ void pdd_minconv(const float* src, float* dst, long K, int n, int nd, long k0, l
         float *cur = A, *nxt = B;
         int len[3] = {n, n, n};
         for (int a = nd - 1; a >= 0; --a) {
-            long P = 1, Q = MC_W;
+            int64_t P = 1, Q = MC_W;
             for (int b = 0; b < a; ++b) P *= len[b];
             for (int b = a + 1; b < nd; ++b) Q *= len[b];
             fir_mid(cur, nxt, P, n, Q, taps, 9, 5, NULL);
@@ -222,7 +223,7 @@ void pdd_minconv(const float* src, float* dst, long K, int n, int nd, long k0, l
             nxt = t;
         }
         /* 3-wide mins, the last one written straight into the destination rows */
-        long Pm = 1, Qm = Lp * MC_W;
+        int64_t Pm = 1, Qm = Lp * MC_W;
         for (int a = 0; a < nd - 1; ++a) {
             Qm /= n + 2;
             min3_mid(cur, nxt, Pm, n, Qm);
@@ -231,12 +232,12 @@ void pdd_minconv(const float* src, float* dst, long K, int n, int nd, long k0, l
             cur = nxt;
             nxt = t;
         }
-        for (long p = 0; p < Pm; ++p) {
+        for (int64_t p = 0; p < Pm; ++p) {
             const float* xp = cur + p * (n + 2) * MC_W;
             for (int i = 0; i < n; ++i) {
                 const float *a = xp + i * MC_W, *b = a + MC_W, *c = b + MC_W;
                 float* d = dst + (p * n + i) * K + kb;
-                for (long q = 0; q < w; ++q) {
+                for (int64_t q = 0; q < w; ++q) {
                     const float v = a[q] < b[q] ? a[q] : b[q];
                     d[q] = v < c[q] ? v : c[q];
                 }
@@ -251,11 +252,12 @@ void pdd_minconv(const float* src, float* dst, long K, int n, int nd, long k0, l
  * (the 13-tap filter ``taps``).  Each row holds prod(g) floats.  d or c may
  * be NULL (term left out); c may alias out.  work: 2 * prod(g) + 32 * (g[nd - 1] + 28) floats. */
 void pdd_meanfield(const float* x, const float* d, const float* c, float* out, int nd, const int* g,
-                   long r0, long r1, float wd, float wc, float wm, const float* taps, float* work) {
-    long G = 1;
+                   int64_t r0, int64_t r1, float wd, float wc, float wm, const float* taps,
+                   float* work) {
+    int64_t G = 1;
     for (int a = 0; a < nd; ++a) G *= g[a];
     float *A = work, *B = work + G, *xpad = work + 2 * G;
-    for (long r = r0; r < r1; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
         const float* xr = x + r * G;
         /* the last axis first (x -> A), then the others, ending in A or B */
         fir_last(xr, A, G / g[nd - 1], g[nd - 1], taps, 13, 6, xpad);
@@ -263,7 +265,7 @@ void pdd_meanfield(const float* x, const float* d, const float* c, float* out, i
         float* o = out + r * G;
         const struct epilogue e = {d ? d + r * G : NULL, c ? c + r * G : NULL, wd, wc, wm};
         if (nd == 1) {
-            for (long i = 0; i < G; ++i) {
+            for (int64_t i = 0; i < G; ++i) {
                 float v = wm * cur[i];
                 if (e.d) v += wd * e.d[i];
                 if (e.c) v += wc * e.c[i];
@@ -271,7 +273,7 @@ void pdd_meanfield(const float* x, const float* d, const float* c, float* out, i
             }
             continue;
         }
-        long P = 1, Q = G;
+        int64_t P = 1, Q = G;
         for (int a = 0; a < nd - 1; ++a) {
             Q /= g[a];
             const int last = a == nd - 2; /* the last pass writes the weighted sum into out */
@@ -308,11 +310,12 @@ static inline float exp_neg(float x) {
 }
 
 /* mn[q] = min over the L rows of cost (L, K) at column kb + q, q < w (streaming the rows). */
-static void column_min(const float* cost, long L, long K, long kb, long w, float* RESTRICT mn) {
-    for (long q = 0; q < w; ++q) mn[q] = INFINITY;
-    for (long l = 0; l < L; ++l) {
+static void column_min(const float* cost, int64_t L, int64_t K, int64_t kb, int64_t w,
+                       float* RESTRICT mn) {
+    for (int64_t q = 0; q < w; ++q) mn[q] = INFINITY;
+    for (int64_t l = 0; l < L; ++l) {
         const float* RESTRICT c = cost + l * K + kb;
-        for (long q = 0; q < w; ++q) mn[q] = c[q] < mn[q] ? c[q] : mn[q];
+        for (int64_t q = 0; q < w; ++q) mn[q] = c[q] < mn[q] ? c[q] : mn[q];
     }
 }
 
@@ -321,23 +324,23 @@ static void column_min(const float* cost, long L, long K, long kb, long w, float
  * of SF_T; each tile streams through the rows twice (minimum, then exponentials and sums),
  * reading contiguous row segments.  work: 5 * SF_T floats. */
 #define SF_T 2048
-void pdd_soft_field(const float* cost, const float* disp, float* out, long L, long K, int nd,
-                    long k0, long k1, float* work) {
+void pdd_soft_field(const float* cost, const float* disp, float* out, int64_t L, int64_t K, int nd,
+                    int64_t k0, int64_t k1, float* work) {
     float* RESTRICT mn = work;
     float* RESTRICT s = work + SF_T;
     float* RESTRICT acc = work + 2 * SF_T;
-    for (long kb = k0; kb < k1; kb += SF_T) {
-        const long w = (k1 - kb) < SF_T ? (k1 - kb) : SF_T;
+    for (int64_t kb = k0; kb < k1; kb += SF_T) {
+        const int64_t w = (k1 - kb) < SF_T ? (k1 - kb) : SF_T;
         column_min(cost, L, K, kb, w, mn);
-        for (long q = 0; q < w; ++q) s[q] = 0.0f;
-        for (long q = 0; q < 3 * SF_T; ++q) acc[q] = 0.0f;
-        for (long l = 0; l < L; ++l) {
+        for (int64_t q = 0; q < w; ++q) s[q] = 0.0f;
+        for (int64_t q = 0; q < 3 * SF_T; ++q) acc[q] = 0.0f;
+        for (int64_t l = 0; l < L; ++l) {
             const float* RESTRICT c = cost + l * K + kb;
             const float d0 = disp[l * nd];
             const float d1 = nd > 1 ? disp[l * nd + 1] : 0.0f;
             const float d2 = nd > 2 ? disp[l * nd + 2] : 0.0f;
             float *RESTRICT a0 = acc, *RESTRICT a1 = acc + SF_T, *RESTRICT a2 = acc + 2 * SF_T;
-            for (long q = 0; q < w; ++q) {
+            for (int64_t q = 0; q < w; ++q) {
                 const float e = exp_neg(mn[q] - c[q]);
                 s[q] += e;
                 a0[q] += d0 * e;
@@ -346,33 +349,34 @@ void pdd_soft_field(const float* cost, const float* disp, float* out, long L, lo
             }
         }
         for (int a = 0; a < nd; ++a)
-            for (long q = 0; q < w; ++q) out[a * K + kb + q] = acc[a * SF_T + q] / s[q];
+            for (int64_t q = 0; q < w; ++q) out[a * K + kb + q] = acc[a * SF_T + q] / s[q];
     }
 }
 
 /* out = softmax(-cost) over L, columns [k0, k1) of one batch item; cost, out: (L, K), out may
  * be cost.  Tiles of SF_T columns, three streaming passes over the rows (minimum;
  * exponentials and their sum; scaling).  work: SF_T * 2 floats. */
-void pdd_softmax_neg(const float* cost, float* out, long L, long K, long k0, long k1, float* work) {
+void pdd_softmax_neg(const float* cost, float* out, int64_t L, int64_t K, int64_t k0, int64_t k1,
+                     float* work) {
     float* RESTRICT mn = work;
     float* RESTRICT s = work + SF_T;
-    for (long kb = k0; kb < k1; kb += SF_T) {
-        const long w = (k1 - kb) < SF_T ? (k1 - kb) : SF_T;
+    for (int64_t kb = k0; kb < k1; kb += SF_T) {
+        const int64_t w = (k1 - kb) < SF_T ? (k1 - kb) : SF_T;
         column_min(cost, L, K, kb, w, mn);
-        for (long q = 0; q < w; ++q) s[q] = 0.0f;
-        for (long l = 0; l < L; ++l) {
+        for (int64_t q = 0; q < w; ++q) s[q] = 0.0f;
+        for (int64_t l = 0; l < L; ++l) {
             const float* c = cost + l * K + kb;
             float* o = out + l * K + kb;
-            for (long q = 0; q < w; ++q) {
+            for (int64_t q = 0; q < w; ++q) {
                 const float e = exp_neg(mn[q] - c[q]);
                 o[q] = e;
                 s[q] += e;
             }
         }
-        for (long q = 0; q < w; ++q) s[q] = 1.0f / s[q];
-        for (long l = 0; l < L; ++l) {
+        for (int64_t q = 0; q < w; ++q) s[q] = 1.0f / s[q];
+        for (int64_t l = 0; l < L; ++l) {
             float* RESTRICT o = out + l * K + kb;
-            for (long q = 0; q < w; ++q) o[q] *= s[q];
+            for (int64_t q = 0; q < w; ++q) o[q] *= s[q];
         }
     }
 }
@@ -380,21 +384,21 @@ void pdd_softmax_neg(const float* cost, float* out, long L, long K, long k0, lon
 /* Linear resampling along the middle axis, rows [p0, p1): y (P, o, Q) from x (P, n, Q) with
  *   y[p, i, q] = w0[i] x[p, i0[i], q] + w1[i] x[p, i1[i], q]
  * (indices in range, weights 0 for taps outside the map). */
-void pdd_resample(const float* x, float* y, long n, long Q, long o, const long* i0, const float* w0,
-                  const long* i1, const float* w1, long p0, long p1) {
-    for (long p = p0; p < p1; ++p) {
+void pdd_resample(const float* x, float* y, int64_t n, int64_t Q, int64_t o, const int64_t* i0,
+                  const float* w0, const int64_t* i1, const float* w1, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
         const float* xp = x + p * n * Q;
         float* yp = y + p * o * Q;
         if (Q == 1) {
-            for (long i = 0; i < o; ++i) yp[i] = w0[i] * xp[i0[i]] + w1[i] * xp[i1[i]];
+            for (int64_t i = 0; i < o; ++i) yp[i] = w0[i] * xp[i0[i]] + w1[i] * xp[i1[i]];
             continue;
         }
-        for (long i = 0; i < o; ++i) {
+        for (int64_t i = 0; i < o; ++i) {
             const float a = w0[i], b = w1[i];
             const float* RESTRICT xa = xp + i0[i] * Q;
             const float* RESTRICT xb = xp + i1[i] * Q;
             float* RESTRICT yi = yp + i * Q;
-            for (long q = 0; q < Q; ++q) yi[q] = a * xa[q] + b * xb[q];
+            for (int64_t q = 0; q < Q; ++q) yi[q] = a * xa[q] + b * xb[q];
         }
     }
 }
@@ -405,32 +409,32 @@ void pdd_resample(const float* x, float* y, long n, long Q, long o, const long* 
  * resampled onto the lattice; out: (L, G0, G1, G2) with L = nj0 nj1 nj2 (C order).  Lower
  * dimensions use leading axes of size 1 (G = N = nj = 1).  A "row" is one (k0, k1) (r0, r1
  * count rows); 8 points of a row per vector. */
-void pdd_correlation(const float* f, const float* g, float* out, int C, const long* G,
-                     const long* N, const long* a, const long* b, const long* nj, long r0,
-                     long r1) {
-    const long Gt = G[0] * G[1] * G[2], Nt = N[0] * N[1] * N[2], G2 = G[2];
-    const long a2 = a[2];
-    for (long rs = r0, re; rs < r1; rs = re) {
+void pdd_correlation(const float* f, const float* g, float* out, int C, const int64_t* G,
+                     const int64_t* N, const int64_t* a, const int64_t* b, const int64_t* nj,
+                     int64_t r0, int64_t r1) {
+    const int64_t Gt = G[0] * G[1] * G[2], Nt = N[0] * N[1] * N[2], G2 = G[2];
+    const int64_t a2 = a[2];
+    for (int64_t rs = r0, re; rs < r1; rs = re) {
         /* the rows of one plane k0: its lattice planes stay in cache over j1, k1 and j2 */
-        const long k0 = rs / G[1];
+        const int64_t k0 = rs / G[1];
         re = (k0 + 1) * G[1] < r1 ? (k0 + 1) * G[1] : r1;
-        for (long j0 = 0; j0 < nj[0]; ++j0) {
-            const long z = a[0] * k0 + b[0] * j0;
-            for (long j1 = 0; j1 < nj[1]; ++j1) {
-                for (long row = rs; row < re; ++row) {
-                    const long k1 = row % G[1];
+        for (int64_t j0 = 0; j0 < nj[0]; ++j0) {
+            const int64_t z = a[0] * k0 + b[0] * j0;
+            for (int64_t j1 = 0; j1 < nj[1]; ++j1) {
+                for (int64_t row = rs; row < re; ++row) {
+                    const int64_t k1 = row % G[1];
                     const float* fr = f + row * G2;
-                    const long y = a[1] * k1 + b[1] * j1;
+                    const int64_t y = a[1] * k1 + b[1] * j1;
                     const float* gr = g + (z * N[1] + y) * N[2];
-                    const long l0 = (j0 * nj[1] + j1) * nj[2];
-                    long j2 = 0;
+                    const int64_t l0 = (j0 * nj[1] + j1) * nj[2];
+                    int64_t j2 = 0;
                     if (a2 == 1) {
                         /* 4 displacements x 16 points: 8 independent accumulators */
                         for (; j2 + 4 <= nj[2]; j2 += 4) {
                             const float* gx = gr + b[2] * j2;
-                            const long gs = b[2];
+                            const int64_t gs = b[2];
                             float* o = out + (l0 + j2) * Gt + row * G2;
-                            long k = 0;
+                            int64_t k = 0;
                             for (; k + 16 <= G2; k += 16) {
                                 v8f s[8];
                                 for (int u = 0; u < 8; ++u) s[u] = splat8(0.0f);
@@ -464,7 +468,7 @@ void pdd_correlation(const float* f, const float* g, float* out, int C, const lo
                     for (; j2 < nj[2]; ++j2) {
                         const float* gx = gr + b[2] * j2;
                         float* o = out + (l0 + j2) * Gt + row * G2;
-                        long k = 0;
+                        int64_t k = 0;
                         if (a2 == 1) {
                             for (; k + 8 <= G2; k += 8) {
                                 v8f s0 = splat8(0.0f), s1 = s0;
@@ -485,7 +489,7 @@ void pdd_correlation(const float* f, const float* g, float* out, int C, const lo
                         }
                         /* the rest (all of a strided row): channel by channel, so that
                          * each pass reads one row of f and of g */
-                        const long k0 = k;
+                        const int64_t k0 = k;
                         for (k = k0; k < G2; ++k) o[k] = 0.0f;
                         for (int c = 0; c < C; ++c) {
                             const float* fc = fr + c * Gt;
@@ -508,7 +512,7 @@ void pdd_correlation(const float* f, const float* g, float* out, int C, const lo
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-void pdd_hugepages(void* p, long bytes) {
+void pdd_hugepages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t page = (uintptr_t)1 << 21;
     uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1);

@@ -59,7 +59,7 @@ _tried = False
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
 
 _p = ctypes.c_void_p
-_l = ctypes.c_long
+_l = ctypes.c_int64  # int64_t in the C source (C long is 32-bit on Windows)
 _i = ctypes.c_int
 _f = ctypes.c_float
 _SIGNATURES = {
@@ -299,7 +299,7 @@ def correlation(
     nodes = tuple(lattice.shape[2:])
     nd = len(grid)
     lead = 3 - nd
-    arr = ctypes.c_long * 3
+    arr = ctypes.c_int64 * 3
     G = arr(*([1] * lead + list(grid)))
     N = arr(*([1] * lead + list(nodes)))
     A = arr(*([0] * lead + list(a)))
