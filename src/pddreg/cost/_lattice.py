@@ -26,6 +26,8 @@ from fractions import Fraction
 import torch
 import torch.utils.checkpoint
 
+from . import _native
+
 # Default bound on the extra working memory of one chunk (bytes).
 DEFAULT_MAX_MEMORY = 256 * 2**20
 
@@ -81,28 +83,43 @@ def axis_lattice(size: int, grid: int, radius: int, spacing: float) -> AxisLatti
     return AxisLattice(offset=offset, h=float(h), a=a, b=b)
 
 
+def linear_taps(
+    positions: torch.Tensor, size: int, padding: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two taps of linear interpolation at voxel ``positions`` (float64, 1D) on an axis of
+    ``size``: ``(i0, w0, i1, w1)``, indices clamped into the axis, weights 0 for taps outside
+    it (``padding="zeros"``, as ``grid_sample``); ``"border"`` clamps the positions instead."""
+    pos = positions.to(torch.float64)
+    if padding == "border":
+        pos = pos.clamp(0, size - 1)
+    f0 = torch.floor(pos)
+    frac = pos - f0
+    i0 = f0.long()
+    i1 = i0 + 1
+    w0 = (1.0 - frac) * ((i0 >= 0) & (i0 < size))
+    w1 = frac * ((i1 >= 0) & (i1 < size))
+    return i0.clamp(0, size - 1), w0, i1.clamp(0, size - 1), w1
+
+
 def resample_axis(x: torch.Tensor, dim: int, positions: torch.Tensor, padding: str) -> torch.Tensor:
     """Linear interpolation of ``x`` along ``dim`` at voxel ``positions`` (float64, 1D).
 
     ``padding="zeros"``: samples outside contribute 0 (as ``grid_sample``); ``"border"``: the
-    coordinate is clamped to the edge.  Integer positions give an exact copy.
+    coordinate is clamped to the edge.  Integer positions give an exact copy.  Float32 CPU
+    inference runs the native kernel.
     """
     size = x.shape[dim]
-    if padding == "border":
-        positions = positions.clamp(0, size - 1)
-    i0 = torch.floor(positions)
-    frac = positions - i0
-    i0 = i0.long()
+    taps = linear_taps(positions, size, padding)
+    if _native.usable(x):
+        return _native.resample_axis(x.contiguous(), dim, *taps)
+    i0, w0, i1, w1 = taps
     shape = [1] * x.dim()
     shape[dim] = -1
-    integer = bool((frac == 0).all())
-    taps = [(i0, 1.0 - frac)] if integer else [(i0, 1.0 - frac), (i0 + 1, frac)]
+    integer = bool((w1 == 0).all())
     out = None
-    for idx, w in taps:
-        valid = (idx >= 0) & (idx < size)
-        w = w * valid
-        vals = x.index_select(dim, idx.clamp(0, size - 1).to(x.device))
-        if not (integer and bool(valid.all())):
+    for idx, w in [(i0, w0)] if integer else [(i0, w0), (i1, w1)]:
+        vals = x.index_select(dim, idx.to(x.device))
+        if not (integer and bool((w == 1).all())):
             vals = vals * w.to(device=x.device, dtype=x.dtype).view(shape)
         out = vals if out is None else out + vals
     assert out is not None

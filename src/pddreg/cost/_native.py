@@ -214,6 +214,14 @@ def _run(fn, ranges: list[tuple[int, int]], work_floats: int) -> None:
         f.result()
 
 
+def _per_item(tensors: list[torch.Tensor], fn, ranges: list[tuple[int, int]], work: int) -> None:
+    """For each batch item b: ``fn(*pointers of item b, lo, hi, work)`` over ``ranges``
+    (``tensors``: contiguous float32 with the batch axis first)."""
+    for b in range(tensors[0].shape[0]):
+        ptrs = [t.data_ptr() + b * t[0].numel() * t.element_size() for t in tensors]
+        _run(lambda lo, hi, w, ptrs=ptrs: fn(*ptrs, lo, hi, w), ranges, work)
+
+
 def _split(total: int, align: int) -> list[tuple[int, int]]:
     """``[0, total)`` in up to torch.get_num_threads() ranges, boundaries on ``align``."""
     parts = max(1, min(torch.get_num_threads(), -(-total // align)))
@@ -229,18 +237,13 @@ def minconv(src: torch.Tensor, dst: torch.Tensor, n: int, nd: int) -> None:
         src, dst: (B, n**nd, *G) contiguous float32 (may be the same tensor).
         n, nd: side and dimension of the displacement cube (nd <= 3).
     """
-    B, nl = src.shape[:2]
     K = src[0, 0].numel()
     lib = _library()
-    work = 2 * (n + 2) ** nd * _MC_W
-    for b in range(B):
-        s = src.data_ptr() + b * nl * K * 4
-        d = dst.data_ptr() + b * nl * K * 4
 
-        def call(k0: int, k1: int, w: int, s=s, d=d) -> None:
-            lib.pdd_minconv(s, d, K, n, nd, k0, k1, w)
+    def call(s: int, d: int, k0: int, k1: int, w: int) -> None:
+        lib.pdd_minconv(s, d, K, n, nd, k0, k1, w)
 
-        _run(call, _split(K, _MC_W), work)
+    _per_item([src, dst], call, _split(K, _MC_W), 2 * (n + 2) ** nd * _MC_W)
 
 
 def meanfield(
@@ -308,46 +311,35 @@ def correlation(
     out = empty_like(fixed, (B, n**nd, *grid))
     lib = _library()
     rows = G[0] * G[1]
-    fk = fixed[0, 0].numel()
-    gk = lattice[0, 0].numel()
-    for i in range(B):
-        fp = fixed.data_ptr() + i * C * fk * 4
-        gp = lattice.data_ptr() + i * C * gk * 4
-        op = out.data_ptr() + i * n**nd * fk * 4
 
-        def call(r0: int, r1: int, w: int, fp=fp, gp=gp, op=op) -> None:
-            lib.pdd_correlation(fp, gp, op, C, G, N, A, Bs, NJ, r0, r1)
+    def call(fp: int, gp: int, op: int, r0: int, r1: int, w: int) -> None:
+        lib.pdd_correlation(fp, gp, op, C, G, N, A, Bs, NJ, r0, r1)
 
-        _run(call, _split(rows, G[1] if G[0] >= 2 * torch.get_num_threads() else 1), 1)
+    ranges = _split(rows, G[1] if G[0] >= 2 * torch.get_num_threads() else 1)
+    _per_item([fixed, lattice, out], call, ranges, 1)
     return out
 
 
-def resample_axis(x: torch.Tensor, dim: int, positions: torch.Tensor, padding: str) -> torch.Tensor:
-    """Linear interpolation of contiguous float32 ``x`` along ``dim`` at voxel ``positions``.
-
-    The same samples as ``pddreg.cost._lattice.resample_axis``: ``padding="zeros"`` drops the
-    taps outside the map, ``"border"`` clamps the positions.
-    """
+def resample_axis(
+    x: torch.Tensor,
+    dim: int,
+    i0: torch.Tensor,
+    w0: torch.Tensor,
+    i1: torch.Tensor,
+    w1: torch.Tensor,
+) -> torch.Tensor:
+    """``out[.., i, ..] = w0[i] x[.., i0[i], ..] + w1[i] x[.., i1[i], ..]`` along ``dim`` of a
+    contiguous float32 ``x``: linear resampling with the taps of
+    ``pddreg.cost._lattice.linear_taps``."""
     size = x.shape[dim]
-    pos = positions.to(torch.float64)
-    if padding == "border":
-        pos = pos.clamp(0, size - 1)
-    f0 = torch.floor(pos)
-    frac = pos - f0
-    i0 = f0.long()
-    i1 = i0 + 1
-    w0 = (1.0 - frac) * ((i0 >= 0) & (i0 < size))
-    w1 = frac * ((i1 >= 0) & (i1 < size))
-    i0 = i0.clamp(0, size - 1).contiguous()
-    i1 = i1.clamp(0, size - 1).contiguous()
-    w0 = w0.to(torch.float32).contiguous()
-    w1 = w1.to(torch.float32).contiguous()
-    o = pos.numel()
+    idx = [t.to(torch.int64).contiguous() for t in (i0, i1)]
+    wts = [t.to(torch.float32).contiguous() for t in (w0, w1)]
+    o = idx[0].numel()
     P = math.prod(x.shape[:dim])
     Q = math.prod(x.shape[dim + 1 :])
     out = empty_like(x, (*x.shape[:dim], o, *x.shape[dim + 1 :]))
     lib = _library()
-    ptrs = (i0.data_ptr(), w0.data_ptr(), i1.data_ptr(), w1.data_ptr())
+    ptrs = (idx[0].data_ptr(), wts[0].data_ptr(), idx[1].data_ptr(), wts[1].data_ptr())
 
     def call(p0: int, p1: int, w: int) -> None:
         lib.pdd_resample(x.data_ptr(), out.data_ptr(), size, Q, o, *ptrs, p0, p1)
@@ -358,18 +350,15 @@ def resample_axis(x: torch.Tensor, dim: int, positions: torch.Tensor, padding: s
 
 def probabilities(cost: torch.Tensor) -> torch.Tensor:
     """``softmax(-cost, dim=1)`` of a contiguous float32 (B, |L|, *G) cost (huge pages)."""
-    B, nl = cost.shape[:2]
+    nl = cost.shape[1]
     K = cost[0, 0].numel()
     out = empty_like(cost)
     lib = _library()
-    for b in range(B):
-        c = cost.data_ptr() + b * nl * K * 4
-        o = out.data_ptr() + b * nl * K * 4
 
-        def call(k0: int, k1: int, w: int, c=c, o=o) -> None:
-            lib.pdd_softmax_neg(c, o, nl, K, k0, k1, w)
+    def call(c: int, o: int, k0: int, k1: int, w: int) -> None:
+        lib.pdd_softmax_neg(c, o, nl, K, k0, k1, w)
 
-        _run(call, _split(K, _SF_T), 2 * _SF_T)
+    _per_item([cost, out], call, _split(K, _SF_T), 2 * _SF_T)
     return out
 
 
@@ -381,16 +370,13 @@ def soft_field(cost: torch.Tensor, disp: torch.Tensor, out: torch.Tensor) -> Non
         disp: (|L|, nd) displacement set, nd <= 3.
         out: (B, nd, *G) contiguous float32.
     """
-    B, nl = cost.shape[:2]
+    nl = cost.shape[1]
     K = cost[0, 0].numel()
     nd = disp.shape[1]
     d32 = disp.detach().to(device="cpu", dtype=torch.float32).contiguous()
     lib = _library()
-    for b in range(B):
-        c = cost.data_ptr() + b * nl * K * 4
-        o = out.data_ptr() + b * nd * K * 4
 
-        def call(k0: int, k1: int, w: int, c=c, o=o) -> None:
-            lib.pdd_soft_field(c, d32.data_ptr(), o, nl, K, nd, k0, k1, w)
+    def call(c: int, o: int, k0: int, k1: int, w: int) -> None:
+        lib.pdd_soft_field(c, d32.data_ptr(), o, nl, K, nd, k0, k1, w)
 
-        _run(call, _split(K, _SF_T), 5 * _SF_T)
+    _per_item([cost, out], call, _split(K, _SF_T), 5 * _SF_T)

@@ -26,6 +26,7 @@ from ._lattice import (
     interleave_perm,
     make_plan,
     pad_grid,
+    resample_axis,
     run_chunks,
     tiles_view,
     to_lattice,
@@ -155,14 +156,11 @@ def _correlation_tiled(
     nd = plan.ndim
     B, C = fixed.shape[:2]
     grad = torch.is_grad_enabled() and (fixed.requires_grad or moving.requires_grad)
-    if nd <= 3 and _native.usable(fixed, moving):
-        g = moving
-        for ax in range(nd):
-            g = _native.resample_axis(g.contiguous(), 2 + ax, plan.lattice_positions(ax), padding)
+    g = to_lattice(moving, plan, padding)  # (B, C, *N)
+    if nd <= 3 and _native.usable(fixed, g):
         a = tuple(lat.a for lat in plan.axes)
         b = tuple(lat.b for lat in plan.axes)
-        return _native.correlation(fixed.contiguous(), g, a, b, 2 * plan.radius + 1)
-    g = to_lattice(moving, plan, padding)  # (B, C, *N)
+        return _native.correlation(fixed.contiguous(), g.contiguous(), a, b, 2 * plan.radius + 1)
     ones_g = torch.ones_like(g[:, :1])
     g_aug = torch.cat([-2.0 * g, (g * g).sum(1, keepdim=True), ones_g], 1)
     f = pad_grid(fixed, plan)
@@ -268,7 +266,7 @@ def _correlation_product(
     for ax, (g, s) in enumerate(zip(grid, size, strict=True)):
         p = (torch.arange(g, dtype=torch.float64) + 0.5) * (s / g) - 0.5
         pos = (p[:, None] + offsets[None, :]).reshape(-1)
-        lat = _native.resample_axis(lat.contiguous(), 2 + ax, pos, padding)
+        lat = resample_axis(lat, 2 + ax, pos, padding)
     return _native.correlation(fixed.contiguous(), lat.contiguous(), (n,) * nd, (1,) * nd, n)
 
 

@@ -83,13 +83,14 @@ def soft_field(
         )
     B = cost.shape[0]
     grid = cost.shape[2:]
-    d = displacement_set(radius, spacing, nd, device=cost.device, dtype=cost.dtype).t()
+    disps = displacement_set(radius, spacing, nd, device=cost.device, dtype=cost.dtype)
     flat = cost.reshape(B, nl, -1)
     K = flat.shape[2]
     if nd <= 3 and _native.usable(cost):
         out = cost.new_empty(B, nd, *grid)
-        _native.soft_field(flat.contiguous(), d.t(), out)
+        _native.soft_field(flat.contiguous(), disps, out)
         return out
+    d = disps.t()
     budget = min(max_memory or DEFAULT_MAX_MEMORY, 4 * 2**20)
     kc = max(1, budget // (3 * B * nl * cost.element_size()))
     ckpt = wants_checkpoint(cost.numel() * cost.element_size(), cost)
