@@ -75,7 +75,10 @@ def test_accepts_tensors_images_and_paths(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"moving": np.random.rand(16, 21)}, r"moving: shape \(16, 21\) differs from the fixed"),
+        (
+            {"moving": np.random.rand(16, 21), "same_grid": True},
+            r"moving: shape \(16, 21\) differs from the fixed",
+        ),
         ({"moving": np.random.rand(4, 16, 20)}, "moving: the moving image is 3D"),
         ({"fixed": np.full((16, 20), np.nan)}, "fixed: .*(NaN|Inf|finite)"),
         ({"fixed": np.zeros((0, 20))}, "fixed: .*empty"),

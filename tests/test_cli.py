@@ -82,12 +82,18 @@ def _register_args(pair: dict[str, str], out: Path, *extra: str, segs: bool = Tr
 def test_register_png_pair_writes_documented_files(png_pair, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(_register_args(png_pair, out, "--method", "mind", "--device", "cpu")) == 0
-    assert sorted(p.name for p in out.iterdir()) == [
+    metrics = json.loads((out / "metrics.json").read_text())
+    stage = {"affine.txt", "affine.tfm"} if metrics["affine_mode"] != "off" else set()
+    assert {p.name for p in out.iterdir()} == {
         "disp.npy",
+        "disp_mm.npy",
+        "disp_itk.nii.gz",
         "metrics.json",
+        "transform.json",
         "warped.png",
         "warped_seg.png",
-    ]
+        *stage,
+    }
     disp = np.load(out / "disp.npy")
     assert disp.shape == (2, 40, 48) and disp.dtype == np.float32
     warped = np.asarray(PILImage.open(out / "warped.png"))
@@ -109,7 +115,10 @@ def test_register_nifti_pair_writes_documented_files(nii_pair, tmp_path):
     assert names == [
         "disp.nii.gz",
         "disp.npy",
+        "disp_itk.nii.gz",
+        "disp_mm.npy",
         "metrics.json",
+        "transform.json",
         "warped.nii.gz",
         "warped_seg.nii.gz",
     ]
@@ -140,7 +149,15 @@ def test_rerun_into_existing_out_replaces_and_drops_stale_files(png_pair, tmp_pa
     assert main(_register_args(png_pair, out, "--method", "none")) == 0
     (out / "mine.txt").write_text("user file")
     assert main(_register_args(png_pair, out, "--method", "none", segs=False)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["disp.npy", "mine.txt", "warped.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "disp.npy",
+        "disp_itk.nii.gz",
+        "disp_mm.npy",
+        "metrics.json",
+        "mine.txt",
+        "transform.json",
+        "warped.png",
+    ]
 
 
 @pytest.mark.slow
@@ -184,7 +201,7 @@ def _bad_inputs(tmp_path: Path, png_pair: dict[str, str], nii_pair: dict[str, st
     return {
         "different ndim": ([fx, nii_pair["moving"]], nii_pair["moving"]),
         "different shape": (
-            [str(tmp_path / "fixed.npy"), str(tmp_path / "small.npy")],
+            [str(tmp_path / "fixed.npy"), str(tmp_path / "small.npy"), "--same-grid"],
             "small.npy",
         ),
         "nan": ([str(tmp_path / "nan.npy"), str(tmp_path / "fixed.npy")], "nan.npy"),

@@ -25,9 +25,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "METHODS",
     "RegistrationResult",
+    "apply_registration",
     "compute_metrics",
     "default_device",
     "make_register_fn",
+    "map_points",
     "register",
 ]
 
@@ -39,10 +41,12 @@ class RegistrationResult:
     """What :func:`register` returns (all arrays on the CPU, NumPy).
 
     Attributes:
-        disp: displacement field ``(ndim, *S)`` float32 in voxels,
-            ``warped(x) = moving(x + u(x))``.
+        disp: displacement field ``(ndim, *S)`` float32 in voxels of the fixed grid,
+            ``warped(x) = moving_world(x + u(x))`` where ``moving_world`` is the moving image
+            in the fixed image's index frame (the identity for images on one grid; see
+            :mod:`pddreg.spatial.world`). The global stage is composed in.
         warped: the moving image warped onto the fixed grid ``(*S)``, in the moving image's own
-            intensity units (linear interpolation).
+            intensity units (linear interpolation; 0 outside the moving image).
         warped_seg: the moving label map warped onto the fixed grid ``(*S)`` int64 (nearest), or
             None without ``moving_seg``.
         metrics: with both label maps: Dice per label and mean (before and after), HD95 in mm,
@@ -50,6 +54,14 @@ class RegistrationResult:
         runtime_s: wall time of the registration itself (no I/O, no metrics).
         method: the method that ran.
         spacing: voxel spacing used for the metrics in mm.
+        fixed_world, moving_world: index-to-world matrices ``(ndim + 1, ndim + 1)`` of the two
+            images (world coordinates, mm).
+        grid_map: ``M``, fixed voxel -> moving voxel by the headers (identity: one grid).
+        affine: the global stage as a world map ``(ndim + 1, ndim + 1)`` (fixed world point ->
+            moving world point, mm, RAS), or None when it did not run.
+        affine_mode: ``"off"`` or what the global stage used (``"identity"`` when ``auto`` kept
+            the headers' alignment, ``"translation"``, ``"rigid"``, ``"affine"``).
+        details: global-stage similarities and parameters, working grid, times per stage.
     """
 
     disp: np.ndarray
@@ -59,6 +71,22 @@ class RegistrationResult:
     runtime_s: float
     method: str
     spacing: tuple[float, ...] = field(default=())
+    fixed_world: np.ndarray | None = None
+    moving_world: np.ndarray | None = None
+    grid_map: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    affine_mode: str = "off"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def disp_mm(self) -> np.ndarray:
+        """The field as world displacements in mm ``(ndim, *S)`` (component ``i`` along world
+        axis ``i``): the moving world point of fixed voxel ``x`` is ``A_f x + disp_mm(x)``."""
+        from .spatial import field_to_world
+
+        world = self.fixed_world if self.fixed_world is not None else np.eye(self.disp.shape[0] + 1)
+        d = torch.from_numpy(np.ascontiguousarray(self.disp))[None]
+        return field_to_world(d.double(), world)[0].float().numpy()
 
 
 def default_device() -> torch.device:
@@ -97,15 +125,38 @@ def _image_array(x: Any, name: str) -> tuple[np.ndarray, str, Any]:
     return arr.astype(np.float32, copy=False), label, img
 
 
-def _label_array(x: Any, name: str, shape: tuple[int, ...], fixed_label: str) -> np.ndarray:
-    """Integer label map ``(*S)`` int64, checked against the image shape."""
+def _same_grid_check(img: Any, world: np.ndarray | None, label: str, image_label: str) -> None:
+    """A label map or mask read with a header must lie on its image's grid (same affine)."""
+    if img is None or world is None or getattr(img, "affine", None) is None:
+        return
+    other = img.world
+    if other.shape != world.shape:
+        return
+    tol = 1e-3 * max(1.0, float(np.abs(world[:-1, :-1]).max()))
+    if not np.allclose(other, world, atol=tol, rtol=0.0):
+        raise InputError(
+            f"{label}: lies on another grid than {image_label} (the voxel-to-world affines in "
+            "their headers differ); resample it onto that image's grid"
+        )
+
+
+def _label_array(
+    x: Any,
+    name: str,
+    shape: tuple[int, ...],
+    fixed_label: str,
+    world: np.ndarray | None = None,
+) -> np.ndarray:
+    """Integer label map ``(*S)`` int64, checked against its image's shape (and grid)."""
     from .data.io import Image, read_labels
 
     if isinstance(x, (str, os.PathLike)):
         x = read_labels(os.fspath(x))
     label = name
+    img = None
     if isinstance(x, Image):
         label = x.path or name
+        img = x
         x = x.array
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -132,7 +183,44 @@ def _label_array(x: Any, name: str, shape: tuple[int, ...], fixed_label: str) ->
             f"{label}: label map shape {tuple(x.shape)} differs from the image shape "
             f"{tuple(shape)} of {fixed_label}"
         )
+    _same_grid_check(img, world, label, fixed_label)
     return x
+
+
+def _mask_array(
+    x: Any, name: str, shape: tuple[int, ...], image_label: str, world: np.ndarray | None
+) -> np.ndarray:
+    """A mask ``(*S)`` float32 in {0, 1} (non-zero = inside) on its image's grid."""
+    from .data.io import Image, _load
+
+    label = name
+    img = None
+    if isinstance(x, (str, os.PathLike)):
+        x = _load(os.fspath(x), labels=True)
+    if isinstance(x, Image):
+        label = x.path or name
+        img = x
+        x = x.array
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise InputError(
+            f"{name}: expected a mask (array, tensor, Image or path), got {type(x).__name__}"
+        )
+    if x.size == 0:
+        raise InputError(f"{label}: mask is empty (shape {tuple(x.shape)})")
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        raise InputError(f"{label}: mask contains NaN or Inf values")
+    if tuple(x.shape) != tuple(shape):
+        raise InputError(
+            f"{label}: mask shape {tuple(x.shape)} differs from the shape {tuple(shape)} of its "
+            f"image {image_label} (a mask lies on its own image's grid)"
+        )
+    _same_grid_check(img, world, label, image_label)
+    mask = (x != 0).astype(np.float32)
+    if not mask.any():
+        raise InputError(f"{label}: mask is empty (no voxel is inside)")
+    return mask
 
 
 def _resolve_device(device: Any, *inputs: Any) -> torch.device:
@@ -179,7 +267,7 @@ def _to_batch(arr: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None].to(device)
 
 
-RegisterFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RegisterFn = Callable[..., torch.Tensor]
 
 
 def make_register_fn(
@@ -189,10 +277,13 @@ def make_register_fn(
     device: Any = None,
     instance_opt: bool | None = None,
 ) -> RegisterFn:
-    """A function ``(fixed (1,1,*S), moving (1,1,*S)) -> disp (1, ndim, *S)`` for ``method``.
+    """A function ``(fixed (1,1,*S), moving (1,1,*S), fixed_mask=None, moving_mask=None) ->
+    disp (1, ndim, *S)`` for ``method``, on one grid (no world coordinates, no global stage).
 
-    Inputs are float32 tensors in [0, 1] on ``device``; the model (``pdd``) is loaded once here,
-    so the function is cheap to call for many pairs (sequences, evaluation).
+    Inputs are float32 tensors in [0, 1] on ``device``; masks ``(1, 1, *S)`` in [0, 1] (only
+    voxels inside count in the similarity; the moving mask lies on the moving image). The model
+    (``pdd``) is loaded once here, so the function is cheap to call for many pairs (sequences,
+    evaluation).
 
     Args:
         method: ``"pdd"``, ``"mind"`` or ``"none"``.
@@ -206,23 +297,41 @@ def make_register_fn(
     dev = _resolve_device(device)
     if method == "none":
 
-        def none_fn(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        def none_fn(
+            fixed: torch.Tensor,
+            moving: torch.Tensor,
+            fixed_mask: Any = None,
+            moving_mask: Any = None,
+        ) -> torch.Tensor:
             return torch.zeros((fixed.shape[0], ndim, *fixed.shape[2:]), device=fixed.device)
 
         return none_fn
     if method == "mind":
         from .optim import register_mind
 
-        def mind_fn(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        def mind_fn(
+            fixed: torch.Tensor,
+            moving: torch.Tensor,
+            fixed_mask: torch.Tensor | None = None,
+            moving_mask: torch.Tensor | None = None,
+        ) -> torch.Tensor:
             with torch.no_grad():
-                return register_mind(fixed, moving)
+                return register_mind(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
 
         return mind_fn
     net = _load_pdd(model, ndim, dev)
     kwargs = {} if instance_opt is None else {"instance_opt": bool(instance_opt)}
 
-    def pdd_fn(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        return net.register(fixed, moving, **kwargs).detach()
+    def pdd_fn(
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        fixed_mask: torch.Tensor | None = None,
+        moving_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        masks = {}
+        if fixed_mask is not None or moving_mask is not None:
+            masks = {"fixed_mask": fixed_mask, "moving_mask": moving_mask}
+        return net.register(fixed, moving, **kwargs, **masks).detach()
 
     return pdd_fn
 
@@ -273,94 +382,193 @@ def compute_metrics(
     }
 
 
+def _world_of(img: Any, arr: np.ndarray, spacing: tuple[float, ...] | None) -> np.ndarray:
+    """Index-to-world matrix of an input: its header's, else the diagonal of ``spacing``."""
+    if img is not None and (img.affine is not None or spacing is None):
+        return img.world
+    sp = spacing if spacing is not None else (1.0,) * arr.ndim
+    return np.diag([*(float(v) for v in sp), 1.0])
+
+
 def register(
     fixed: Any,
     moving: Any,
-    method: str = "pdd",
+    method: str = "mind",
     model: Any = None,
     fixed_seg: Any = None,
     moving_seg: Any = None,
     device: Any = None,
     spacing: tuple[float, ...] | None = None,
     instance_opt: bool | None = None,
+    *,
+    affine: str = "auto",
+    fixed_mask: Any = None,
+    moving_mask: Any = None,
+    same_grid: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (2D or 3D) and return the field and the warped images.
 
+    The images may lie on different grids: their index-to-world matrices (NIfTI affine, ITK
+    origin/spacing/direction; the spacing alone for arrays) place the moving image in the fixed
+    image's world frame, a global stage (translation/rigid/affine on MIND-SSC features) aligns
+    it, and the deformable method runs on an isotropic working grid over the fixed image
+    (:mod:`pddreg.pipeline`). Every output lies on the fixed grid.
+
     Args:
-        fixed, moving: images ``(*S)`` of the same shape (2D or 3D): NumPy arrays, torch tensors,
+        fixed, moving: images ``(*S_f)`` and ``(*S_m)`` (2D or 3D): NumPy arrays, torch tensors,
             :class:`pddreg.data.Image` or file paths. Intensities are normalised to [0, 1]
             (:func:`pddreg.data.io.normalise_intensity`) before registration.
-        method: ``"pdd"`` (learned PDD-Net; the shipped pretrained weights for the input's
-            dimension unless ``model`` is given), ``"mind"`` (training-free MIND-SSC discrete
-            registration) or ``"none"`` (zero field).
+        method: ``"mind"`` (default: training-free MIND-SSC discrete registration), ``"pdd"``
+            (learned PDD-Net; the shipped weights for the input's dimension unless ``model`` is
+            given) or ``"none"`` (no deformable stage and no global stage: the images as their
+            headers place them).
         model: for ``pdd``: a path to a saved model or a model object.
-        fixed_seg, moving_seg: optional integer label maps ``(*S)``; with ``moving_seg`` the
-            warped label map is returned, with both the metrics are computed.
+        fixed_seg, moving_seg: optional integer label maps on their image's grid; with
+            ``moving_seg`` the warped label map is returned, with both the metrics are computed.
         device: ``"cpu"``, ``"cuda"``, ...; default: the device of tensor inputs, else CUDA when
             available, else the CPU.
-        spacing: voxel size in mm per axis for HD95; default: the fixed Image's spacing or 1.
+        spacing: voxel size in mm per axis of array inputs (files and Images carry their own);
+            also the spacing of the metrics (default: the fixed image's).
         instance_opt: run instance optimisation after the network (``pdd``); None keeps the
             method's default.
+        affine: the global stage: ``"auto"`` (default: affine, kept only where it improves the
+            similarity), ``"rigid"``, ``"affine"``, ``"translation"`` or ``"off"``.
+        fixed_mask, moving_mask: optional masks on their image's grid (non-zero = inside): only
+            voxels inside count in the similarity of the global and the deformable stage.
+        same_grid: treat both arrays as one index grid and ignore the headers' geometry (data
+            already resampled, e.g. Learn2Reg); the shapes must then agree.
 
     Returns:
         :class:`RegistrationResult` (NumPy arrays on the CPU).
 
     Raises:
-        InputError: bad input (different ndim or shape, NaN/Inf, empty, non-integer labels, an
-            unknown method), naming the argument or file.
+        InputError: bad input (different ndim, NaN/Inf, empty, non-integer labels, masks or
+            labels on another grid, images that do not overlap, an unknown method), naming the
+            argument or file.
     """
+    from . import pipeline
+    from .data.io import normalise_intensity
+    from .spatial import grid_map, map_coords, sample, sample_labels, spacing_of
+
     if method not in METHODS:
         raise InputError(f"--method: unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if affine not in pipeline.AFFINE_MODES:
+        raise InputError(
+            f"--affine: expected one of {', '.join(pipeline.AFFINE_MODES)}, got {affine!r}"
+        )
     f_arr, f_name, f_img = _image_array(fixed, "fixed")
-    m_arr, m_name, _ = _image_array(moving, "moving")
+    m_arr, m_name, m_img = _image_array(moving, "moving")
     if f_arr.ndim != m_arr.ndim:
         raise InputError(
             f"{m_name}: the moving image is {m_arr.ndim}D but the fixed image {f_name} is "
             f"{f_arr.ndim}D"
         )
-    if f_arr.shape != m_arr.shape:
+    ndim = f_arr.ndim
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise InputError(f"spacing: expected {ndim} positive values, got {spacing}")
+    shape_f, shape_m = tuple(f_arr.shape), tuple(m_arr.shape)
+    if same_grid and shape_f != shape_m:
         raise InputError(
-            f"{m_name}: shape {tuple(m_arr.shape)} differs from the fixed image {f_name} "
-            f"shape {tuple(f_arr.shape)} (resample the images to one grid first)"
+            f"{m_name}: shape {shape_m} differs from the fixed image {f_name} shape {shape_f} "
+            "(--same-grid needs both arrays on one index grid)"
         )
-    shape = tuple(f_arr.shape)
-    ndim = len(shape)
-    fseg = None if fixed_seg is None else _label_array(fixed_seg, "fixed_seg", shape, f_name)
-    mseg = None if moving_seg is None else _label_array(moving_seg, "moving_seg", shape, f_name)
-    if spacing is None:
-        spacing = tuple(f_img.spacing) if f_img is not None and f_img.spacing else (1.0,) * ndim
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
-        raise InputError(f"spacing: expected {ndim} positive values, got {spacing}")
+    world_f = _world_of(f_img, f_arr, spacing)
+    world_m = world_f if same_grid else _world_of(m_img, m_arr, spacing)
+    try:
+        m_map = np.eye(ndim + 1) if same_grid else grid_map(world_f, world_m)
+    except ValueError as err:
+        raise InputError(f"{m_name}: {err}") from None
+    fseg = (
+        None
+        if fixed_seg is None
+        else _label_array(fixed_seg, "fixed_seg", shape_f, f_name, world_f)
+    )
+    mseg = (
+        None
+        if moving_seg is None
+        else _label_array(moving_seg, "moving_seg", shape_m, m_name, None if same_grid else world_m)
+    )
+    fmask = (
+        None
+        if fixed_mask is None
+        else _mask_array(fixed_mask, "fixed_mask", shape_f, f_name, world_f)
+    )
+    mmask = (
+        None
+        if moving_mask is None
+        else _mask_array(
+            moving_mask, "moving_mask", shape_m, m_name, None if same_grid else world_m
+        )
+    )
+    metric_spacing = spacing if spacing is not None else spacing_of(world_f)
     dev = _resolve_device(device, fixed, moving)
-
-    from .data.io import normalise_intensity
-    from .spatial import warp, warp_labels
 
     f_t = _to_batch(normalise_intensity(f_arr), dev)
     m_t = _to_batch(normalise_intensity(m_arr), dev)
-    fn = make_register_fn(method, ndim, model=model, device=dev, instance_opt=instance_opt)
+    deformable = None
+    if method != "none":
+        fn = make_register_fn(method, ndim, model=model, device=dev, instance_opt=instance_opt)
+
+        def deformable(fw, mw, fmw, mmw):  # noqa: ANN001, ANN202 - pipeline.DeformableFn
+            if fmw is None and mmw is None:
+                return fn(fw, mw)
+            return fn(fw, mw, fixed_mask=fmw, moving_mask=mmw)
+
     start = time.perf_counter()
-    disp = fn(f_t, m_t)
+    res = pipeline.run(
+        f_t,
+        m_t,
+        m_map,
+        spacing_of(world_f),
+        spacing_of(world_m),
+        deformable,
+        affine=affine if method != "none" else "off",
+        fixed_mask=None if fmask is None else _to_batch(fmask, dev),
+        moving_mask=None if mmask is None else _to_batch(mmask, dev),
+        names=(f_name, m_name),
+    )
+    disp = res.disp
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     runtime = time.perf_counter() - start
     logger.info("%s registration of %s to %s: %.3f s", method, m_name, f_name, runtime)
-    if tuple(disp.shape) != (1, ndim, *shape):
+    if tuple(disp.shape) != (1, ndim, *shape_f) or not bool(torch.isfinite(disp).all()):
         raise ValueError(
-            f"register(): method {method!r} returned a field of shape {tuple(disp.shape)}, "
-            f"expected {(1, ndim, *shape)}"
+            f"register(): method {method!r} returned a field of shape {tuple(disp.shape)} "
+            f"(finite: {bool(torch.isfinite(disp).all())}), expected {(1, ndim, *shape_f)}"
         )
     with torch.no_grad():
-        warped = warp(_to_batch(m_arr, dev), disp)[0, 0].cpu().numpy()
-        warped_seg = None
+        coords = map_coords(m_map, shape_f, disp)
+        warped_t = sample(_to_batch(m_arr, dev), coords, padding="border")
+        warped = (warped_t * pipeline.inside_domain(coords, shape_m))[0, 0].cpu().numpy()
+        warped_seg = mseg_before = None
         if mseg is not None:
-            ws = warp_labels(torch.from_numpy(mseg)[None, None].to(dev), disp)
-            warped_seg = ws[0, 0].cpu().numpy().astype(np.int64)
+            labels = torch.from_numpy(mseg)[None, None].to(dev)
+            warped_seg = sample_labels(labels, coords, "zeros")[0, 0].cpu().numpy()
+            before = map_coords(m_map, shape_f, device=dev)
+            mseg_before = sample_labels(labels, before, "zeros")[0, 0].cpu().numpy()
     disp_np = disp[0].detach().float().cpu().numpy()
     metrics = None
-    if fseg is not None and mseg is not None and warped_seg is not None:
-        metrics = compute_metrics(fseg, mseg, warped_seg, disp_np, spacing)
+    if fseg is not None and mseg_before is not None and warped_seg is not None:
+        metrics = compute_metrics(fseg, mseg_before, warped_seg, disp_np, metric_spacing)
+    world_affine = None
+    if res.affine is not None:
+        world_affine = world_f @ res.affine @ np.linalg.inv(world_f)
+    details: dict[str, Any] = {
+        "work_shape": list(res.work_shape),
+        "work_spacing": [float(s) for s in res.work_spacing],
+        "timings": {k: float(v) for k, v in res.timings.items()},
+    }
+    if res.align is not None:
+        details["global"] = {
+            "mode": res.align.mode,
+            "similarity_before": float(res.align.similarity_before),
+            "similarity_after": float(res.align.similarity_after),
+            "parameters": _jsonable(res.align.parameters),
+            "matrix_voxels": res.affine.tolist() if res.affine is not None else None,
+        }
     return RegistrationResult(
         disp=disp_np,
         warped=warped,
@@ -368,5 +576,147 @@ def register(
         metrics=metrics,
         runtime_s=runtime,
         method=method,
-        spacing=spacing,
+        spacing=tuple(float(s) for s in metric_spacing),
+        fixed_world=world_f,
+        moving_world=world_m,
+        grid_map=m_map,
+        affine=world_affine,
+        affine_mode=res.align.mode if res.align is not None else "off",
+        details=details,
     )
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return _jsonable(np.asarray(x).tolist())
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def _saved(reg: Any) -> Any:
+    from .data.transforms import SavedRegistration, read_registration
+
+    return reg if isinstance(reg, SavedRegistration) else read_registration(os.fspath(reg))
+
+
+def _image_map(saved: Any, img: Any, shape: tuple[int, ...], label: str) -> np.ndarray:
+    """Fixed voxel -> voxel of ``img`` for a saved registration (its own header where it has
+    one, else the registered moving image's grid)."""
+    from .spatial import grid_map
+
+    if len(shape) != saved.ndim:
+        raise InputError(
+            f"{label}: is {len(shape)}D but the registration in {saved.folder} is {saved.ndim}D"
+        )
+    has_geometry = img is not None and img.kind not in ("array", "numpy")
+    if saved.space == "index" or not has_geometry:
+        if tuple(shape) != tuple(saved.moving_shape):
+            raise InputError(
+                f"{label}: shape {tuple(shape)} differs from the registered moving image's "
+                f"{tuple(saved.moving_shape)} (and the file carries no geometry to place it)"
+            )
+        if saved.space == "index":
+            return np.eye(saved.ndim + 1)
+        return grid_map(saved.fixed_world, saved.moving_world)
+    try:
+        return grid_map(saved.fixed_world, img.world)
+    except ValueError as err:
+        raise InputError(f"{label}: {err}") from None
+
+
+def apply_registration(
+    registration: Any, image: Any, labels: bool = False, device: Any = None
+) -> np.ndarray:
+    """Warp an image or label map of the moving space with a saved registration.
+
+    Args:
+        registration: a folder written by ``pddreg register`` (or a
+            :class:`pddreg.data.transforms.SavedRegistration`).
+        image: an image (or, with ``labels``, a label map) in the moving image's space: a path
+            or an :class:`pddreg.data.Image` (placed by its own header, so another scan of the
+            moving subject on another grid works), or an array on the registered moving grid.
+        labels: nearest-neighbour warping of an integer label map (values copied; 0 outside).
+        device: where to resample (default: CPU, or CUDA when available).
+
+    Returns:
+        ``(*S_f)`` on the fixed grid: float32 (images, linear, 0 outside the image) or int64.
+        For the moving image itself this is exactly ``register``'s ``warped`` (labels: its
+        ``warped_seg``).
+    """
+    from . import pipeline
+    from .data.io import Image, read_image, read_labels
+    from .spatial import map_coords, sample, sample_labels
+
+    saved = _saved(registration)
+    if isinstance(image, (str, os.PathLike)):
+        image = read_labels(os.fspath(image)) if labels else read_image(os.fspath(image))
+    img = image if isinstance(image, Image) else None
+    name = (img.path if img is not None else None) or "image"
+    if labels:
+        shape = tuple(np.asarray(img.array if img is not None else image).shape)
+        arr = _label_array(image, "image", shape, name)
+    else:
+        arr, name, img = _image_array(image, "image")
+    m_map = _image_map(saved, img, tuple(arr.shape), name)
+    dev = _resolve_device(device)
+    disp = torch.from_numpy(saved.disp)[None].to(dev)
+    with torch.no_grad():
+        coords = map_coords(m_map, saved.fixed_shape, disp)
+        if labels:
+            lab = torch.from_numpy(arr)[None, None].to(dev)
+            return sample_labels(lab, coords, "zeros")[0, 0].cpu().numpy()
+        out = sample(_to_batch(arr, dev), coords, padding="border")
+        return (out * pipeline.inside_domain(coords, arr.shape))[0, 0].cpu().numpy()
+
+
+def map_points(registration: Any, points: Any, space: str = "voxel") -> np.ndarray:
+    """Map points of the fixed image into the moving image with a saved registration.
+
+    Args:
+        registration: a registration folder (or :class:`SavedRegistration`).
+        points: ``(N, ndim)`` fixed points: voxel indices of the fixed grid (``space="voxel"``,
+            array axis order) or world coordinates in mm (``"mm"``, NIfTI RAS).
+        space: ``"voxel"`` or ``"mm"``; the result is in the same units: voxel indices of the
+            registered moving image, or moving world points in mm.
+
+    Returns:
+        ``(N, ndim)`` float64.
+
+    Raises:
+        InputError: a point outside the fixed image, or points of the wrong dimension.
+    """
+    from .spatial import grid_map, sample
+
+    saved = _saved(registration)
+    n = saved.ndim
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != n or not np.all(np.isfinite(pts)):
+        raise InputError(f"points: expected finite (N, {n}) coordinates, got shape {pts.shape}")
+    if space not in ("voxel", "mm"):
+        raise InputError(f"points: space must be 'voxel' or 'mm', got {space!r}")
+    vox = pts
+    if space == "mm":
+        vox = (pts - saved.fixed_world[:n, n]) @ np.linalg.inv(saved.fixed_world[:n, :n]).T
+    shape = np.asarray(saved.fixed_shape, dtype=np.float64)
+    outside = np.any((vox < -0.5) | (vox > shape - 0.5), axis=1)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise InputError(
+            f"points: point {i + 1} {tuple(float(v) for v in pts[i])} lies outside the fixed "
+            f"image (shape {tuple(saved.fixed_shape)})"
+        )
+    disp = torch.from_numpy(saved.disp).double()[None]
+    coords = torch.from_numpy(vox.T.copy()).view(1, n, -1, *([1] * (n - 1)))
+    d = sample(disp, coords, mode="linear", padding="border").reshape(n, -1).T.numpy()
+    moved = vox + d  # in the fixed index frame of moving_world
+    if space == "mm":
+        return moved @ saved.fixed_world[:n, :n].T + saved.fixed_world[:n, n]
+    m_map = (
+        np.eye(n + 1) if saved.space == "index" else grid_map(saved.fixed_world, saved.moving_world)
+    )
+    return moved @ m_map[:n, :n].T + m_map[:n, n]

@@ -26,13 +26,24 @@ from .errors import InputError, PddregError
 
 logger = logging.getLogger("pddreg")
 
-__all__ = ["atomic_output_dir", "main", "output_suffix"]
+__all__ = ["atomic_output_dir", "main", "output_suffix", "read_points"]
 
 # Subcommands that live in other modules, each offering ``add_subcommand(subparsers)``.
 _EXTERNAL_COMMANDS = ("pddreg.train.command", "pddreg.data.command")
 
 # Files ``register`` may write; stale ones from an earlier run into the same OUT are removed.
-_REGISTER_OUTPUTS = ("disp.npy", "disp.nii.gz", "warped.*", "warped_seg.*", "metrics.json")
+_REGISTER_OUTPUTS = (
+    "disp.npy",
+    "disp.nii.gz",
+    "disp_mm.npy",
+    "disp_itk.nii.gz",
+    "affine.txt",
+    "affine.tfm",
+    "transform.json",
+    "warped.*",
+    "warped_seg.*",
+    "metrics.json",
+)
 
 
 def output_suffix(path: str | os.PathLike[str]) -> str:
@@ -102,8 +113,7 @@ def _remove(path: Path) -> None:
 # ----------------------------------------------------------------------------- register
 def _cmd_register(args: argparse.Namespace) -> int:
     from .api import register
-    from .data.io import read_image, read_labels, write_image
-    from .data.learn2reg import write_displacement
+    from .data.io import read_image, read_labels
 
     fixed = read_image(args.fixed)
     moving = read_image(args.moving)
@@ -118,29 +128,16 @@ def _cmd_register(args: argparse.Namespace) -> int:
         moving_seg=mseg,
         device=args.device,
         instance_opt=args.instance_opt,
+        affine=args.affine,
+        fixed_mask=args.fixed_mask,
+        moving_mask=args.moving_mask,
+        same_grid=args.same_grid,
     )
-    suffix = output_suffix(args.moving)
     with atomic_output_dir(args.output, _REGISTER_OUTPUTS) as tmp:
-        np.save(tmp / "disp.npy", result.disp)
-        if result.disp.shape[0] == 3:
-            write_displacement(tmp / "disp.nii.gz", result.disp, affine=fixed.affine)
-        write_image(str(tmp / f"warped{suffix}"), result.warped, like=fixed)
-        if result.warped_seg is not None:
-            seg_suffix = output_suffix(args.moving_seg)
-            write_image(str(tmp / f"warped_seg{seg_suffix}"), result.warped_seg, like=fixed)
-        if result.metrics is not None:
-            doc = {
-                "fixed": args.fixed,
-                "moving": args.moving,
-                "fixed_seg": args.fixed_seg,
-                "moving_seg": args.moving_seg,
-                "method": result.method,
-                "runtime_s": result.runtime_s,
-                "spacing": list(result.spacing),
-                **result.metrics,
-            }
-            (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
+        _write_register_outputs(tmp, result, fixed, moving, args)
     summary = f"{result.method}: {result.runtime_s:.2f} s"
+    if result.affine_mode != "off":
+        summary += f", global stage {result.affine_mode}"
     if result.metrics is not None and result.metrics.get("mean_dice") is not None:
         before = result.metrics.get("mean_dice_before")
         summary += f", mean Dice {before:.3f} -> {result.metrics['mean_dice']:.3f}"
@@ -148,22 +145,104 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_register_outputs(tmp: Path, result: Any, fixed: Any, moving: Any, args: Any) -> None:
+    """Every file of ``pddreg register`` (see :mod:`pddreg.data.transforms`) into ``tmp``."""
+    from .data.io import write_image
+    from .data.learn2reg import write_displacement
+    from .data.transforms import write_affine, write_itk_displacement, write_registration
+
+    space = "index" if args.same_grid else "world"
+    write_registration(
+        tmp,
+        result.disp,
+        result.fixed_world,
+        moving.shape,
+        result.moving_world,
+        space,
+        extra={"fixed": args.fixed, "moving": args.moving, "method": result.method},
+    )
+    disp_mm = result.disp_mm
+    np.save(tmp / "disp_mm.npy", disp_mm)
+    if result.disp.shape[0] == 3:
+        write_displacement(tmp / "disp.nii.gz", result.disp, affine=fixed.affine)
+    n = fixed.ndim
+    world_to_itk = fixed.itk_physical[:n, :n] @ np.linalg.inv(fixed.world[:n, :n])
+    write_itk_displacement(
+        tmp / "disp_itk.nii.gz", disp_mm, fixed.itk_physical, fixed.itk_order, world_to_itk
+    )
+    if result.affine is not None:
+        write_affine(tmp, result.affine)
+    write_image(str(tmp / f"warped{output_suffix(args.moving)}"), result.warped, like=fixed)
+    if result.warped_seg is not None:
+        seg_suffix = output_suffix(args.moving_seg)
+        write_image(str(tmp / f"warped_seg{seg_suffix}"), result.warped_seg, like=fixed)
+    doc = {
+        "fixed": args.fixed,
+        "moving": args.moving,
+        "fixed_seg": args.fixed_seg,
+        "moving_seg": args.moving_seg,
+        "fixed_mask": args.fixed_mask,
+        "moving_mask": args.moving_mask,
+        "method": result.method,
+        "runtime_s": result.runtime_s,
+        "spacing": list(result.spacing),
+        "space": space,
+        "affine_mode": result.affine_mode,
+        "affine": None if result.affine is None else np.asarray(result.affine).tolist(),
+        **result.details,
+    }
+    if result.metrics is not None:
+        doc.update(result.metrics)
+    else:
+        import torch
+
+        from .metrics import folding_fraction, sdlogj
+
+        d = torch.from_numpy(np.ascontiguousarray(result.disp))[None]
+        doc.update({"sdlogj": float(sdlogj(d)), "folding_fraction": float(folding_fraction(d))})
+    (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "register",
         parents=[common],
-        help="register two images (2D or 3D)",
-        description="Register MOVING onto FIXED and write OUT/disp.npy, OUT/disp.nii.gz (3D), "
-        "OUT/warped.*, OUT/warped_seg.* (with --moving-seg) and OUT/metrics.json (with both "
-        "segmentations). Nothing is written unless the whole registration succeeds.",
+        help="register two images (2D or 3D, on any grids)",
+        description="Register MOVING onto FIXED (world coordinates from the headers, a global "
+        "stage, then the deformable method) and write into OUT: disp.npy (fixed voxels), "
+        "disp_mm.npy, disp.nii.gz (3D, Learn2Reg layout), disp_itk.nii.gz (ITK/ANTs "
+        "displacement field), affine.txt and affine.tfm (global stage), transform.json (for "
+        "pddreg apply), warped.*, warped_seg.* (with --moving-seg) and metrics.json. Nothing is "
+        "written unless the whole registration succeeds.",
     )
     p.add_argument("fixed", help="fixed image (.nii/.nii.gz, .png/.jpg, .npy, .mha/.nrrd)")
-    p.add_argument("moving", help="moving image, same shape as the fixed one")
+    p.add_argument("moving", help="moving image (any grid: the headers place it in the world)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    p.add_argument("--method", choices=("pdd", "mind", "none"), default="pdd")
+    p.add_argument(
+        "--method",
+        choices=("pdd", "mind", "none"),
+        default="mind",
+        help="mind (default: training-free, the most accurate on our real-image benchmark), "
+        "pdd (learned PDD-Net) or none",
+    )
     p.add_argument("--model", metavar="PATH", help="saved model for pdd (default: shipped)")
     p.add_argument("--fixed-seg", metavar="F", help="fixed label map (for metrics.json)")
     p.add_argument("--moving-seg", metavar="M", help="moving label map (warped_seg.*)")
+    p.add_argument("--fixed-mask", metavar="F", help="only voxels inside count (fixed grid)")
+    p.add_argument("--moving-mask", metavar="M", help="only voxels inside count (moving grid)")
+    p.add_argument(
+        "--affine",
+        choices=("auto", "rigid", "affine", "translation", "off"),
+        default="auto",
+        help="global stage before the deformable one (default auto: affine, kept where it "
+        "improves the similarity)",
+    )
+    p.add_argument(
+        "--same-grid",
+        action="store_true",
+        help="treat both arrays as one index grid and ignore the headers' geometry (data "
+        "already resampled, e.g. Learn2Reg)",
+    )
     p.add_argument(
         "--instance-opt",
         action=argparse.BooleanOptionalAction,
@@ -171,6 +250,153 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="instance optimisation after the network (pdd; default: the model's setting)",
     )
     p.set_defaults(func=_cmd_register)
+
+
+# ----------------------------------------------------------------------------- apply
+_IMAGE_SUFFIXES = (
+    ".nii.gz",
+    ".nii",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".tif",
+    ".tiff",
+    ".npy",
+    ".mha",
+    ".nrrd",
+)
+_VOXEL_NAMES = {"i", "j", "k", "voxel_0", "voxel_1", "voxel_2", "row", "col", "column"}
+_MM_NAMES = {"x", "y", "z", "x_mm", "y_mm", "z_mm"}
+
+
+def read_points(path: str, ndim: int, space: str = "auto") -> tuple[np.ndarray, str, list[str]]:
+    """Points from a CSV file: one point per row, ``ndim`` numbers (extra columns ignored).
+
+    A header row may name the columns: ``i,j,k`` (voxel indices) or ``x,y,z`` (world mm); with
+    ``space="auto"`` it decides, and a file without a header holds voxel indices.
+
+    Returns:
+        ``(points (N, ndim), space ("voxel" or "mm"), header names)``.
+    """
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{path}: no such points file")
+    try:
+        rows = [
+            r for r in csv.reader(p.read_text().splitlines()) if r and any(c.strip() for c in r)
+        ]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"{path}: cannot read the points ({err})") from None
+    header: list[str] = []
+    if rows:
+        try:
+            [float(c) for c in rows[0][:ndim]]
+        except ValueError:
+            header = [c.strip() for c in rows[0]]
+            rows = rows[1:]
+    if not rows:
+        raise InputError(f"{path}: holds no points")
+    try:
+        pts = np.array([[float(c) for c in r[:ndim]] for r in rows], dtype=np.float64)
+    except ValueError as err:
+        raise InputError(f"{path}: not a table of numbers ({err})") from None
+    if pts.shape[1] != ndim or not np.all(np.isfinite(pts)):
+        raise InputError(f"{path}: expected {ndim} finite coordinates per row")
+    if space == "auto":
+        names = {h.lower() for h in header[:ndim]}
+        space = "mm" if names and names <= _MM_NAMES else "voxel"
+        if names and not (names <= _MM_NAMES or names <= _VOXEL_NAMES):
+            raise InputError(
+                f"{path}: header {header[:ndim]} names neither voxel (i,j,k) nor mm (x,y,z) "
+                "columns; say which with --points-space"
+            )
+    return pts, space, header
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .api import apply_registration, map_points
+    from .data.io import read_image, read_labels, write_image
+    from .data.transforms import read_registration
+
+    saved = read_registration(args.registration)
+    if args.image is None and args.points is None:
+        raise InputError("apply: give an IMAGE to warp and/or --points CSV")
+    out = Path(args.output)
+    single = args.image is not None and out.name.lower().endswith(_IMAGE_SUFFIXES)
+    if single and args.points is not None:
+        raise InputError(f"{out}: with --points, -o names an output folder")
+    warped = like = None
+    if args.image is not None:
+        image = read_labels(args.image) if args.labels else read_image(args.image)
+        warped = apply_registration(saved, image, labels=args.labels, device=args.device)
+        like = _fixed_like(saved)
+    mapped = None
+    if args.points is not None:
+        pts, space, header = read_points(args.points, saved.ndim, args.points_space)
+        mapped = (map_points(saved, pts, space), space, header)
+    if single:
+        write_image(str(out), warped, like=like)
+        print(f"wrote {out}")
+        return 0
+    with atomic_output_dir(out, ("warped.*", "warped_seg.*", "points.csv")) as tmp:
+        if warped is not None:
+            stem = "warped_seg" if args.labels else "warped"
+            write_image(str(tmp / f"{stem}{output_suffix(args.image)}"), warped, like=like)
+        if mapped is not None:
+            pts, space, header = mapped
+            names = header[: saved.ndim] or (
+                ["x", "y", "z"][: saved.ndim] if space == "mm" else ["i", "j", "k"][: saved.ndim]
+            )
+            lines = [",".join(names)] + [",".join(f"{v:.6f}" for v in row) for row in pts]
+            (tmp / "points.csv").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _fixed_like(saved: Any) -> Any:
+    """An Image carrying the fixed grid's geometry, for writing results like register does."""
+    from .data.io import Image
+
+    n = saved.ndim
+    affine = np.eye(4)
+    keep = [*range(n), 3]
+    affine[np.ix_(keep, keep)] = saved.fixed_world
+    spacing = tuple(float(v) for v in np.linalg.norm(saved.fixed_world[:n, :n], axis=0))
+    return Image(
+        array=np.zeros(saved.fixed_shape, np.float32), spacing=spacing, affine=affine, kind="nifti"
+    )
+
+
+def _add_apply(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "apply",
+        parents=[common],
+        help="apply a saved registration to another image, label map or point set",
+        description="Warp IMAGE (an image of the moving space, on any grid: its header places "
+        "it) onto the fixed grid with the registration saved in REG_DIR by pddreg register "
+        "(global stage and field, world coordinates included), and/or map fixed-space points "
+        "(--points) into the moving space. -o OUT is a file (warped image) or a folder "
+        "(OUT/warped.* or OUT/warped_seg.*, OUT/points.csv).",
+    )
+    p.add_argument("registration", metavar="REG_DIR", help="output folder of pddreg register")
+    p.add_argument("image", nargs="?", metavar="IMAGE", help="image or label map to warp")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file or folder")
+    p.add_argument("--labels", action="store_true", help="IMAGE is a label map (nearest)")
+    p.add_argument(
+        "--points",
+        metavar="CSV",
+        help="fixed-space points (one per row; header i,j,k = voxels, x,y,z = mm) to map into "
+        "the moving space (OUT/points.csv, same units)",
+    )
+    p.add_argument(
+        "--points-space",
+        choices=("auto", "voxel", "mm"),
+        default="auto",
+        help="units of --points (default: by the header, voxel without one)",
+    )
+    p.set_defaults(func=_cmd_apply)
 
 
 # ----------------------------------------------------------------------------- track / demo
@@ -387,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     common = _common_options(suppress=True)
     _add_register(sub, common)
+    _add_apply(sub, common)
     _add_track(sub, common)
     _add_demo(sub, common)
     add_evaluate(sub)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .correlation import correlation, displacement_set, expected_values
 from .field import expected_displacement, probabilities, soft_field
+from .masks import mask_cost, valid_weights
 from .regularise import (
     DEFAULT_ALPHA,
     EXACT_WEIGHT,
@@ -25,10 +26,12 @@ __all__ = [
     "displacement_set",
     "expected_displacement",
     "expected_values",
+    "mask_cost",
     "meanfield",
     "minconv",
     "minconv_exact",
     "probabilities",
     "regularise",
     "soft_field",
+    "valid_weights",
 ]

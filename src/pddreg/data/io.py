@@ -63,6 +63,7 @@ class Image:
     spacing: tuple[float, ...]
     affine: np.ndarray | None = None
     path: str | None = None
+    kind: str = "array"
 
     @property
     def ndim(self) -> int:
@@ -71,6 +72,44 @@ class Image:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.array.shape)
+
+    @property
+    def world(self) -> np.ndarray:
+        """Index-to-world matrix ``(ndim + 1, ndim + 1)`` (mm, NIfTI's RAS frame; see
+        :mod:`pddreg.spatial.world`): the header's affine (a 2-D image takes its first two
+        axes), else the diagonal of the spacing."""
+        n = self.ndim
+        if self.affine is not None:
+            a = np.asarray(self.affine, dtype=np.float64)
+            keep = [*range(n), 3]
+            return a[np.ix_(keep, keep)] if n < 3 else a
+        return np.diag([*(float(s) for s in self.spacing[:n]), 1.0])
+
+    @property
+    def itk_order(self) -> tuple[int, ...]:
+        """The array axis of each ITK index axis: ITK reads a PNG/JPEG as ``(x=column,
+        y=row)``, the reverse of its array ``(row, column)``; every other format keeps the order
+        (the readers transpose ITK images to ``(x, y, z)``)."""
+        if self.kind == "pillow":
+            return tuple(range(self.ndim))[::-1]
+        return tuple(range(self.ndim))
+
+    @property
+    def itk_physical(self) -> np.ndarray:
+        """Index-to-ITK-physical (LPS) matrix ``(ndim + 1, ndim + 1)`` over the array axes.
+
+        For a PNG/JPEG, ITK's physical point of pixel ``(row, column)`` is ``(column, row)``
+        times the spacing; for the other formats it is the world point in LPS."""
+        n = self.ndim
+        if self.kind == "pillow":
+            m = np.zeros((n + 1, n + 1))
+            for j, axis in enumerate(self.itk_order):
+                m[j, axis] = float(self.spacing[axis])
+            m[n, n] = 1.0
+            return m
+        from ..spatial.world import to_lps
+
+        return to_lps(self.world)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -151,14 +190,16 @@ def _load_pillow(path: str, labels: bool) -> np.ndarray:
 
 
 def _itk_affine(img: Any) -> np.ndarray | None:
+    """The NIfTI-style (RAS) 4x4 affine of a 2-D or 3-D ITK image (a 2-D one in the top-left
+    block, its third axis the identity)."""
     dim = img.GetDimension()
-    if dim != 3:
+    if dim not in (2, 3):
         return None
-    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)
     spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
     affine = np.eye(4)
-    affine[:3, :3] = direction * spacing[None, :]
-    affine[:3, 3] = np.asarray(img.GetOrigin(), dtype=np.float64)
+    affine[:dim, :dim] = direction * spacing[None, :]
+    affine[:dim, 3] = np.asarray(img.GetOrigin(), dtype=np.float64)
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # ITK's LPS to NIfTI's RAS world
 
 
@@ -192,13 +233,17 @@ def _load(path: str | os.PathLike, labels: bool) -> Image:
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or folder")
     ext = _extension(path)
+    kind = "itk"
     if os.path.isdir(path):
         loader: Callable[[], tuple] = lambda: _load_itk(path, labels)  # noqa: E731
     elif ext in _NIFTI:
+        kind = "nifti"
         loader = lambda: _load_nifti(path)  # noqa: E731
     elif ext in _PILLOW:
+        kind = "pillow"
         loader = lambda: (_load_pillow(path, labels), (1.0, 1.0), None)  # noqa: E731
     elif ext in _NUMPY:
+        kind = "numpy"
         loader = lambda: (np.load(path, allow_pickle=False), (), None)  # noqa: E731
     elif ext in _ITK:
         loader = lambda: _load_itk(path, labels)  # noqa: E731
@@ -226,7 +271,24 @@ def _load(path: str | os.PathLike, labels: bool) -> Image:
     if not all(np.isfinite(s) and s > 0 for s in spacing):
         logger.warning("%s: invalid voxel spacing %s in the header, using 1.0", path, spacing)
         spacing = tuple(s if np.isfinite(s) and s > 0 else 1.0 for s in spacing)
-    return Image(array=arr, spacing=tuple(spacing), affine=affine, path=path)
+    image = Image(array=arr, spacing=tuple(spacing), affine=affine, path=path, kind=kind)
+    _check_world(image)
+    return image
+
+
+def _check_world(image: Image) -> None:
+    """Refuse a header whose voxel-to-world matrix is not finite or degenerate."""
+    world = image.world
+    n = image.ndim
+    lin = world[:n, :n]
+    if not np.all(np.isfinite(world)):
+        raise InputError(f"{image.path}: the voxel-to-world affine in the header holds NaN/Inf")
+    scale = float(np.abs(lin).max()) if lin.size else 0.0
+    if scale == 0.0 or abs(float(np.linalg.det(lin))) < 1e-9 * scale**n:
+        raise InputError(
+            f"{image.path}: the voxel-to-world affine in the header is degenerate (its voxel "
+            "axes are zero or collinear)"
+        )
 
 
 # ----------------------------------------------------------------------------- public API

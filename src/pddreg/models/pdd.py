@@ -219,13 +219,17 @@ class PDDNet(nn.Module):
         radius: int,
         spacing: float,
         grid_stride: int,
+        fixed_mask: Tensor | None = None,
+        moving_mask: Tensor | None = None,
     ) -> dict[str, Any]:
         from pddreg.cost import (
             correlation,
             displacement_set,
             expected_displacement,
+            mask_cost,
             probabilities,
             regularise,
+            valid_weights,
         )
 
         cfg = self.config
@@ -234,6 +238,9 @@ class PDDNet(nn.Module):
         raw = correlation(
             _area(feat_fixed, grid), feat_moving, radius, spacing, padding=cfg.padding
         )
+        if fixed_mask is not None or moving_mask is not None:
+            fw = None if fixed_mask is None else _area(fixed_mask, grid)
+            raw = mask_cost(raw, valid_weights(fw, moving_mask, radius, spacing, grid))
         cost = regularise(
             raw, alpha.to(raw.dtype), use_meanfield=cfg.use_meanfield, exact=cfg.exact_minconv
         )
@@ -255,8 +262,18 @@ class PDDNet(nn.Module):
         }
 
     # ------------------------------------------------------------------ forward
-    def forward(self, fixed: Tensor, moving: Tensor) -> dict[str, Any]:
-        """Register ``moving`` to ``fixed`` (both ``(B, 1, *S)``); see the class docstring."""
+    def forward(
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        fixed_mask: Tensor | None = None,
+        moving_mask: Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Register ``moving`` to ``fixed`` (both ``(B, 1, *S)``); see the class docstring.
+
+        ``fixed_mask``, ``moving_mask``: optional ``(B, 1, *S)`` masks in [0, 1]: cost entries
+        of control points outside the fixed mask, or displaced outside the moving mask, get a
+        neutral cost (:func:`pddreg.cost.mask_cost`)."""
         from pddreg.spatial import compose, resize_field, warp
 
         self._check(fixed, moving)
@@ -264,11 +281,14 @@ class PDDNet(nn.Module):
         feats = self.features(torch.cat([fixed, moving]))
         feat_fixed, feat_moving = feats[:b], feats[b:]
         fshape = tuple(feats.shape[2:])
+        fmask = None if fixed_mask is None else _area(fixed_mask.to(feats.dtype), fshape)
+        mmask = None if moving_mask is None else _area(moving_mask.to(feats.dtype), fshape)
         levels = []
         disp = None  # (B, ndim, *F) in voxels of F
         for i, (alpha, radius, spacing, stride) in enumerate(self._levels()):
             moved = feat_moving if disp is None else warp(feat_moving, disp, padding="border")
-            lv = self._level(feat_fixed, moved, alpha, radius, spacing, stride)
+            mm = mmask if mmask is None or disp is None else warp(mmask, disp, padding="zeros")
+            lv = self._level(feat_fixed, moved, alpha, radius, spacing, stride, fmask, mm)
             residual = resize_field(lv["disp_grid"], fshape)
             disp = residual if i == 0 else compose(disp, residual)
             lv["disp_feat"] = disp
@@ -294,7 +314,13 @@ class PDDNet(nn.Module):
     # ------------------------------------------------------------------ interface
     @torch.no_grad()
     def register(
-        self, fixed: Tensor, moving: Tensor, instance_opt: bool | None = None, **kwargs: Any
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        instance_opt: bool | None = None,
+        fixed_mask: Tensor | None = None,
+        moving_mask: Tensor | None = None,
+        **kwargs: Any,
     ) -> Tensor:
         """Dense displacement ``(B, ndim, *S)`` mapping the fixed grid into ``moving``.
 
@@ -304,14 +330,15 @@ class PDDNet(nn.Module):
         :func:`pddreg.optim.feature_optimise` (Adam on the SSD of the learned features + diffusion,
         the optimiser ``pddreg.optim.discrete_register`` uses); keyword arguments override its
         settings (``iters``, ``lr``, ``lambda_``, ``grid_stride``, ``smooth``; defaults from
-        :class:`pddreg.optim.InstanceConfig` and ``config.io_*``).
+        :class:`pddreg.optim.InstanceConfig` and ``config.io_*``). ``fixed_mask``,
+        ``moving_mask``: ``(B, 1, *S)`` masks (see :meth:`forward`).
         """
         from pddreg.spatial import resize_field
 
         was_training = self.training
         self.eval()
         try:
-            out = self(fixed, moving)
+            out = self(fixed, moving, fixed_mask, moving_mask)
         finally:
             self.train(was_training)
         cfg = self.config
@@ -324,6 +351,7 @@ class PDDNet(nn.Module):
         opts.update(kwargs)
         io = InstanceConfig(mode="features", **opts)
         feat_fixed, feat_moving = out["features"]
+        fshape = tuple(feat_fixed.shape[2:])
         refined = feature_optimise(
             feat_fixed,
             feat_moving,
@@ -333,6 +361,8 @@ class PDDNet(nn.Module):
             iters=io.iters,
             lr=io.lr,
             smooth=io.smooth,
+            fixed_mask=None if fixed_mask is None else _area(fixed_mask.float(), fshape),
+            moving_mask=None if moving_mask is None else _area(moving_mask.float(), fshape),
         )
         return resize_field(refined, tuple(fixed.shape[2:]))
 

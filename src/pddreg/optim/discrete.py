@@ -124,6 +124,17 @@ def pool_features(feat: Tensor, factor: int) -> Tensor:
     return adaptive(feat, size)
 
 
+def _area(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Area-resample ``(B, C, *S)`` to ``shape`` (identity when equal)."""
+    if tuple(x.shape[2:]) == tuple(shape):
+        return x
+    pool = F.adaptive_avg_pool3d if x.dim() == 5 else F.adaptive_avg_pool2d
+    if all(s >= t for s, t in zip(x.shape[2:], shape, strict=True)):
+        return pool(x, shape)
+    mode = "trilinear" if x.dim() == 5 else "bilinear"
+    return F.interpolate(x, size=shape, mode=mode, align_corners=False)
+
+
 def _to_grid(feat: Tensor, stride: int, how: str) -> Tensor:
     """Fixed features ``(B, C, *P)`` on the control grid ``ceil(P / stride)``."""
     if stride == 1:
@@ -188,6 +199,8 @@ def discrete_register(
     prior: float | None = None,
     padding: str = "border",
     max_memory: int | None = None,
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
 ) -> Tensor:
     """Multi-level discrete registration with any feature extractor.
 
@@ -225,11 +238,16 @@ def discrete_register(
         padding: how the moving features are extended outside their grid in the correlation
             (``"border"`` or ``"zeros"``).
         max_memory: passed to the correlation/regularisation (bytes per chunk).
+        fixed_mask, moving_mask: ``(B, 1, *S)`` masks in [0, 1] (or None): only control points
+            inside the fixed mask whose displaced position falls inside the (warped) moving
+            mask keep their data cost; the other entries get a neutral cost
+            (:func:`pddreg.cost.mask_cost`), and the instance optimisation weights its SSD the
+            same way.
 
     Returns:
         ``(B, ndim, *S)`` dense displacement in voxels of the image grid.
     """
-    from pddreg.cost import correlation, regularise, soft_field
+    from pddreg.cost import correlation, mask_cost, regularise, soft_field, valid_weights
     from pddreg.spatial import compose, resize_field, warp
 
     if not isinstance(fixed, Tensor) or not isinstance(moving, Tensor):
@@ -254,6 +272,8 @@ def discrete_register(
                 f"{tuple(feat_fixed.shape)} and {tuple(feat_moving.shape)}"
             )
         fshape = tuple(feat_fixed.shape[2:])
+        fmask_f = None if fixed_mask is None else _area(fixed_mask.to(feat_fixed.dtype), fshape)
+        mmask_f = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
         disp = None  # (B, ndim, *F) in voxels of F
         last = None
         for i, level in enumerate(levels):
@@ -268,6 +288,19 @@ def discrete_register(
                 fix_g, mov_p, level.radius, level.spacing, padding=padding, max_memory=max_memory
             )
             del fix_g, mov_p
+            if fmask_f is not None or mmask_f is not None:
+                fw = None
+                if fmask_f is not None:
+                    fw = _to_grid(pool_features(fmask_f, level.pool), level.grid_stride, "area")
+                mw = None
+                if mmask_f is not None:
+                    mm = mmask_f if disp is None else warp(mmask_f, disp, padding="zeros")
+                    mw = pool_features(mm, level.pool)
+                weight = valid_weights(
+                    fw, mw, level.radius, level.spacing, gshape, max_memory=max_memory
+                )
+                cost = mask_cost(cost, weight)
+                del weight
             if normalise:
                 mean = cost.flatten(1).mean(1).clamp_min(torch.finfo(cost.dtype).tiny)
                 cost.div_(mean.view(-1, *([1] * (cost.dim() - 1))))
@@ -313,6 +346,8 @@ def discrete_register(
                     iters=instance.iters,
                     lr=instance.lr,
                     smooth=instance.smooth,
+                    fixed_mask=None if fmask_f is None else _area(fmask_f, ioshape),
+                    moving_mask=None if mmask_f is None else _area(mmask_f, ioshape),
                 )
                 disp = refined if ioshape == fshape else resize_field(refined, fshape)
             else:

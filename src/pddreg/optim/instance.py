@@ -176,7 +176,13 @@ def _dense(params: Tensor, shape: tuple[int, ...], smooth: int) -> Tensor:
 
 
 def feature_objective(
-    feat_fixed: Tensor, feat_moving: Tensor, params: Tensor, lambda_: float, smooth: int = 1
+    feat_fixed: Tensor,
+    feat_moving: Tensor,
+    params: Tensor,
+    lambda_: float,
+    smooth: int = 1,
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
 ) -> Tensor:
     """Feature instance-optimisation objective.
 
@@ -185,6 +191,8 @@ def feature_objective(
         params: ``(B, ndim, *G)`` control-grid field in voxels of ``G``.
         lambda_: diffusion weight (the field measured in voxels of ``F``).
         smooth: box-3 smoothing passes of the control field before upsampling.
+        fixed_mask, moving_mask: ``(B, 1, *F)`` masks in [0, 1] or None: the SSD is then the
+            mean over ``w(x) = fixed_mask(x) * moving_mask(x + u(x))`` (weighted).
 
     Returns:
         scalar: ``mean_x sum_c (f_F - f_M(x + u(x)))^2 + lambda_ * diffusion(u_G * F/G)``.
@@ -195,7 +203,14 @@ def feature_objective(
     ndim = len(shape)
     dense = _dense(params, shape, smooth)
     warped = warp(feat_moving, dense, mode="linear", padding="border")
-    data = (warped - feat_fixed).square().sum(1).mean()
+    ssd = (warped - feat_fixed).square().sum(1, keepdim=True)
+    if fixed_mask is None and moving_mask is None:
+        data = ssd.mean()
+    else:
+        w = torch.ones_like(ssd) if fixed_mask is None else fixed_mask.to(ssd.dtype)
+        if moving_mask is not None:
+            w = w * warp(moving_mask.to(ssd.dtype), dense, mode="linear", padding="zeros")
+        data = (w * ssd).sum() / w.sum().clamp_min(1e-6)
     scale = torch.tensor(
         [f / g for f, g in zip(shape, params.shape[2:], strict=True)], dtype=params.dtype
     ).to(params.device)
@@ -212,6 +227,8 @@ def feature_optimise(
     iters: int = 50,
     lr: float = 0.5,
     smooth: int = 1,
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
 ) -> Tensor:
     """Refine a dense field by Adam on the feature SSD (ConvexAdam-style instance optimisation).
 
@@ -226,6 +243,7 @@ def feature_optimise(
         grid_stride: control-point spacing in voxels of ``F``.
         lambda_: diffusion weight; iters: Adam steps; lr: Adam step size in voxels of ``G``.
         smooth: smoothing passes of the control field.
+        fixed_mask, moving_mask: ``(B, 1, *F)`` masks or None (see :func:`feature_objective`).
 
     Returns:
         ``(B, ndim, *F)`` refined field in voxels of ``F``, detached.
@@ -255,7 +273,9 @@ def feature_optimise(
     opt = _Adam(params, lr=lr)
     with torch.enable_grad():
         for it in range(iters):
-            loss = feature_objective(feat_fixed, feat_moving, params, lambda_, smooth)
+            loss = feature_objective(
+                feat_fixed, feat_moving, params, lambda_, smooth, fixed_mask, moving_mask
+            )
             loss.backward()
             opt.step()
             if it == 0 or it == iters - 1:

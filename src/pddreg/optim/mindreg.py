@@ -148,13 +148,22 @@ def mind_features(image: Tensor, stride: int = 1, radius: int = 1, dilation: int
     return mind_ssc(pool_features(image, stride), radius, dilation)
 
 
-def register_mind(fixed: Tensor, moving: Tensor, config: MindConfig | None = None) -> Tensor:
+def register_mind(
+    fixed: Tensor,
+    moving: Tensor,
+    config: MindConfig | None = None,
+    *,
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
+) -> Tensor:
     """Register ``moving`` to ``fixed`` with MIND-SSC features and discrete search.
 
     Args:
         fixed, moving: ``(B, 1, *S)`` images (2D or 3D, same shape), float, ideally in [0, 1]
             (MIND-SSC is invariant to affine intensity changes).
         config: :class:`MindConfig` (None: defaults).
+        fixed_mask, moving_mask: ``(B, 1, *S)`` masks in [0, 1] or None: only voxels inside
+            count in the similarity (see :func:`discrete_register`).
 
     Returns:
         ``(B, ndim, *S)`` dense displacement in voxels, ``warped(x) = moving(x + u(x))``.
@@ -196,4 +205,6 @@ def register_mind(fixed: Tensor, moving: Tensor, config: MindConfig | None = Non
         prior=cfg.prior,
         padding=PADDING,
         max_memory=cfg.max_memory,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
     )

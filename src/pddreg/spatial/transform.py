@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .grid import identity_grid, voxel_to_normalised
 
-__all__ = ["compose", "resize_field", "sample", "warp", "warp_labels"]
+__all__ = ["compose", "resize_field", "sample", "sample_labels", "warp", "warp_labels"]
 
 _MODES = {"linear": "bilinear", "nearest": "nearest"}
 _PADDINGS = {"border": "border", "zeros": "zeros"}
@@ -173,18 +173,51 @@ def warp_labels(labels: torch.Tensor, disp: torch.Tensor, mode: str = "nearest")
     labels, disp = _match_batch(labels, disp, fn, ("labels", "disp"))
     if mode == "onehot":
         return _warp_labels_onehot(labels, disp, fn)
+    return sample_labels(labels, _coords(disp))
+
+
+def sample_labels(
+    labels: torch.Tensor, coords: torch.Tensor, padding: str = "border"
+) -> torch.Tensor:
+    """Sample an integer label map at voxel coordinates by nearest neighbour (values copied).
+
+    Args:
+        labels: ``(B, C, *S)`` integer or bool label map.
+        coords: ``(B, ndim, *T)`` voxel coordinates into ``labels`` (a batch of 1 broadcasts).
+        padding: ``"border"`` (the nearest border voxel) or ``"zeros"`` (label 0 outside
+            ``[-0.5, S - 0.5]`` on any axis).
+
+    Returns:
+        ``(B, C, *T)`` with the dtype of ``labels``; rounding is half to even, as
+        ``grid_sample(mode="nearest")``; non-finite coordinates read voxel 0.
+    """
+    fn = "sample_labels()"
+    ndim = _check_image(labels, fn, "labels")
+    _check_disp(coords, ndim, fn, "coords")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{fn}: 'labels' must be an integer tensor, got {labels.dtype}")
+    if padding not in _PADDINGS:
+        raise ValueError(f"{fn}: 'padding' must be 'border' or 'zeros', got {padding!r}")
+    labels, coords = _match_batch(labels, coords, fn, ("labels", "coords"))
     b, c = labels.shape[:2]
     in_shape = labels.shape[2:]
-    out_shape = disp.shape[2:]
-    coords = torch.nan_to_num(_coords(disp), nan=0.0)
-    # Round half to even, as grid_sample(mode="nearest") does, then clamp (border padding).
+    out_shape = coords.shape[2:]
+    coords = torch.nan_to_num(coords.to(_coord_dtype(coords.dtype)), nan=0.0)
     index = torch.zeros((b,) + tuple(out_shape), dtype=torch.long, device=labels.device)
+    inside = None
     for i, size in enumerate(in_shape):
-        idx = torch.round(coords[:, i]).clamp_(0, size - 1).long()
+        rounded = torch.round(coords[:, i])
+        if padding == "zeros":
+            ok = (coords[:, i] >= -0.5) & (coords[:, i] <= size - 0.5)
+            inside = ok if inside is None else inside & ok
+        idx = rounded.clamp_(0, size - 1).long()
         index = index * size + idx
     flat = labels.reshape(b, c, -1)
     out = torch.gather(flat, 2, index.reshape(b, 1, -1).expand(b, c, -1))
-    return out.reshape((b, c) + tuple(out_shape))
+    out = out.reshape((b, c) + tuple(out_shape))
+    if inside is not None:
+        out = out * inside.unsqueeze(1).to(out.dtype)
+    return out
 
 
 def _warp_labels_onehot(labels: torch.Tensor, disp: torch.Tensor, fn: str) -> torch.Tensor:
