@@ -45,6 +45,13 @@ class LevelConfig:
             the ``grid_stride`` block, as PDD-Net trains) or ``"point"`` (linear sample at the
             control point, exactly as the moving features are sampled at displacement 0, so
             that identical images give their minimum cost at zero; use with ``smooth``).
+        prior: this level's Gaussian prior on its residual (standard deviation in units of the
+            radius; 0: none); None takes :func:`discrete_register`'s ``prior``.
+        field_smooth: box-3 averaging passes of this level's residual field on its control
+            grid (replicate borders): a coarse level then passes on only its bulk motion.
+        recompute: the level's feature maps are computed from the images area-downsampled by
+            ``pool`` (the moving image warped by the field so far) instead of pooling the
+            full-resolution features: a descriptor of the coarse structure (for coarse levels).
 
     The capture range of a level is ``pool * spacing * radius`` voxels of ``F``; the cost tensor
     holds ``(2 * radius + 1)^ndim * prod(G)`` values.
@@ -56,6 +63,9 @@ class LevelConfig:
     spacing: float = 1.0
     smooth: int = 0
     fixed_sampling: str = "area"
+    prior: float | None = None
+    field_smooth: int = 0
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         if int(self.smooth) != self.smooth or self.smooth < 0:
@@ -277,10 +287,18 @@ def discrete_register(
         disp = None  # (B, ndim, *F) in voxels of F
         last = None
         for i, level in enumerate(levels):
-            moved = feat_moving if disp is None else warp(feat_moving, disp, padding="border")
-            fix_p = _box_filter(pool_features(feat_fixed, level.pool), level.smooth)
-            mov_p = _box_filter(pool_features(moved, level.pool), level.smooth)
-            del moved
+            if level.recompute and level.pool > 1:
+                target = tuple(pool_features(feat_fixed[:, :1], level.pool).shape[2:])
+                img = moving if disp is None else warp(moving, resize_field(disp, shape))
+                fix_p = _area(features(pool_features(fixed, level.pool)), target)
+                mov_p = _area(features(pool_features(img, level.pool)), target)
+                fix_p, mov_p = _box_filter(fix_p, level.smooth), _box_filter(mov_p, level.smooth)
+                del img
+            else:
+                moved = feat_moving if disp is None else warp(feat_moving, disp, padding="border")
+                fix_p = _box_filter(pool_features(feat_fixed, level.pool), level.smooth)
+                mov_p = _box_filter(pool_features(moved, level.pool), level.smooth)
+                del moved
             fix_g = _to_grid(fix_p, level.grid_stride, level.fixed_sampling)
             del fix_p
             pshape, gshape = tuple(mov_p.shape[2:]), tuple(fix_g.shape[2:])
@@ -312,10 +330,13 @@ def discrete_register(
 
                 a = torch.as_tensor(DEFAULT_ALPHA, dtype=torch.float32)
             c = regularise(cost, a.to(device=cost.device, dtype=cost.dtype), max_memory=max_memory)
-            if prior and level.radius > 0:
-                c.add_(_prior_term(level.radius, ndim, prior * level.radius, c))
+            level_prior = prior if level.prior is None else level.prior
+            if level_prior and level.radius > 0:
+                c.add_(_prior_term(level.radius, ndim, level_prior * level.radius, c))
             field = soft_field(c, level.radius, level.spacing, max_memory=max_memory)
             del c
+            for _ in range(level.field_smooth):
+                field = _box_filter(field, 1)
             logger.debug(
                 "discrete_register: level %d grid %s labels %d |r| max %.2f",
                 i,

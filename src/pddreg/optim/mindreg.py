@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,7 +19,14 @@ from pddreg.features.mind import mind_ssc
 
 from .discrete import InstanceConfig, LevelConfig, discrete_register, pool_features
 
-__all__ = ["MindConfig", "default_instance", "default_levels", "mind_features", "register_mind"]
+__all__ = [
+    "MindConfig",
+    "capture",
+    "default_instance",
+    "default_levels",
+    "mind_features",
+    "register_mind",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +95,56 @@ def default_instance(ndim: int, feature_voxels: int = 0) -> InstanceConfig:
     return InstanceConfig(mode="features", iters=50, lr=0.5, lambda_=1.0, grid_stride=2)
 
 
-def default_levels(ndim: int) -> tuple[LevelConfig, ...]:
-    """The default :class:`LevelConfig` sequence for 2D or 3D."""
+#: Displacements up to this fraction of the image extent (the longest axis of the feature map)
+#: must lie within the capture range of the levels, at any image size (with 20 % margin).
+CAPTURE_FRACTION = 0.15
+#: The capture level pools the feature map to about this many voxels along its longest axis
+#: (2D, 3D): coarse enough to be cheap and robust, fine enough to locate the structures.
+CAPTURE_GRID = {2: 48, 3: 24}
+#: Prior of the capture level (standard deviation in units of its radius): weak, so that a
+#: large true displacement is not pulled back (the default 0.25 would cost a 38 px shift of a
+#: 256 px slice more than its data term gains).
+CAPTURE_PRIOR = 1.0
+
+
+def capture(levels: Sequence[LevelConfig]) -> float:
+    """The capture range of a level sequence in voxels of the feature map:
+    ``sum(pool * spacing * radius)``."""
+    return float(sum(lv.pool * lv.spacing * lv.radius for lv in levels))
+
+
+def default_levels(
+    ndim: int, feature_shape: Sequence[int] | None = None
+) -> tuple[LevelConfig, ...]:
+    """The default :class:`LevelConfig` sequence for 2D or 3D.
+
+    With ``feature_shape`` (the feature map ``F``), a coarse capture level is put first when
+    the base levels cannot reach :data:`CAPTURE_FRACTION` of the longest extent (plus 20 %):
+    both maps pooled by a power of two ``p`` to about :data:`CAPTURE_GRID` voxels, a control
+    point every 2 pooled voxels, displacements in steps of one pooled voxel up to the required
+    range, a weak prior (:data:`CAPTURE_PRIOR`). So the capture range grows with the image.
+    """
     if ndim not in DEFAULT_LEVELS:
         raise ValueError(f"default_levels(): ndim must be 2 or 3, got {ndim}")
-    return DEFAULT_LEVELS[ndim]
+    base = DEFAULT_LEVELS[ndim]
+    if feature_shape is None:
+        return base
+    extent = max(int(s) for s in feature_shape)
+    need = 1.2 * CAPTURE_FRACTION * extent
+    if capture(base) >= need:
+        return base
+    pool = 2 ** max(1, round(math.log2(extent / CAPTURE_GRID[ndim])))
+    radius = math.ceil(need / pool)
+    first = LevelConfig(
+        pool=pool,
+        grid_stride=2,
+        radius=radius,
+        spacing=1.0,
+        smooth=1,
+        fixed_sampling="point",
+        prior=CAPTURE_PRIOR,
+    )
+    return (first, *base)
 
 
 @dataclass
@@ -136,7 +189,9 @@ class MindConfig:
         return replace(
             self,
             feature_stride=stride,
-            levels=tuple(self.levels) if self.levels is not None else default_levels(ndim),
+            levels=tuple(self.levels)
+            if self.levels is not None
+            else default_levels(ndim, [-(-s // stride) for s in shape] if shape else None),
             cost_scale=DEFAULT_COST_SCALE if self.cost_scale is None else self.cost_scale,
             instance=self.instance if self.instance is not None else default_instance(ndim, voxels),
         )
@@ -197,7 +252,7 @@ def register_mind(
         fixed,
         moving,
         features,
-        cfg.levels or default_levels(ndim),
+        cfg.levels or default_levels(ndim, [-(-s // stride) for s in fixed.shape[2:]]),
         alpha=None if cfg.alpha is None else torch.tensor(cfg.alpha, dtype=torch.float32),
         instance=cfg.instance,
         cost_scale=float(cfg.cost_scale or DEFAULT_COST_SCALE),
