@@ -49,6 +49,10 @@ class LevelConfig:
             radius; 0: none); None takes :func:`discrete_register`'s ``prior``.
         field_smooth: box-3 averaging passes of this level's residual field on its control
             grid (replicate borders): a coarse level then passes on only its bulk motion.
+        stay: a bonus subtracted from the regularised cost of the zero displacement (in units
+            of the cost): the level moves a control point only where another displacement is
+            clearly better than staying, which keeps a coarse, wide level from locking onto
+            ambiguous matches (repeated texture, contrast changes) where nothing moved.
         recompute: the level's feature maps are computed from the images area-downsampled by
             ``pool`` (the moving image warped by the field so far) instead of pooling the
             full-resolution features: a descriptor of the coarse structure (for coarse levels).
@@ -65,6 +69,7 @@ class LevelConfig:
     fixed_sampling: str = "area"
     prior: float | None = None
     field_smooth: int = 0
+    stay: float = 0.0
     recompute: bool = False
 
     def __post_init__(self) -> None:
@@ -211,6 +216,7 @@ def discrete_register(
     max_memory: int | None = None,
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
+    init: Tensor | None = None,
 ) -> Tensor:
     """Multi-level discrete registration with any feature extractor.
 
@@ -253,6 +259,8 @@ def discrete_register(
             mask keep their data cost; the other entries get a neutral cost
             (:func:`pddreg.cost.mask_cost`), and the instance optimisation weights its SSD the
             same way.
+        init: ``(B, ndim, *S)`` field in image voxels to start from (None: zero); with
+            ``levels`` empty only the instance optimisation runs on it.
 
     Returns:
         ``(B, ndim, *S)`` dense displacement in voxels of the image grid.
@@ -267,7 +275,7 @@ def discrete_register(
             "discrete_register(): 'fixed' and 'moving' must both have shape (B, 1, *spatial) "
             f"with 2 or 3 spatial dims, got {tuple(fixed.shape)} and {tuple(moving.shape)}"
         )
-    if len(levels) == 0:
+    if len(levels) == 0 and init is None:
         raise ValueError("discrete_register(): 'levels' must hold at least one LevelConfig")
     ndim = fixed.dim() - 2
     shape = tuple(fixed.shape[2:])
@@ -284,8 +292,8 @@ def discrete_register(
         fshape = tuple(feat_fixed.shape[2:])
         fmask_f = None if fixed_mask is None else _area(fixed_mask.to(feat_fixed.dtype), fshape)
         mmask_f = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
-        disp = None  # (B, ndim, *F) in voxels of F
-        last = None
+        disp = None if init is None else resize_field(init.to(feat_fixed.dtype), fshape)
+        last = None  # (the field so far is (B, ndim, *F) in voxels of F)
         for i, level in enumerate(levels):
             if level.recompute and level.pool > 1:
                 target = tuple(pool_features(feat_fixed[:, :1], level.pool).shape[2:])
@@ -333,6 +341,8 @@ def discrete_register(
             level_prior = prior if level.prior is None else level.prior
             if level_prior and level.radius > 0:
                 c.add_(_prior_term(level.radius, ndim, level_prior * level.radius, c))
+            if level.stay:
+                c[:, c.shape[1] // 2].sub_(level.stay)  # the centre of the C-order lattice
             field = soft_field(c, level.radius, level.spacing, max_memory=max_memory)
             del c
             for _ in range(level.field_smooth):
@@ -385,4 +395,6 @@ def discrete_register(
                 residual = resize_field(_scale(refined, pshape, gshape), fshape)
                 disp = residual if before is None else compose(before, residual)
         del last
+        if disp is None:  # no levels, no init: cannot happen (checked above)
+            raise ValueError("discrete_register(): nothing to do")
         return disp if fshape == shape else resize_field(disp, shape)

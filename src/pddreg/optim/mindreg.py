@@ -22,8 +22,10 @@ from .discrete import InstanceConfig, LevelConfig, discrete_register, pool_featu
 __all__ = [
     "MindConfig",
     "capture",
+    "capture_level",
     "default_instance",
     "default_levels",
+    "feature_mismatch",
     "mind_features",
     "register_mind",
 ]
@@ -113,38 +115,60 @@ def capture(levels: Sequence[LevelConfig]) -> float:
     return float(sum(lv.pool * lv.spacing * lv.radius for lv in levels))
 
 
-def default_levels(
-    ndim: int, feature_shape: Sequence[int] | None = None
-) -> tuple[LevelConfig, ...]:
-    """The default :class:`LevelConfig` sequence for 2D or 3D.
-
-    With ``feature_shape`` (the feature map ``F``), a coarse capture level is put first when
-    the base levels cannot reach :data:`CAPTURE_FRACTION` of the longest extent (plus 20 %):
-    both maps pooled by a power of two ``p`` to about :data:`CAPTURE_GRID` voxels, a control
-    point every 2 pooled voxels, displacements in steps of one pooled voxel up to the required
-    range, a weak prior (:data:`CAPTURE_PRIOR`). So the capture range grows with the image.
-    """
+def default_levels(ndim: int) -> tuple[LevelConfig, ...]:
+    """The default :class:`LevelConfig` sequence for 2D or 3D (without the capture level)."""
     if ndim not in DEFAULT_LEVELS:
         raise ValueError(f"default_levels(): ndim must be 2 or 3, got {ndim}")
-    base = DEFAULT_LEVELS[ndim]
-    if feature_shape is None:
-        return base
+    return DEFAULT_LEVELS[ndim]
+
+
+def capture_level(
+    ndim: int, feature_shape: Sequence[int], levels: Sequence[LevelConfig]
+) -> LevelConfig | None:
+    """The coarse level that extends ``levels`` to :data:`CAPTURE_FRACTION` of the longest
+    extent of the feature map ``F`` (plus 20 %), or None when they reach it already.
+
+    Both maps pooled by a power of two ``p`` to about :data:`CAPTURE_GRID` voxels, a control
+    point every 2 pooled voxels, displacements in steps of one pooled voxel up to the required
+    range, a weak prior (:data:`CAPTURE_PRIOR`) and 3 smoothing passes of its field: the
+    capture range grows with the image.
+    """
     extent = max(int(s) for s in feature_shape)
     need = 1.2 * CAPTURE_FRACTION * extent
-    if capture(base) >= need:
-        return base
+    if capture(levels) >= need:
+        return None
     pool = 2 ** max(1, round(math.log2(extent / CAPTURE_GRID[ndim])))
-    radius = math.ceil(need / pool)
-    first = LevelConfig(
+    return LevelConfig(
         pool=pool,
         grid_stride=2,
-        radius=radius,
+        radius=math.ceil(need / pool),
         spacing=1.0,
         smooth=1,
         fixed_sampling="point",
         prior=CAPTURE_PRIOR,
+        field_smooth=3,
     )
-    return (first, *base)
+
+
+def feature_mismatch(
+    feat_fixed: Tensor,
+    feat_moving: Tensor,
+    disp: Tensor,
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
+) -> Tensor:
+    """Mean feature SSD per batch element ``(B,)`` of ``feat_fixed`` against ``feat_moving``
+    warped by ``disp`` (``(B, ndim, *F)``, voxels of ``F``), over the fixed points inside
+    ``fixed_mask`` whose displaced position lies inside the moving map (and ``moving_mask``)."""
+    from pddreg.spatial import warp
+
+    ssd = (feat_fixed - warp(feat_moving, disp)).square().sum(1, keepdim=True)
+    inside = torch.ones_like(feat_moving[:, :1]) if moving_mask is None else moving_mask
+    w = warp(inside.to(ssd.dtype), disp, padding="zeros")
+    if fixed_mask is not None:
+        w = w * fixed_mask.to(ssd.dtype)
+    dims = tuple(range(1, ssd.dim()))
+    return (w * ssd).sum(dims) / w.sum(dims).clamp_min(1e-6)
 
 
 @dataclass
@@ -166,6 +190,11 @@ class MindConfig:
         instance: instance optimisation; None: :func:`default_instance` (to skip it, pass
             ``InstanceConfig(iters=0)``).
         max_memory: bytes per chunk for the correlation/regularisation (None: their default).
+        capture: large-motion search (default levels only): None (auto) adds the capture
+            level (:func:`capture_level`) where the levels cannot reach
+            :data:`CAPTURE_FRACTION` of the image extent, runs the levels with and without it
+            and keeps the field whose warped moving features match the fixed ones better
+            (:data:`CAPTURE_MARGIN`); True always tries it, False never.
     """
 
     mind_radius: int = 1
@@ -177,6 +206,7 @@ class MindConfig:
     prior: float | None = DEFAULT_PRIOR
     instance: InstanceConfig | None = None
     max_memory: int | None = None
+    capture: bool | None = None
 
     def resolved(self, ndim: int, shape: tuple[int, ...] | None = None) -> MindConfig:
         """A copy with every None default filled in for ``ndim`` spatial dimensions (and an
@@ -189,9 +219,7 @@ class MindConfig:
         return replace(
             self,
             feature_stride=stride,
-            levels=tuple(self.levels)
-            if self.levels is not None
-            else default_levels(ndim, [-(-s // stride) for s in shape] if shape else None),
+            levels=tuple(self.levels) if self.levels is not None else default_levels(ndim),
             cost_scale=DEFAULT_COST_SCALE if self.cost_scale is None else self.cost_scale,
             instance=self.instance if self.instance is not None else default_instance(ndim, voxels),
         )
@@ -237,6 +265,7 @@ def register_mind(
             f"got {tuple(moving.shape)}"
         )
     ndim = fixed.dim() - 2
+    user_levels = config is not None and config.levels is not None
     cfg = (config or MindConfig()).resolved(ndim, tuple(fixed.shape[2:]))
     if not fixed.is_floating_point():
         fixed = fixed.float()
@@ -244,22 +273,73 @@ def register_mind(
         moving = moving.float()
     stride = int(cfg.feature_stride or 1)
 
+    cache: dict[int, Tensor] = {}
+
     def features(image: Tensor) -> Tensor:
-        return mind_features(image, stride, cfg.mind_radius, cfg.mind_dilation)
+        key = id(image)
+        if key not in cache:  # the fixed and moving features serve every run below
+            cache[key] = mind_features(image, stride, cfg.mind_radius, cfg.mind_dilation)
+        return cache[key]
 
     logger.debug("register_mind: %s, config %s", tuple(fixed.shape), cfg)
+    levels = tuple(cfg.levels or default_levels(ndim))
+    common = {
+        "alpha": None if cfg.alpha is None else torch.tensor(cfg.alpha, dtype=torch.float32),
+        "cost_scale": float(cfg.cost_scale or DEFAULT_COST_SCALE),
+        "normalise": True,
+        "prior": cfg.prior,
+        "padding": PADDING,
+        "max_memory": cfg.max_memory,
+        "fixed_mask": fixed_mask,
+        "moving_mask": moving_mask,
+    }
+    fshape = [-(-s // stride) for s in fixed.shape[2:]]
+    extra = None
+    if cfg.capture or (cfg.capture is None and not user_levels):
+        extra = capture_level(ndim, fshape, levels if not cfg.capture else ())
+    if extra is None:
+        return discrete_register(fixed, moving, features, levels, instance=cfg.instance, **common)
+    # Large motion: the levels with and without the capture level, the better match wins.
+    plain = discrete_register(fixed, moving, features, levels, **common)
+    wide = discrete_register(fixed, moving, features, (extra, *levels), **common)
+    chosen = _better(plain, wide, features(fixed), features(moving), fixed_mask, moving_mask)
+    if cfg.instance is None or cfg.instance.iters <= 0:
+        return chosen
     return discrete_register(
-        fixed,
-        moving,
-        features,
-        cfg.levels or default_levels(ndim, [-(-s // stride) for s in fixed.shape[2:]]),
-        alpha=None if cfg.alpha is None else torch.tensor(cfg.alpha, dtype=torch.float32),
-        instance=cfg.instance,
-        cost_scale=float(cfg.cost_scale or DEFAULT_COST_SCALE),
-        normalise=True,
-        prior=cfg.prior,
-        padding=PADDING,
-        max_memory=cfg.max_memory,
-        fixed_mask=fixed_mask,
-        moving_mask=moving_mask,
+        fixed, moving, features, (), instance=cfg.instance, init=chosen, **common
     )
+
+
+#: The capture level's field is kept when its feature mismatch is this much (relative) lower.
+CAPTURE_MARGIN = 0.02
+
+
+def _better(
+    plain: Tensor,
+    wide: Tensor,
+    feat_fixed: Tensor,
+    feat_moving: Tensor,
+    fixed_mask: Tensor | None,
+    moving_mask: Tensor | None,
+) -> Tensor:
+    """Per batch element, ``wide`` where its feature mismatch beats ``plain``'s by
+    :data:`CAPTURE_MARGIN`, else ``plain`` (fields ``(B, ndim, *S)`` in image voxels)."""
+    from pddreg.spatial import resize_field
+
+    from .discrete import _area
+
+    fshape = tuple(feat_fixed.shape[2:])
+    fm = None if fixed_mask is None else _area(fixed_mask.to(feat_fixed.dtype), fshape)
+    mm = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
+    scores = [
+        feature_mismatch(feat_fixed, feat_moving, resize_field(d, fshape), fm, mm)
+        for d in (plain, wide)
+    ]
+    take = scores[1] < (1.0 - CAPTURE_MARGIN) * scores[0]
+    logger.debug(
+        "register_mind: capture level mismatch %s vs %s without: %s",
+        scores[1].tolist(),
+        scores[0].tolist(),
+        take.tolist(),
+    )
+    return torch.where(take.view(-1, *([1] * (plain.dim() - 1))), wide, plain)
