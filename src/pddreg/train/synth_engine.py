@@ -60,7 +60,7 @@ __all__ = ["SynthEngine", "SynthEngineConfig", "SynthPair", "draw_seed"]
 
 _SEED_RANGE = 2**62
 #: Voxels (about) on which the normalisation percentiles are taken, per image.
-_QUANTILE_SAMPLES = 8192
+_QUANTILE_SAMPLES = 16384
 
 
 def draw_seed(gen: torch.Generator) -> int:
@@ -99,6 +99,9 @@ class SynthEngineConfig:
         anatomy_zoom: (low, high) fraction of the phantom's longest side that the image spans.
         anatomy_slices: 2D only: probability of a slice of a 3D phantom (any orientation)
             rather than the 2D (axial) phantom.
+        anatomy_slice_res: 2D only: resolution of those 3D phantoms relative to
+            ``anatomy_res`` (a 3D subject for 160-pixel slices took 4.6 s to build at 1.0,
+            0.9 s at 0.75, on a loaded 2-core machine).
         p_anatomy_mix: probability of noise labels inside 1-3 structures of an anatomy map.
         p_flip: per axis, probability of flipping an anatomy map; p_permute: of permuting axes.
         field_stride: node spacing (voxels) of the coarse grid of the deformations.
@@ -151,6 +154,7 @@ class SynthEngineConfig:
     anatomy_res: float = 1.0
     anatomy_zoom: tuple[float, float] = (0.45, 1.1)
     anatomy_slices: float = 0.6
+    anatomy_slice_res: float = 0.75
     p_anatomy_mix: float = 0.4
     p_flip: float = 0.3
     p_permute: float = 0.3
@@ -295,7 +299,8 @@ class SynthEngine:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.ndim = len(self.config.shape)
         side = max(8, int(round(max(self.config.shape) * self.config.anatomy_res)))
-        self.anatomy = AnatomyPool(self.config.anatomy_pool, self.config.anatomy_seed, side)
+        side3 = side if self.ndim == 3 else max(8, int(round(side * self.config.anatomy_slice_res)))
+        self.anatomy = AnatomyPool(self.config.anatomy_pool, self.config.anatomy_seed, side, side3)
         self._grids: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ public
@@ -616,10 +621,12 @@ class SynthEngine:
 
         # percentile normalisation (on a regular subsample: exact enough, fast)
         step = max(1, n // _QUANTILE_SAMPLES) | 1
-        sub = img[:, ::step].sort(dim=1).values
-        k = sub.shape[1] - 1
-        lo = sub[:, int(round(cfg.percentiles[0] / 100.0 * k))]
-        hi = sub[:, int(round(cfg.percentiles[1] / 100.0 * k))]
+        sub = img[:, ::step]
+        m = sub.shape[1]
+        k_lo = min(m, 1 + int(round(cfg.percentiles[0] / 100.0 * (m - 1))))
+        k_hi = min(m, 1 + int(round((1.0 - cfg.percentiles[1] / 100.0) * (m - 1))))
+        lo = sub.topk(k_lo, dim=1, largest=False).values[:, -1]
+        hi = sub.topk(k_hi, dim=1, largest=True).values[:, -1]
         img = ((img - lo[:, None]) / (hi - lo).clamp_min(1e-6)[:, None]).clamp(0.0, 1.0)
 
         img = img.reshape(2, *shape)

@@ -138,16 +138,18 @@ class AnatomyPool:
         seed: first phantom seed (far from the seeds other code uses for phantoms).
         max_side: the phantom's longest axis in voxels (its default aspect is kept: 3D
             ``(96, 80, 128)``, 2D ``(256, 320)``, both isotropic voxels).
+        max_side_3d: the same for the 3D subjects, when they differ from the 2D ones (default
+            ``max_side``).
     """
 
     num_labels = len(ANATOMY_LABELS)
 
-    def __init__(self, size: int, seed: int, max_side: int) -> None:
+    def __init__(self, size: int, seed: int, max_side: int, max_side_3d: int | None = None) -> None:
         if size < 1:
             raise ValueError(f"AnatomyPool: size must be >= 1, got {size}")
         self.size = int(size)
         self.seed = int(seed)
-        self.max_side = int(max_side)
+        self.max_side = {2: int(max_side), 3: int(max_side if max_side_3d is None else max_side_3d)}
         self._cache: dict[tuple[int, int], np.ndarray] = {}
         self._lock = threading.Lock()
         self._building: dict[tuple[int, int], threading.Lock] = {}
@@ -157,7 +159,7 @@ class AnatomyPool:
         from pddreg.data.phantom import DEFAULT_SHAPE_2D, DEFAULT_SHAPE_3D
 
         base = DEFAULT_SHAPE_3D if ndim == 3 else DEFAULT_SHAPE_2D
-        f = self.max_side / max(base)
+        f = self.max_side[ndim] / max(base)
         return tuple(max(8, int(round(s * f))) for s in base)
 
     def labels(self, index: int, ndim: int) -> np.ndarray:
