@@ -312,11 +312,11 @@ class SynthEngine:
         """Build the anatomy subjects now (otherwise each is built on first use, ~0.02-1 s)."""
         if self.config.p_anatomy <= 0:
             return
-        dims = [3]
+        dims = []
+        if self.ndim == 3 or self.config.anatomy_slices > 0:
+            dims.append(3)
         if self.ndim == 2 and self.config.anatomy_slices < 1:
             dims.append(2)
-        if self.ndim == 2 and self.config.anatomy_slices <= 0:
-            dims = [2]
         self.anatomy.warm_up(dims)
 
     @torch.no_grad()
