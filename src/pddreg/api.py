@@ -276,6 +276,7 @@ def make_register_fn(
     model: Any = None,
     device: Any = None,
     instance_opt: bool | None = None,
+    capture: bool | None = None,
 ) -> RegisterFn:
     """A function ``(fixed (1,1,*S), moving (1,1,*S), fixed_mask=None, moving_mask=None) ->
     disp (1, ndim, *S)`` for ``method``, on one grid (no world coordinates, no global stage).
@@ -291,6 +292,8 @@ def make_register_fn(
         model: for ``pdd``: a path to a saved model or a model object (default: shipped).
         device: where the model runs (default: CUDA when available).
         instance_opt: ``pdd`` only: instance optimisation on/off (None: the model's default).
+        capture: ``mind`` only: the large-motion search (:class:`pddreg.optim.MindConfig`;
+            None: where the image size needs it).
     """
     if method not in METHODS:
         raise InputError(f"--method: unknown method {method!r} (choose from {', '.join(METHODS)})")
@@ -307,7 +310,9 @@ def make_register_fn(
 
         return none_fn
     if method == "mind":
-        from .optim import register_mind
+        from .optim import MindConfig, register_mind
+
+        mind_config = MindConfig(capture=capture)
 
         def mind_fn(
             fixed: torch.Tensor,
@@ -316,7 +321,9 @@ def make_register_fn(
             moving_mask: torch.Tensor | None = None,
         ) -> torch.Tensor:
             with torch.no_grad():
-                return register_mind(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
+                return register_mind(
+                    fixed, moving, mind_config, fixed_mask=fixed_mask, moving_mask=moving_mask
+                )
 
         return mind_fn
     net = _load_pdd(model, ndim, dev)
@@ -509,7 +516,12 @@ def register(
     m_t = _to_batch(normalise_intensity(m_arr), dev)
     deformable = None
     if method != "none":
-        fn = make_register_fn(method, ndim, model=model, device=dev, instance_opt=instance_opt)
+        # In 3D the global stage takes the large motion: the capture search (a second run of
+        # the levels) is kept for 2D and for registrations without a global stage.
+        capture = None if ndim == 2 or affine == "off" else False
+        fn = make_register_fn(
+            method, ndim, model=model, device=dev, instance_opt=instance_opt, capture=capture
+        )
 
         def deformable(fw, mw, fmw, mmw):  # noqa: ANN001, ANN202 - pipeline.DeformableFn
             if fmw is None and mmw is None:

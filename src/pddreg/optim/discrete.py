@@ -161,6 +161,37 @@ def _to_grid(feat: Tensor, stride: int, how: str) -> Tensor:
     return F.interpolate(feat, size=size, mode=mode, align_corners=False)
 
 
+def _pad_to(x: Tensor, stride: int) -> Tensor:
+    """Replicate-pad ``(B, C, *P)`` at the end of each axis to a multiple of ``stride``, so that
+    the control grid of the level has an integer stride (the correlation's fast lattice path)."""
+    if stride == 1:
+        return x
+    extra = [(-s) % stride for s in x.shape[2:]]
+    if not any(extra):
+        return x
+    pad = []
+    for e in reversed(extra):
+        pad += [0, e]
+    return F.pad(x, pad, mode="replicate")
+
+
+def _dense(
+    field: Tensor,
+    pshape: tuple[int, ...],
+    padded: tuple[int, ...],
+    gshape: tuple[int, ...],
+    fshape: tuple[int, ...],
+) -> Tensor:
+    """A level's control-grid field (voxels of its map ``P``, grid ``G`` over the padded map)
+    as a dense field on the feature grid ``F`` in voxels of ``F``."""
+    from pddreg.spatial import resize_field
+
+    dense = resize_field(_scale(field, padded, gshape), padded)
+    if padded != pshape:
+        dense = dense[(slice(None), slice(None), *(slice(0, s) for s in pshape))]
+    return dense if pshape == fshape else resize_field(dense, fshape)
+
+
 def _prior_term(radius: int, ndim: int, sigma: float, like: Tensor) -> Tensor:
     """``|j|^2 / (2 sigma^2)`` over the displacement lattice, shaped ``(1, |L|, 1, ...)``."""
     j = torch.arange(-radius, radius + 1, dtype=like.dtype, device=like.device) ** 2
@@ -307,9 +338,11 @@ def discrete_register(
                 fix_p = _box_filter(pool_features(feat_fixed, level.pool), level.smooth)
                 mov_p = _box_filter(pool_features(moved, level.pool), level.smooth)
                 del moved
+            pshape = tuple(mov_p.shape[2:])
+            fix_p, mov_p = _pad_to(fix_p, level.grid_stride), _pad_to(mov_p, level.grid_stride)
             fix_g = _to_grid(fix_p, level.grid_stride, level.fixed_sampling)
             del fix_p
-            pshape, gshape = tuple(mov_p.shape[2:]), tuple(fix_g.shape[2:])
+            padded, gshape = tuple(mov_p.shape[2:]), tuple(fix_g.shape[2:])
             cost = correlation(
                 fix_g, mov_p, level.radius, level.spacing, padding=padding, max_memory=max_memory
             )
@@ -317,11 +350,12 @@ def discrete_register(
             if fmask_f is not None or mmask_f is not None:
                 fw = None
                 if fmask_f is not None:
-                    fw = _to_grid(pool_features(fmask_f, level.pool), level.grid_stride, "area")
+                    fw = _pad_to(pool_features(fmask_f, level.pool), level.grid_stride)
+                    fw = _to_grid(fw, level.grid_stride, "area")
                 mw = None
                 if mmask_f is not None:
                     mm = mmask_f if disp is None else warp(mmask_f, disp, padding="zeros")
-                    mw = pool_features(mm, level.pool)
+                    mw = _pad_to(pool_features(mm, level.pool), level.grid_stride)
                 weight = valid_weights(
                     fw, mw, level.radius, level.spacing, gshape, max_memory=max_memory
                 )
@@ -355,9 +389,9 @@ def discrete_register(
                 field.abs().max().item(),
             )
             keep_cost = instance is not None and instance.mode == "cost"
-            last = (cost if keep_cost else None, field, level, pshape, gshape, disp)
+            last = (cost if keep_cost else None, field, level, (pshape, padded), gshape, disp)
             del cost
-            residual = resize_field(_scale(field, pshape, gshape), fshape)
+            residual = _dense(field, pshape, padded, gshape, fshape)
             disp = residual if disp is None else compose(disp, residual)
             del residual
 
@@ -392,7 +426,7 @@ def discrete_register(
                     iters=instance.iters,
                     lr=instance.lr,
                 )
-                residual = resize_field(_scale(refined, pshape, gshape), fshape)
+                residual = _dense(refined, *pshape, gshape, fshape)
                 disp = residual if before is None else compose(before, residual)
         del last
         if disp is None:  # no levels, no init: cannot happen (checked above)
