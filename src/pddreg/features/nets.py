@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "FEATURE_NETS",
+    "HybridNet",
     "LectureNet",
     "MindFeatures",
     "ObeliskNet",
@@ -216,6 +217,66 @@ class MindFeatures(nn.Module):
         return _area_resize(feat, feature_grid_shape(image.shape[2:], self.stride))
 
 
+class HybridNet(nn.Module):
+    """MIND-SSC channels alongside learned ones, so the features cannot start worse than the
+    training-free baseline.
+
+    ``out = cat(g_mind * MIND-SSC(pool(image, stride)), g_cnn * CNN(image))``: the MIND part is
+    exactly ``pddreg.optim.mind_features`` (area-pooled image, then MIND-SSC, in ``(0, 1]``);
+    the learned part is a small CNN (a stride-2 stage per factor 2 of ``stride``, two
+    3-convolutions at the feature grid, a 1x1 to ``channels`` outputs, sigmoid); the two gains
+    are learned (log-parametrised), the CNN's starting small (``cnn_gain``) so that an
+    untrained net matches like MIND alone and training adds what the learned channels offer.
+
+    Input ``(B, 1, *S)``; output ``(B, C_mind + channels, *ceil(S / stride))``.
+    """
+
+    def __init__(
+        self,
+        ndim: int,
+        channels: int = 16,
+        width: int = 24,
+        stride: int = 2,
+        norm: str = "instance",
+        mind_radius: int = 1,
+        mind_dilation: int = 2,
+        cnn_gain: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if stride not in (1, 2, 4):
+            raise ValueError(f"HybridNet: stride must be 1, 2 or 4, got {stride}")
+        from pddreg.features.mind import mind_channels
+
+        self.ndim = ndim
+        self.stride = stride
+        self.mind_radius = mind_radius
+        self.mind_dilation = mind_dilation
+        self.mind_out = mind_channels(ndim)
+        self.out_channels = self.mind_out + channels
+        layers: list[nn.Module] = []
+        c_in, factor = 1, stride
+        while factor > 1:
+            layers += _block(ndim, c_in, width, 3, 2, norm)
+            c_in, factor = width, factor // 2
+        layers += _block(ndim, c_in, width, 3, 1, norm)
+        layers += _block(ndim, width, width, 3, 1, norm)
+        layers += [layer("conv", ndim)(width, channels, 1), nn.Sigmoid()]
+        self.cnn = nn.Sequential(*layers)
+        self.log_gain = nn.Parameter(torch.tensor([0.0, math.log(cnn_gain)]))
+
+    def forward(self, image: Tensor) -> Tensor:
+        """``(B, 1, *S) -> (B, C, *ceil(S / stride))``."""
+        from pddreg.features.mind import mind_ssc
+
+        _check_image(image, self.ndim, "HybridNet")
+        shape = feature_grid_shape(image.shape[2:], self.stride)
+        small = image if self.stride == 1 else _area_resize(image, shape)
+        mind = mind_ssc(small, radius=self.mind_radius, dilation=self.mind_dilation)
+        learned = _area_resize(self.cnn(image), shape)
+        gain = self.log_gain.exp().to(image.dtype)
+        return torch.cat([mind * gain[0], learned * gain[1]], dim=1)
+
+
 def _mind_channels_2d(radius: int, dilation: int) -> int:
     from pddreg.features.mind import mind_ssc
 
@@ -235,11 +296,12 @@ FEATURE_NETS: dict[str, type[nn.Module]] = {
     "lecture": LectureNet,
     "obelisk": ObeliskNet,
     "mind": MindFeatures,
+    "hybrid": HybridNet,
 }
 
 
 def build_feature_net(name: str, ndim: int, **kwargs: object) -> nn.Module:
-    """The feature net called ``name`` ("lecture", "obelisk" or "mind") for ``ndim`` (2 or 3).
+    """The feature net called ``name`` ("lecture", "obelisk", "mind" or "hybrid") for ``ndim``.
 
     Every net maps ``(B, 1, *S)`` to ``(B, net.out_channels, *ceil(S / net.stride))``.
     Keyword arguments go to the net's constructor.

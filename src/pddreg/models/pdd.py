@@ -32,7 +32,7 @@ __all__ = ["PDDNet", "PDDNetConfig", "default_config"]
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("lecture", "obelisk", "mind")
+FEATURES = ("lecture", "obelisk", "mind", "hybrid")
 LABEL_LOSSES = ("nonlocal", "warped", "both")
 
 
