@@ -7,7 +7,7 @@ from pddreg.models import PDDNet, PDDNetConfig, load_model, pretrained, save_mod
 CASES = [
     (PDDNetConfig(ndim=2, radius=3), (40, 48)),
     (PDDNetConfig(ndim=2, radius=3, levels=2, features="obelisk"), (40, 48)),
-    (PDDNetConfig(ndim=3, radius=2, grid_stride=2, levels=2), (24, 20, 28)),
+    (PDDNetConfig(ndim=3, radius=2, grid_stride=2, levels=2), (24, 16, 32)),
 ]
 
 

@@ -8,7 +8,12 @@ grid ``G`` inside a map ``S`` sits at ``(k + 0.5) * S / G - 0.5`` per axis.
 from __future__ import annotations
 
 from .correlation import correlation, displacement_set, expected_values
-from .field import expected_displacement, probabilities, soft_field
+from .field import (
+    expected_displacement,
+    probabilities,
+    probabilities_and_field,
+    soft_field,
+)
 from .masks import mask_cost, valid_weights
 from .regularise import (
     DEFAULT_ALPHA,
@@ -31,6 +36,7 @@ __all__ = [
     "minconv",
     "minconv_exact",
     "probabilities",
+    "probabilities_and_field",
     "regularise",
     "soft_field",
     "valid_weights",

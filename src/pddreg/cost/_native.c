@@ -17,8 +17,24 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #define RESTRICT __restrict__
+
+/* Every entry point runs with denormals flushed to zero (x86 MXCSR FTZ | DAZ, restored on
+ * return): the probabilities of far displacements and their gradients reach 1e-38 and below,
+ * and arithmetic on denormal floats is one to two orders of magnitude slower. */
+#if defined(__x86_64__) || defined(__i386__)
+#define FTZ_BEGIN                            \
+    const unsigned int saved_csr_ = _mm_getcsr(); \
+    _mm_setcsr(saved_csr_ | 0x8040u);
+#define FTZ_END _mm_setcsr(saved_csr_);
+#else
+#define FTZ_BEGIN
+#define FTZ_END
+#endif
 
 /* 8 floats in one register (GCC/Clang vector extension: AVX with -mavx2, else two SSE). */
 typedef float v8f __attribute__((vector_size(32)));
@@ -32,6 +48,15 @@ static inline v8f ld8(const float* p) {
 static inline void st8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof v); }
 
 static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+/* Lane masks (all bits set where a comparison of two v8f holds) and selections on them. */
+typedef int32_t v8i __attribute__((vector_size(32)));
+static inline v8f and8(v8i m, v8f x) { return (v8f)(m & (v8i)x); }
+static inline v8f sel8(v8i m, v8f x, v8f y) { return (v8f)((m & (v8i)x) | (~m & (v8i)y)); }
+
+/* Rows ahead that the column kernels prefetch: their rows lie K floats apart (often more than a
+ * page), which the hardware prefetchers do not follow. */
+#define PF_ROWS 12
 
 /* Optional last step of a filter pass: y = wm * y + wd * d + wc * c (d, c: same layout as y,
  * either may be NULL; c may be y itself). */
@@ -75,9 +100,30 @@ static inline void fir_vec(const float* const* rows, const float* taps, int nt, 
     }
 }
 
+/* yi[0 .. Q) = sum_t taps[t] * rows[t][0 .. Q) (nt <= 64) on blocks of 64, 32, 16, 8
+ * contiguous q, then 1; then the epilogue ``e`` (or NULL; element q of yi is element at + q of
+ * its arrays). */
+static inline void fir_row(const float* const* rows, const float* taps, int nt, int64_t Q,
+                           float* yi, const struct epilogue* e, int64_t at) {
+    int64_t q = 0;
+    for (; q + 64 <= Q; q += 64) fir_vec(rows, taps, nt, q, yi, 8, 0, e, at);
+    for (; q + 32 <= Q; q += 32) fir_vec(rows, taps, nt, q, yi, 4, 1, e, at);
+    for (; q + 16 <= Q; q += 16) fir_vec(rows, taps, nt, q, yi, 2, 1, e, at);
+    for (; q + 8 <= Q; q += 8) fir_vec(rows, taps, nt, q, yi, 1, 1, e, at);
+    for (; q < Q; ++q) {
+        float acc = 0.0f;
+        for (int t = 0; t < nt; ++t) acc += taps[t] * rows[t][q];
+        if (e) {
+            acc *= e->wm;
+            if (e->d) acc += e->wd * e->d[at + q];
+            if (e->c) acc += e->wc * e->c[at + q];
+        }
+        yi[q] = acc;
+    }
+}
+
 /* y (P, o, Q) = FIR ``taps`` (nt <= 64) along the middle axis of x (P, n, Q), replicate-padded
- * by ``pad`` (o = n + 2 pad - nt + 1), on blocks of 64, 32, 16, 8 contiguous q, then 1; then
- * the epilogue ``e`` (or NULL). */
+ * by ``pad`` (o = n + 2 pad - nt + 1); then the epilogue ``e`` (or NULL). */
 static void fir_mid(const float* RESTRICT x, float* y, int64_t P, int n, int64_t Q,
                     const float* RESTRICT taps, int nt, int pad, const struct epilogue* e) {
     const int o = n + 2 * pad - nt + 1;
@@ -90,23 +136,58 @@ static void fir_mid(const float* RESTRICT x, float* y, int64_t P, int n, int64_t
                 const int s = i + t - pad;
                 rows[t] = xp + (s < 0 ? 0 : (s >= n ? n - 1 : s)) * Q;
             }
-            float* yi = yp + i * Q;
-            const int64_t at = (p * o + i) * Q;
-            int64_t q = 0;
-            for (; q + 64 <= Q; q += 64) fir_vec(rows, taps, nt, q, yi, 8, 0, e, at);
-            for (; q + 32 <= Q; q += 32) fir_vec(rows, taps, nt, q, yi, 4, 1, e, at);
-            for (; q + 16 <= Q; q += 16) fir_vec(rows, taps, nt, q, yi, 2, 1, e, at);
-            for (; q + 8 <= Q; q += 8) fir_vec(rows, taps, nt, q, yi, 1, 1, e, at);
-            for (; q < Q; ++q) {
-                float acc = 0.0f;
-                for (int t = 0; t < nt; ++t) acc += taps[t] * rows[t][q];
-                if (e) {
-                    acc *= e->wm;
-                    if (e->d) acc += e->wd * e->d[at + q];
-                    if (e->c) acc += e->wc * e->c[at + q];
-                }
-                yi[q] = acc;
+            fir_row(rows, taps, nt, Q, yp + i * Q, e, (p * o + i) * Q);
+        }
+    }
+}
+
+/* Column j of the (o, n) matrix M of the replicate-padded FIR of fir_mid
+ * (M[i, j] = sum_t taps[t] [clamp(i + t - pad, 0, n - 1) == j]): its nonzero rows idx and
+ * weights w in increasing i, returns their number (at most 64). */
+static int fir_column(const float* taps, int nt, int pad, int n, int o, int j, int* idx,
+                      float* w) {
+    int m = 0;
+    if (j > 0 && j < n - 1) { /* no clamping reaches an interior column */
+        for (int t = nt - 1; t >= 0; --t) {
+            const int i = j + pad - t;
+            if (i >= 0 && i < o) {
+                idx[m] = i;
+                w[m++] = taps[t];
             }
+        }
+        return m;
+    }
+    for (int i = 0; i < o && m < 64; ++i) {
+        float s = 0.0f;
+        int hit = 0;
+        for (int t = 0; t < nt; ++t) {
+            int p = i + t - pad;
+            p = p < 0 ? 0 : (p >= n ? n - 1 : p);
+            if (p == j) {
+                s += taps[t];
+                hit = 1;
+            }
+        }
+        if (hit) {
+            idx[m] = i;
+            w[m++] = s;
+        }
+    }
+    return m;
+}
+
+/* y (P, n, Q) = M^T x for x (P, o, Q): the transpose (the gradient) of fir_mid along the middle
+ * axis, M as in fir_column; then the epilogue ``e`` (or NULL). */
+static void fir_mid_t(const float* RESTRICT x, float* y, int64_t P, int o, int n, int64_t Q,
+                      const float* RESTRICT taps, int nt, int pad, const struct epilogue* e) {
+    const float* rows[64];
+    float w[64];
+    int idx[64];
+    for (int j = 0; j < n; ++j) {
+        const int m = fir_column(taps, nt, pad, n, o, j, idx, w);
+        for (int64_t p = 0; p < P; ++p) {
+            for (int t = 0; t < m; ++t) rows[t] = x + (p * o + idx[t]) * Q;
+            fir_row(rows, w, m, Q, y + (p * n + j) * Q, e, (p * n + j) * Q);
         }
     }
 }
@@ -163,6 +244,63 @@ static void fir_last(const float* RESTRICT x, float* RESTRICT y, int64_t P, int 
     }
 }
 
+/* Floats of the xpad scratch of fir_last_t for rows of o inputs, n outputs, nt taps. */
+#define FLT_LEN(o, n, nt) ((o) + (n) + 2 * (nt) + 16)
+
+/* y (P, n) = M^T x for x (P, o) along the last axis: the transpose of fir_last (M as in
+ * fir_column).  Outputs 1 .. n - 2 are a FIR with the reversed taps on x zero-padded by
+ * nt - 1 - pad (vectorised over the outputs, rows padded 32 at a time into xpad:
+ * 32 * FLT_LEN(o, n, nt) floats); outputs 0 and n - 1 are dot products with the edge columns. */
+static void fir_last_t(const float* RESTRICT x, float* RESTRICT y, int64_t P, int o, int n,
+                       const float* RESTRICT taps, int nt, int pad, float* RESTRICT xpad) {
+    float rt[64], w0[64], w1[64];
+    int i0[64], i1[64];
+    for (int t = 0; t < nt; ++t) rt[t] = taps[nt - 1 - t];
+    const int lead = nt - 1 - pad, len = FLT_LEN(o, n, nt);
+    const int m0 = fir_column(taps, nt, pad, n, o, 0, i0, w0);
+    const int m1 = n > 1 ? fir_column(taps, nt, pad, n, o, n - 1, i1, w1) : 0;
+    memset(xpad, 0, sizeof(float) * 32 * (size_t)len);
+    for (int64_t p0 = 0; p0 < P; p0 += 32) {
+        const int64_t pb = P - p0 < 32 ? P - p0 : 32;
+        for (int64_t p = 0; p < pb; ++p)
+            __builtin_memcpy(xpad + p * len + lead, x + (p0 + p) * o, o * sizeof(float));
+        for (int64_t p = 0; p < pb; ++p) {
+            const float* xq = xpad + p * len;
+            const float* xp = x + (p0 + p) * o;
+            float* yp = y + (p0 + p) * n;
+            int i = 0;
+            for (; i + 16 <= n; i += 16) {
+                v8f a0 = splat8(0.f), a1 = a0, b0 = a0, b1 = a0;
+                int t = 0;
+                for (; t + 1 < nt; t += 2) {
+                    const v8f w = splat8(rt[t]), v = splat8(rt[t + 1]);
+                    a0 += w * ld8(xq + i + t);
+                    a1 += w * ld8(xq + i + t + 8);
+                    b0 += v * ld8(xq + i + t + 1);
+                    b1 += v * ld8(xq + i + t + 9);
+                }
+                for (; t < nt; ++t) {
+                    const v8f w = splat8(rt[t]);
+                    a0 += w * ld8(xq + i + t);
+                    a1 += w * ld8(xq + i + t + 8);
+                }
+                st8(yp + i, a0 + b0);
+                st8(yp + i + 8, a1 + b1);
+            }
+            for (; i < n; ++i) {
+                float acc = 0;
+                for (int t = 0; t < nt; ++t) acc += rt[t] * xq[i + t];
+                yp[i] = acc;
+            }
+            float e0 = 0.0f, e1 = 0.0f;
+            for (int t = 0; t < m0; ++t) e0 += w0[t] * xp[i0[t]];
+            for (int t = 0; t < m1; ++t) e1 += w1[t] * xp[i1[t]];
+            yp[0] = e0;
+            if (n > 1) yp[n - 1] = e1;
+        }
+    }
+}
+
 /* y (P, n, Q) = 3-wide valid min-pool of x (P, n + 2, Q) along the middle axis. */
 static void min3_mid(const float* RESTRICT x, float* RESTRICT y, int64_t P, int n, int64_t Q) {
     for (int64_t p = 0; p < P; ++p) {
@@ -191,6 +329,7 @@ static void min3_mid(const float* RESTRICT x, float* RESTRICT y, int64_t P, int 
 #endif
 void pdd_minconv(const float* src, float* dst, int64_t K, int n, int nd, int64_t k0, int64_t k1,
                  float* work) {
+    FTZ_BEGIN
     static const float taps[9] = {1.0f / 25, 2.0f / 25, 3.0f / 25, 4.0f / 25, 5.0f / 25,
                                   4.0f / 25, 3.0f / 25, 2.0f / 25, 1.0f / 25};
     int64_t L = 1, Lp = 1;
@@ -203,6 +342,7 @@ void pdd_minconv(const float* src, float* dst, int64_t K, int n, int nd, int64_t
         const int64_t w = (k1 - kb) < MC_W ? (k1 - kb) : MC_W;
         /* gather the block (L, w) into A as (n, .., n, W), zero-filling unused columns */
         for (int64_t l = 0; l < L; ++l) {
+            if (l + PF_ROWS < L) __builtin_prefetch(src + (l + PF_ROWS) * K + kb);
             const float* s = src + l * K + kb;
             float* a = A + l * MC_W;
             int64_t q = 0;
@@ -237,6 +377,7 @@ void pdd_minconv(const float* src, float* dst, int64_t K, int n, int nd, int64_t
             for (int i = 0; i < n; ++i) {
                 const float *a = xp + i * MC_W, *b = a + MC_W, *c = b + MC_W;
                 float* d = dst + (p * n + i) * K + kb;
+                if (p * n + i + PF_ROWS < L) __builtin_prefetch(d + PF_ROWS * K, 1);
                 for (int64_t q = 0; q < w; ++q) {
                     const float v = a[q] < b[q] ? a[q] : b[q];
                     d[q] = v < c[q] ? v : c[q];
@@ -244,6 +385,7 @@ void pdd_minconv(const float* src, float* dst, int64_t K, int n, int nd, int64_t
             }
         }
     }
+    FTZ_END
 }
 
 /* Mean-field combination for rows [r0, r1) (all batch items together):
@@ -254,6 +396,7 @@ void pdd_minconv(const float* src, float* dst, int64_t K, int n, int nd, int64_t
 void pdd_meanfield(const float* x, const float* d, const float* c, float* out, int nd, const int* g,
                    int64_t r0, int64_t r1, float wd, float wc, float wm, const float* taps,
                    float* work) {
+    FTZ_BEGIN
     int64_t G = 1;
     for (int a = 0; a < nd; ++a) G *= g[a];
     float *A = work, *B = work + G, *xpad = work + 2 * G;
@@ -284,6 +427,252 @@ void pdd_meanfield(const float* x, const float* d, const float* c, float* out, i
             nxt = t;
         }
     }
+    FTZ_END
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Backward kernels (gradients of the operators above; pddreg/cost/_autograd.py).
+ */
+
+/* Gradient of the 3-wide min-pool of min3_mid as PyTorch's autograd computes it for
+ * torch.minimum(torch.minimum(a, b), c) (a, b, c = x[i], x[i + 1], x[i + 2]): at a tie each side
+ * gets half.  gx (P, n + 2, Q) = the gradient from gy (P, n, Q) (each row of gx is assigned at
+ * its first touch, then accumulated); *dot += sum gy * min3(x) when dot is not NULL. */
+static void min3_mid_bwd(const float* RESTRICT x, const float* RESTRICT gy, float* gx, int64_t P,
+                         int n, int64_t Q, double* dot) {
+    const v8f one = splat8(1.0f), half = splat8(0.5f);
+    v8f vacc = splat8(0.0f);
+    float acc = 0.0f;
+    for (int64_t p = 0; p < P; ++p) {
+        {
+            float* RESTRICT g0 = gx + p * (n + 2) * Q;
+            for (int64_t q = 0; q < 2 * Q; ++q) g0[q] = 0.0f; /* rows 0, 1: touched first as a, b */
+        }
+        for (int i = 0; i < n; ++i) {
+            const float* RESTRICT a = x + (p * (n + 2) + i) * Q;
+            const float* RESTRICT b = a + Q;
+            const float* RESTRICT c = b + Q;
+            const float* RESTRICT g = gy + (p * n + i) * Q;
+            float* RESTRICT ga = gx + (p * (n + 2) + i) * Q;
+            float* RESTRICT gb = ga + Q;
+            float* RESTRICT gc = gb + Q;
+            int64_t q = 0;
+            for (; q + 8 <= Q; q += 8) {
+                const v8f u = ld8(a + q), v = ld8(b + q), w = ld8(c + q), gq = ld8(g + q);
+                const v8i lt1 = u < v, gt1 = u > v, eq1 = u == v;
+                const v8f m = sel8(lt1, u, v);
+                const v8i lt2 = m < w, gt2 = m > w, eq2 = m == w;
+                const v8f wu = one - and8(gt1, one) - and8(eq1, half);
+                const v8f wv = one - and8(lt1, one) - and8(eq1, half);
+                const v8f wm = one - and8(gt2, one) - and8(eq2, half);
+                const v8f ww = one - and8(lt2, one) - and8(eq2, half);
+                const v8f gm = gq * wm;
+                st8(ga + q, ld8(ga + q) + gm * wu);
+                st8(gb + q, ld8(gb + q) + gm * wv);
+                st8(gc + q, gq * ww); /* row i + 2: first touch */
+                vacc += gq * sel8(lt2, m, w);
+            }
+            for (; q < Q; ++q) {
+                const float u = a[q], v = b[q], w = c[q], gq = g[q];
+                const float m = u < v ? u : v;
+                const float eq1 = u == v, eq2 = m == w;
+                const float wu = 1.0f - (float)(u > v) - 0.5f * eq1;
+                const float wv = 1.0f - (float)(u < v) - 0.5f * eq1;
+                const float wm = 1.0f - (float)(m > w) - 0.5f * eq2;
+                const float ww = 1.0f - (float)(m < w) - 0.5f * eq2;
+                const float gm = gq * wm;
+                ga[q] += gm * wu;
+                gb[q] += gm * wv;
+                gc[q] = gq * ww;
+                acc += gq * (m < w ? m : w);
+            }
+        }
+    }
+    if (dot) {
+        double t = acc;
+        for (int u = 0; u < 8; ++u) t += vacc[u];
+        *dot += t;
+    }
+}
+
+/* Copy the columns [kb, kb + w) of src (L, K) into dst (L, W), zero-filling columns w .. W. */
+static void gather_cols(const float* src, int64_t L, int64_t K, int64_t kb, int64_t w, int W,
+                        float* RESTRICT dst) {
+    for (int64_t l = 0; l < L; ++l) {
+        if (l + PF_ROWS < L) __builtin_prefetch(src + (l + PF_ROWS) * K + kb);
+        const float* s = src + l * K + kb;
+        float* d = dst + l * W;
+        int64_t q = 0;
+        for (; q < w; ++q) d[q] = s[q];
+        for (; q < W; ++q) d[q] = 0.0f;
+    }
+}
+
+/* Gradient of pdd_minconv at x, columns [k0, k1) of one batch item:
+ *   out = wm * MC_x^T(gy) + wa * a + wb * b
+ * with MC_x^T the transposed Jacobian of the min-convolution at x (the block's filtered signal
+ * and min-pools are recomputed; ties as PyTorch's autograd).  x, gy, a, b, out: (L, K); a, b may
+ * be NULL; out may be gy, a or b.  dots[0] += sum gy * MC(x), dots[1] += sum a * x,
+ * dots[2] += sum b * x (the reductions of the gradients of the regularisation weights).
+ * work: (5 * (n + 2)**nd + n**nd) * MB_W floats. */
+#ifndef MB_W
+#define MB_W 16
+#endif
+void pdd_minconv_bwd(const float* x, const float* gy, const float* a, const float* b, float* out,
+                     int64_t K, int n, int nd, int64_t k0, int64_t k1, float wa, float wb,
+                     float wm, double* dots, float* work) {
+    FTZ_BEGIN
+    static const float taps[9] = {1.0f / 25, 2.0f / 25, 3.0f / 25, 4.0f / 25, 5.0f / 25,
+                                  4.0f / 25, 3.0f / 25, 2.0f / 25, 1.0f / 25};
+    int64_t L = 1, Lp = 1;
+    for (int ax = 0; ax < nd; ++ax) {
+        L *= n;
+        Lp *= n + 2;
+    }
+    float* buf[5];
+    for (int i = 0; i < 5; ++i) buf[i] = work + i * Lp * MB_W;
+    float* xb = work + 5 * Lp * MB_W; /* the block of x, kept for the dot products */
+    double d0 = 0.0, d1 = 0.0, d2 = 0.0;
+    for (int64_t kb = k0; kb < k1; kb += MB_W) {
+        const int64_t w = (k1 - kb) < MB_W ? (k1 - kb) : MB_W;
+        /* recompute the filtered signal F (n + 2)^nd and the min-pools of all but the last axis */
+        gather_cols(x, L, K, kb, w, MB_W, xb);
+        float *cur = xb, *nxt = buf[0];
+        int len[3] = {n, n, n};
+        for (int ax = nd - 1; ax >= 0; --ax) {
+            int64_t P = 1, Q = MB_W;
+            for (int c = 0; c < ax; ++c) P *= len[c];
+            for (int c = ax + 1; c < nd; ++c) Q *= len[c];
+            fir_mid(cur, nxt, P, n, Q, taps, 9, 5, NULL);
+            len[ax] = n + 2;
+            cur = nxt;
+            nxt = cur == buf[0] ? buf[1] : buf[0]; /* xb is read once */
+        }
+        const float* S[3] = {cur, nxt, buf[2]}; /* S[ax]: input of the min-pool along ax */
+        int64_t Pm = 1, Qm = Lp * MB_W;
+        for (int ax = 0; ax + 1 < nd; ++ax) {
+            Qm /= n + 2;
+            min3_mid(S[ax], (float*)S[ax + 1], Pm, n, Qm);
+            Pm *= n;
+        }
+        /* back through the min-pools, the last axis first */
+        float *ga = buf[3], *gb = buf[4];
+        gather_cols(gy, L, K, kb, w, MB_W, ga);
+        for (int ax = nd - 1; ax >= 0; --ax) {
+            int64_t P = 1, Q = MB_W;
+            for (int c = 0; c < ax; ++c) P *= n;
+            for (int c = ax + 1; c < nd; ++c) Q *= n + 2;
+            min3_mid_bwd(S[ax], ga, gb, P, n, Q, ax == nd - 1 ? &d0 : NULL);
+            float* t = ga;
+            ga = gb;
+            gb = t;
+        }
+        /* transposed filter along every axis ((n + 2)^nd -> n^nd) */
+        for (int ax = 0; ax < nd; ++ax) {
+            int64_t P = 1, Q = MB_W;
+            for (int c = 0; c < ax; ++c) P *= n;
+            for (int c = ax + 1; c < nd; ++c) Q *= n + 2;
+            fir_mid_t(ga, gb, P, n + 2, n, Q, taps, 9, 5, NULL);
+            float* t = ga;
+            ga = gb;
+            gb = t;
+        }
+        /* the epilogue, with the dot products in vector lanes flushed every 32 rows */
+        for (int64_t l0 = 0; l0 < L; l0 += 32) {
+            const int64_t l1 = L - l0 < 32 ? L : l0 + 32;
+            v8f s1 = splat8(0.0f), s2 = s1;
+            float t1 = 0.0f, t2 = 0.0f;
+            for (int64_t l = l0; l < l1; ++l) {
+                const float* g = ga + l * MB_W;
+                const float* xl = xb + l * MB_W;
+                const int64_t r = l * K + kb;
+                if (l + PF_ROWS < L) {
+                    const int64_t rp = r + PF_ROWS * K;
+                    if (a) __builtin_prefetch(a + rp);
+                    if (b) __builtin_prefetch(b + rp);
+                    if (out != a && out != b) __builtin_prefetch(out + rp, 1);
+                }
+                int64_t q = 0;
+                if (w == MB_W) {
+                    for (; q < MB_W; q += 8) {
+                        v8f v = splat8(wm) * ld8(g + q);
+                        if (a) {
+                            const v8f av = ld8(a + r + q);
+                            s1 += av * ld8(xl + q);
+                            v += splat8(wa) * av;
+                        }
+                        if (b) {
+                            const v8f bv = ld8(b + r + q);
+                            s2 += bv * ld8(xl + q);
+                            v += splat8(wb) * bv;
+                        }
+                        st8(out + r + q, v);
+                    }
+                }
+                for (; q < w; ++q) {
+                    float v = wm * g[q];
+                    if (a) {
+                        t1 += a[r + q] * xl[q];
+                        v += wa * a[r + q];
+                    }
+                    if (b) {
+                        t2 += b[r + q] * xl[q];
+                        v += wb * b[r + q];
+                    }
+                    out[r + q] = v;
+                }
+            }
+            d1 += t1;
+            d2 += t2;
+            for (int u = 0; u < 8; ++u) {
+                d1 += s1[u];
+                d2 += s2[u];
+            }
+        }
+    }
+    dots[0] += d0;
+    dots[1] += d1;
+    dots[2] += d2;
+    FTZ_END
+}
+
+/* Transpose of pdd_meanfield for rows [r0, r1):  out[r] = wd * d[r] + wc * c[r] + wm * MF^T(x[r])
+ * (the gradient of the mean-field; sizes, NULL and aliasing rules as pdd_meanfield).
+ * work: 2 * prod(g) + 32 * FLT_LEN(g[nd - 1], g[nd - 1], 13) floats. */
+void pdd_meanfield_t(const float* x, const float* d, const float* c, float* out, int nd,
+                     const int* g, int64_t r0, int64_t r1, float wd, float wc, float wm,
+                     const float* taps, float* work) {
+    FTZ_BEGIN
+    int64_t G = 1;
+    for (int a = 0; a < nd; ++a) G *= g[a];
+    float *A = work, *B = work + G, *xpad = work + 2 * G;
+    const int gl = g[nd - 1];
+    for (int64_t r = r0; r < r1; ++r) {
+        fir_last_t(x + r * G, A, G / gl, gl, gl, taps, 13, 6, xpad);
+        float *cur = A, *nxt = B;
+        float* o = out + r * G;
+        const struct epilogue e = {d ? d + r * G : NULL, c ? c + r * G : NULL, wd, wc, wm};
+        if (nd == 1) {
+            for (int64_t i = 0; i < G; ++i) {
+                float v = wm * cur[i];
+                if (e.d) v += wd * e.d[i];
+                if (e.c) v += wc * e.c[i];
+                o[i] = v;
+            }
+            continue;
+        }
+        int64_t P = 1, Q = G;
+        for (int a = 0; a < nd - 1; ++a) {
+            Q /= g[a];
+            const int last = a == nd - 2;
+            fir_mid_t(cur, last ? o : nxt, P, g[a], g[a], Q, taps, 13, 6, last ? &e : NULL);
+            P *= g[a];
+            float* t = cur;
+            cur = nxt;
+            nxt = t;
+        }
+    }
+    FTZ_END
 }
 
 /* exp(x) for x <= 0 (float32, relative error ~2e-7), written so that loops over it vectorise:
@@ -326,6 +715,7 @@ static void column_min(const float* cost, int64_t L, int64_t K, int64_t kb, int6
 #define SF_T 2048
 void pdd_soft_field(const float* cost, const float* disp, float* out, int64_t L, int64_t K, int nd,
                     int64_t k0, int64_t k1, float* work) {
+    FTZ_BEGIN
     float* RESTRICT mn = work;
     float* RESTRICT s = work + SF_T;
     float* RESTRICT acc = work + 2 * SF_T;
@@ -351,6 +741,7 @@ void pdd_soft_field(const float* cost, const float* disp, float* out, int64_t L,
         for (int a = 0; a < nd; ++a)
             for (int64_t q = 0; q < w; ++q) out[a * K + kb + q] = acc[a * SF_T + q] / s[q];
     }
+    FTZ_END
 }
 
 /* out = softmax(-cost) over L, columns [k0, k1) of one batch item; cost, out: (L, K), out may
@@ -358,6 +749,7 @@ void pdd_soft_field(const float* cost, const float* disp, float* out, int64_t L,
  * exponentials and their sum; scaling).  work: SF_T * 2 floats. */
 void pdd_softmax_neg(const float* cost, float* out, int64_t L, int64_t K, int64_t k0, int64_t k1,
                      float* work) {
+    FTZ_BEGIN
     float* RESTRICT mn = work;
     float* RESTRICT s = work + SF_T;
     for (int64_t kb = k0; kb < k1; kb += SF_T) {
@@ -379,6 +771,142 @@ void pdd_softmax_neg(const float* cost, float* out, int64_t L, int64_t K, int64_
             for (int64_t q = 0; q < w; ++q) o[q] *= s[q];
         }
     }
+    FTZ_END
+}
+
+/* prob = softmax(-cost) over L and field = sum_l prob_l disp[l] (nd <= 3 components), columns
+ * [k0, k1) of one batch item, in one streaming pass for both (plus the minimum and the scaling
+ * of prob): the values of pdd_softmax_neg and pdd_soft_field.  cost, prob: (L, K), prob may be
+ * cost; field: (nd, K); either output may be NULL.  work: 5 * SF_T floats. */
+void pdd_softmax_field(const float* cost, const float* disp, float* prob, float* field, int64_t L,
+                       int64_t K, int nd, int64_t k0, int64_t k1, float* work) {
+    FTZ_BEGIN
+    float* RESTRICT mn = work;
+    float* RESTRICT s = work + SF_T;
+    float* RESTRICT acc = work + 2 * SF_T;
+    for (int64_t kb = k0; kb < k1; kb += SF_T) {
+        const int64_t w = (k1 - kb) < SF_T ? (k1 - kb) : SF_T;
+        column_min(cost, L, K, kb, w, mn);
+        for (int64_t q = 0; q < w; ++q) s[q] = 0.0f;
+        for (int64_t q = 0; q < 3 * SF_T; ++q) acc[q] = 0.0f;
+        for (int64_t l = 0; l < L; ++l) {
+            const float* c = cost + l * K + kb;
+            if (field) {
+                const float d0 = disp[l * nd];
+                const float d1 = nd > 1 ? disp[l * nd + 1] : 0.0f;
+                const float d2 = nd > 2 ? disp[l * nd + 2] : 0.0f;
+                float *RESTRICT a0 = acc, *RESTRICT a1 = acc + SF_T, *RESTRICT a2 = acc + 2 * SF_T;
+                if (prob) {
+                    float* o = prob + l * K + kb;
+                    for (int64_t q = 0; q < w; ++q) {
+                        const float e = exp_neg(mn[q] - c[q]);
+                        o[q] = e;
+                        s[q] += e;
+                        a0[q] += d0 * e;
+                        a1[q] += d1 * e;
+                        a2[q] += d2 * e;
+                    }
+                } else {
+                    for (int64_t q = 0; q < w; ++q) {
+                        const float e = exp_neg(mn[q] - c[q]);
+                        s[q] += e;
+                        a0[q] += d0 * e;
+                        a1[q] += d1 * e;
+                        a2[q] += d2 * e;
+                    }
+                }
+            } else {
+                float* o = prob + l * K + kb;
+                for (int64_t q = 0; q < w; ++q) {
+                    const float e = exp_neg(mn[q] - c[q]);
+                    o[q] = e;
+                    s[q] += e;
+                }
+            }
+        }
+        if (field)
+            for (int a = 0; a < nd; ++a)
+                for (int64_t q = 0; q < w; ++q) field[a * K + kb + q] = acc[a * SF_T + q] / s[q];
+        if (prob) {
+            for (int64_t q = 0; q < w; ++q) s[q] = 1.0f / s[q];
+            for (int64_t l = 0; l < L; ++l) {
+                float* RESTRICT o = prob + l * K + kb;
+                for (int64_t q = 0; q < w; ++q) o[q] *= s[q];
+            }
+        }
+    }
+    FTZ_END
+}
+
+/* Gradient w.r.t. cost of prob = softmax(-cost), given the gradients dprob (L, K) of prob and
+ * gfield (nd, K) of field = sum_l prob_l disp[l] (either may be NULL), columns [k0, k1) of one
+ * batch item:
+ *   dp_l = dprob_l + sum_i disp[l, i] gfield_i,    out_l = -p_l (dp_l - sum_m p_m dp_m).
+ * p is read from prob, or (prob NULL) recomputed from cost, when out holds the exponentials
+ * between two passes and may not be dprob; with prob, out may be dprob.  work: 3 * SF_T floats
+ * (+ SF_T for the zero component tiles). */
+void pdd_softmax_bwd(const float* prob, const float* cost, const float* dprob,
+                     const float* gfield, const float* disp, float* out, int64_t L, int64_t K,
+                     int nd, int64_t k0, int64_t k1, float* work) {
+    FTZ_BEGIN
+    float* RESTRICT mn = work;
+    float* RESTRICT z = work + SF_T;
+    float* RESTRICT s = work + 2 * SF_T;
+    float* zero = work + 3 * SF_T;
+    for (int64_t q = 0; q < SF_T; ++q) zero[q] = 0.0f;
+    for (int64_t kb = k0; kb < k1; kb += SF_T) {
+        const int64_t w = (k1 - kb) < SF_T ? (k1 - kb) : SF_T;
+        const float* gp[3];
+        for (int a = 0; a < 3; ++a) gp[a] = gfield && a < nd ? gfield + a * K + kb : zero;
+        for (int64_t q = 0; q < w; ++q) s[q] = 0.0f;
+        if (!prob) {
+            column_min(cost, L, K, kb, w, mn);
+            for (int64_t q = 0; q < w; ++q) z[q] = 0.0f;
+        }
+        for (int64_t l = 0; l < L; ++l) {
+            const float d0 = gfield ? disp[l * nd] : 0.0f;
+            const float d1 = gfield && nd > 1 ? disp[l * nd + 1] : 0.0f;
+            const float d2 = gfield && nd > 2 ? disp[l * nd + 2] : 0.0f;
+            const float* RESTRICT dp = dprob ? dprob + l * K + kb : zero;
+            const float *RESTRICT g0 = gp[0], *RESTRICT g1 = gp[1], *RESTRICT g2 = gp[2];
+            if (prob) {
+                const float* RESTRICT p = prob + l * K + kb;
+                for (int64_t q = 0; q < w; ++q)
+                    s[q] += p[q] * (dp[q] + d0 * g0[q] + d1 * g1[q] + d2 * g2[q]);
+            } else {
+                const float* RESTRICT c = cost + l * K + kb;
+                float* RESTRICT o = out + l * K + kb;
+                for (int64_t q = 0; q < w; ++q) {
+                    const float e = exp_neg(mn[q] - c[q]);
+                    o[q] = e;
+                    z[q] += e;
+                    s[q] += e * (dp[q] + d0 * g0[q] + d1 * g1[q] + d2 * g2[q]);
+                }
+            }
+        }
+        if (!prob)
+            for (int64_t q = 0; q < w; ++q) {
+                z[q] = 1.0f / z[q];
+                s[q] *= z[q];
+            }
+        for (int64_t l = 0; l < L; ++l) {
+            const float d0 = gfield ? disp[l * nd] : 0.0f;
+            const float d1 = gfield && nd > 1 ? disp[l * nd + 1] : 0.0f;
+            const float d2 = gfield && nd > 2 ? disp[l * nd + 2] : 0.0f;
+            const float* dp = dprob ? dprob + l * K + kb : zero;
+            const float *RESTRICT g0 = gp[0], *RESTRICT g1 = gp[1], *RESTRICT g2 = gp[2];
+            float* o = out + l * K + kb;
+            if (prob) {
+                const float* RESTRICT p = prob + l * K + kb;
+                for (int64_t q = 0; q < w; ++q)
+                    o[q] = -p[q] * (dp[q] + d0 * g0[q] + d1 * g1[q] + d2 * g2[q] - s[q]);
+            } else {
+                for (int64_t q = 0; q < w; ++q)
+                    o[q] = -(o[q] * z[q]) * (dp[q] + d0 * g0[q] + d1 * g1[q] + d2 * g2[q] - s[q]);
+            }
+        }
+    }
+    FTZ_END
 }
 
 /* Linear resampling along the middle axis, rows [p0, p1): y (P, o, Q) from x (P, n, Q) with
@@ -386,6 +914,7 @@ void pdd_softmax_neg(const float* cost, float* out, int64_t L, int64_t K, int64_
  * (indices in range, weights 0 for taps outside the map). */
 void pdd_resample(const float* x, float* y, int64_t n, int64_t Q, int64_t o, const int64_t* i0,
                   const float* w0, const int64_t* i1, const float* w1, int64_t p0, int64_t p1) {
+    FTZ_BEGIN
     for (int64_t p = p0; p < p1; ++p) {
         const float* xp = x + p * n * Q;
         float* yp = y + p * o * Q;
@@ -401,6 +930,7 @@ void pdd_resample(const float* x, float* y, int64_t n, int64_t Q, int64_t o, con
             for (int64_t q = 0; q < Q; ++q) yi[q] = a * xa[q] + b * xb[q];
         }
     }
+    FTZ_END
 }
 
 /* SSD correlation on a lattice, rows [r0, r1) of the control grid of one batch item.
@@ -408,10 +938,21 @@ void pdd_resample(const float* x, float* y, int64_t n, int64_t Q, int64_t o, con
  * f: (C, G0, G1, G2) fixed features at the control points; g: (C, N0, N1, N2) moving features
  * resampled onto the lattice; out: (L, G0, G1, G2) with L = nj0 nj1 nj2 (C order).  Lower
  * dimensions use leading axes of size 1 (G = N = nj = 1).  A "row" is one (k0, k1) (r0, r1
- * count rows); 8 points of a row per vector. */
-void pdd_correlation(const float* f, const float* g, float* out, int C, const int64_t* G,
-                     const int64_t* N, const int64_t* a, const int64_t* b, const int64_t* nj,
-                     int64_t r0, int64_t r1) {
+ * count rows); 8 points of a row per vector.  With ``dot``: out[l, k] = sum_c f[c, k] g[c, n]
+ * instead (the gradient of expected values w.r.t. the probabilities). */
+static inline v8f term8(v8f f, v8f g, const int dot) {
+    const v8f d = f - g;
+    return dot ? f * g : d * d;
+}
+
+static inline float term1(float f, float g, const int dot) {
+    const float d = f - g;
+    return dot ? f * g : d * d;
+}
+
+static inline __attribute__((always_inline)) void correlation_impl(
+    const float* f, const float* g, float* out, int C, const int64_t* G, const int64_t* N,
+    const int64_t* a, const int64_t* b, const int64_t* nj, int64_t r0, int64_t r1, const int dot) {
     const int64_t Gt = G[0] * G[1] * G[2], Nt = N[0] * N[1] * N[2], G2 = G[2];
     const int64_t a2 = a[2];
     for (int64_t rs = r0, re; rs < r1; rs = re) {
@@ -442,10 +983,8 @@ void pdd_correlation(const float* f, const float* g, float* out, int C, const in
                                     const float *fc = fr + c * Gt + k, *gc = gx + c * Nt + k;
                                     const v8f f0 = ld8(fc), f1 = ld8(fc + 8);
                                     for (int u = 0; u < 4; ++u) {
-                                        const v8f d0 = f0 - ld8(gc + u * gs);
-                                        const v8f d1 = f1 - ld8(gc + u * gs + 8);
-                                        s[2 * u] += d0 * d0;
-                                        s[2 * u + 1] += d1 * d1;
+                                        s[2 * u] += term8(f0, ld8(gc + u * gs), dot);
+                                        s[2 * u + 1] += term8(f1, ld8(gc + u * gs + 8), dot);
                                     }
                                 }
                                 for (int u = 0; u < 4; ++u) {
@@ -457,8 +996,8 @@ void pdd_correlation(const float* f, const float* g, float* out, int C, const in
                                 for (int u = 0; u < 4; ++u) {
                                     float acc = 0.0f;
                                     for (int c = 0; c < C; ++c) {
-                                        const float d0 = fr[c * Gt + k] - gx[c * Nt + k + u * gs];
-                                        acc += d0 * d0;
+                                        acc += term1(fr[c * Gt + k], gx[c * Nt + k + u * gs],
+                                                     dot);
                                     }
                                     o[u * Gt + k] = acc;
                                 }
@@ -474,15 +1013,12 @@ void pdd_correlation(const float* f, const float* g, float* out, int C, const in
                                 v8f s0 = splat8(0.0f), s1 = s0;
                                 int c = 0;
                                 for (; c + 2 <= C; c += 2) {
-                                    const v8f d0 = ld8(fr + c * Gt + k) - ld8(gx + c * Nt + k);
-                                    const v8f d1 =
-                                        ld8(fr + (c + 1) * Gt + k) - ld8(gx + (c + 1) * Nt + k);
-                                    s0 += d0 * d0;
-                                    s1 += d1 * d1;
+                                    s0 += term8(ld8(fr + c * Gt + k), ld8(gx + c * Nt + k), dot);
+                                    s1 += term8(ld8(fr + (c + 1) * Gt + k),
+                                                ld8(gx + (c + 1) * Nt + k), dot);
                                 }
                                 for (; c < C; ++c) {
-                                    const v8f d0 = ld8(fr + c * Gt + k) - ld8(gx + c * Nt + k);
-                                    s0 += d0 * d0;
+                                    s0 += term8(ld8(fr + c * Gt + k), ld8(gx + c * Nt + k), dot);
                                 }
                                 st8(o + k, s0 + s1);
                             }
@@ -495,8 +1031,7 @@ void pdd_correlation(const float* f, const float* g, float* out, int C, const in
                             const float* fc = fr + c * Gt;
                             const float* gc = gx + c * Nt;
                             for (k = k0; k < G2; ++k) {
-                                const float d0 = fc[k] - gc[a2 * k];
-                                o[k] += d0 * d0;
+                                o[k] += term1(fc[k], gc[a2 * k], dot);
                             }
                         }
                     }
@@ -504,6 +1039,92 @@ void pdd_correlation(const float* f, const float* g, float* out, int C, const in
             }
         }
     }
+}
+
+void pdd_correlation(const float* f, const float* g, float* out, int C, const int64_t* G,
+                     const int64_t* N, const int64_t* a, const int64_t* b, const int64_t* nj,
+                     int64_t r0, int64_t r1, int dot) {
+    FTZ_BEGIN
+    if (dot)
+        correlation_impl(f, g, out, C, G, N, a, b, nj, r0, r1, 1);
+    else
+        correlation_impl(f, g, out, C, G, N, a, b, nj, r0, r1, 0);
+    FTZ_END
+}
+
+/* The lattice sums behind the correlation's gradient and the expected values, rows [r0, r1) of
+ * the control grid of one batch item (node n(k, l) = a k + b j_l per axis, sizes as
+ * pdd_correlation; w: (L, G0, G1, G2) weights, e.g. the cost gradient or the probabilities):
+ *   T[c, k] = sum_l w[l, k] g[c, n(k, l)]       S[k] = sum_l w[l, k]        (rows r0 .. r1)
+ *   U[c, m] += sum_{(k, l): n(k, l) = m} w[l, k] f[c, k]    W[m] += sum w[l, k]
+ * Any of T, S, U, W may be NULL; T and S are written for the rows of the range, U and W
+ * (C, N0, N1, N2) and (N0, N1, N2) are accumulated (the caller gives each range its own). */
+void pdd_lattice_sums(const float* w, const float* f, const float* g, float* T, float* S,
+                      float* U, float* W, int C, const int64_t* G, const int64_t* N,
+                      const int64_t* a, const int64_t* b, const int64_t* nj, int64_t r0,
+                      int64_t r1) {
+    FTZ_BEGIN
+    const int64_t Gt = G[0] * G[1] * G[2], Nt = N[0] * N[1] * N[2], G2 = G[2];
+    const int64_t a2 = a[2], b2 = b[2];
+    for (int64_t row = r0; row < r1; ++row) {
+        for (int64_t k = 0; k < G2; ++k) {
+            if (S) S[row * G2 + k] = 0.0f;
+            if (T)
+                for (int c = 0; c < C; ++c) T[c * Gt + row * G2 + k] = 0.0f;
+        }
+    }
+    for (int64_t rs = r0, re; rs < r1; rs = re) {
+        const int64_t k0 = rs / G[1];
+        re = (k0 + 1) * G[1] < r1 ? (k0 + 1) * G[1] : r1;
+        for (int64_t j0 = 0; j0 < nj[0]; ++j0) {
+            const int64_t z = a[0] * k0 + b[0] * j0;
+            for (int64_t j1 = 0; j1 < nj[1]; ++j1) {
+                for (int64_t row = rs; row < re; ++row) {
+                    const int64_t k1 = row % G[1];
+                    const int64_t y = a[1] * k1 + b[1] * j1;
+                    const int64_t l0 = (j0 * nj[1] + j1) * nj[2];
+                    const int64_t base = (z * N[1] + y) * N[2];
+                    const float* fr = f ? f + row * G2 : NULL;
+                    float* Tr = T ? T + row * G2 : NULL;
+                    float* Sr = S ? S + row * G2 : NULL;
+                    for (int64_t j2 = 0; j2 < nj[2]; ++j2) {
+                        const float* wl = w + (l0 + j2) * Gt + row * G2;
+                        const int64_t m0 = base + b2 * j2; /* node of k2 = 0 */
+                        int64_t k = 0;
+                        if (a2 == 1) {
+                            for (; k + 8 <= G2; k += 8) {
+                                const v8f wv = ld8(wl + k);
+                                const int64_t m = m0 + k;
+                                if (Sr) st8(Sr + k, ld8(Sr + k) + wv);
+                                if (W) st8(W + m, ld8(W + m) + wv);
+                                if (Tr)
+                                    for (int c = 0; c < C; ++c) {
+                                        float* t = Tr + c * Gt + k;
+                                        st8(t, ld8(t) + wv * ld8(g + c * Nt + m));
+                                    }
+                                if (U)
+                                    for (int c = 0; c < C; ++c) {
+                                        float* u = U + c * Nt + m;
+                                        st8(u, ld8(u) + wv * ld8(fr + c * Gt + k));
+                                    }
+                            }
+                        }
+                        for (; k < G2; ++k) {
+                            const float wv = wl[k];
+                            const int64_t m = m0 + a2 * k;
+                            if (Sr) Sr[k] += wv;
+                            if (W) W[m] += wv;
+                            if (Tr)
+                                for (int c = 0; c < C; ++c) Tr[c * Gt + k] += wv * g[c * Nt + m];
+                            if (U)
+                                for (int c = 0; c < C; ++c) U[c * Nt + m] += wv * fr[c * Gt + k];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    FTZ_END
 }
 
 /* Ask Linux for transparent huge pages on [p, p + bytes) (the whole 2 MiB pages inside it),

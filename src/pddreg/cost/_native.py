@@ -1,4 +1,4 @@
-"""Native CPU kernels for inference on cost volumes: compiled on first use, cached, optional.
+"""Native CPU kernels for cost volumes: compiled on first use, cached, optional.
 
 The correlation, the min-convolution, the mean-field, the softmax and the soft field are chains
 of small,
@@ -12,9 +12,12 @@ it in about a second, once per source version, into ``$PDDREG_CACHE_DIR`` (defau
 ``~/.cache/pddreg``, else a temporary folder); the calls go through ``ctypes``, which releases
 the GIL, so ``torch.get_num_threads()`` Python threads split each call.
 
-Used only where it computes exactly what the PyTorch code does: float32 tensors on the CPU,
-no autograd.  Without a compiler, on a failed build, or with ``PDDREG_NATIVE=0`` every caller
-keeps its PyTorch path (the outputs agree to float32 rounding; tests check both).
+Used only where it computes exactly what the PyTorch code does: float32 tensors on the CPU
+(:func:`usable`: outside autograd, for inference; :func:`supports`: also under autograd, where
+``_autograd`` wraps the forward kernels and their backward kernels, ``pdd_*_bwd``,
+``pdd_meanfield_t``, ``pdd_lattice_sums``, in ``torch.autograd.Function``s).  Without a
+compiler, on a failed build, or with ``PDDREG_NATIVE=0`` every caller keeps its PyTorch path
+(outputs and gradients agree to float32 rounding; tests/test_native*.py check both).
 """
 
 from __future__ import annotations
@@ -41,16 +44,23 @@ __all__ = [
     "available",
     "correlation",
     "empty_like",
+    "lattice_sums",
     "meanfield",
+    "meanfield_t",
     "minconv",
+    "minconv_backward",
     "probabilities",
     "resample_axis",
     "soft_field",
+    "softmax_backward",
+    "softmax_field",
+    "supports",
     "usable",
 ]
 
 _SOURCE = Path(__file__).with_name("_native.c")
 _MC_W = 32  # column block of pdd_minconv (MC_W in the C source)
+_MB_W = 16  # column block of pdd_minconv_bwd (MB_W)
 _SF_T = 2048  # column tile of pdd_soft_field (SF_T)
 
 _lock = threading.Lock()
@@ -69,7 +79,12 @@ _SIGNATURES = {
     "pdd_hugepages": [_p, _l],
     "pdd_softmax_neg": [_p, _p, _l, _l, _l, _l, _p],
     "pdd_resample": [_p, _p, _l, _l, _l, _p, _p, _p, _p, _l, _l],
-    "pdd_correlation": [_p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l],
+    "pdd_correlation": [_p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l, _i],
+    "pdd_minconv_bwd": [_p, _p, _p, _p, _p, _l, _i, _i, _l, _l, _f, _f, _f, _p, _p],
+    "pdd_meanfield_t": [_p, _p, _p, _p, _i, _p, _l, _l, _f, _f, _f, _p, _p],
+    "pdd_lattice_sums": [_p, _p, _p, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l],
+    "pdd_softmax_field": [_p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
+    "pdd_softmax_bwd": [_p, _p, _p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
 }
 
 
@@ -171,16 +186,22 @@ def _library() -> ctypes.CDLL:
     return _lib
 
 
-def usable(*ts: torch.Tensor | None) -> bool:
-    """True when every tensor is float32 on the CPU, outside autograd, and the kernels load."""
+def supports(*ts: torch.Tensor | None) -> bool:
+    """True when every tensor is float32 on the CPU and the kernels load (autograd or not: the
+    differentiable operators of ``_autograd`` run the native backward kernels)."""
     for t in ts:
         if t is None:
             continue
         if t.device.type != "cpu" or t.dtype != torch.float32:
             return False
-        if torch.is_grad_enabled() and t.requires_grad:
-            return False
     return available()
+
+
+def usable(*ts: torch.Tensor | None) -> bool:
+    """True when every tensor is float32 on the CPU, outside autograd, and the kernels load."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts):
+        return False
+    return supports(*ts)
 
 
 def empty_like(t: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -194,13 +215,14 @@ def empty_like(t: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.T
     return out
 
 
-def _run(fn, ranges: list[tuple[int, int]], work_floats: int) -> None:
-    """fn(lo, hi, work_ptr) over the ranges, one Python thread each (ctypes drops the GIL)."""
+def _run(fn, ranges: list[tuple[int, int]], work_floats: int) -> list[torch.Tensor]:
+    """fn(lo, hi, work_ptr) over the ranges, one Python thread each (ctypes drops the GIL);
+    returns the work buffers (one per range, in order)."""
     global _pool
     works = [torch.empty(work_floats, dtype=torch.float32) for _ in ranges]
     if len(ranges) == 1:
         fn(*ranges[0], works[0].data_ptr())
-        return
+        return works
     pid = os.getpid()
     if _pool is None or _pool[0] != pid:
         with _lock:
@@ -212,13 +234,21 @@ def _run(fn, ranges: list[tuple[int, int]], work_floats: int) -> None:
     ]
     for f in futures:
         f.result()
+    return works
 
 
-def _per_item(tensors: list[torch.Tensor], fn, ranges: list[tuple[int, int]], work: int) -> None:
+def _item_ptr(t: torch.Tensor | None, b: int) -> int | None:
+    return None if t is None else t.data_ptr() + b * t[0].numel() * t.element_size()
+
+
+def _per_item(
+    tensors: list[torch.Tensor | None], fn, ranges: list[tuple[int, int]], work: int
+) -> None:
     """For each batch item b: ``fn(*pointers of item b, lo, hi, work)`` over ``ranges``
-    (``tensors``: contiguous float32 with the batch axis first)."""
-    for b in range(tensors[0].shape[0]):
-        ptrs = [t.data_ptr() + b * t[0].numel() * t.element_size() for t in tensors]
+    (``tensors``: contiguous float32 with the batch axis first, or None: a NULL pointer)."""
+    batch = next(t for t in tensors if t is not None).shape[0]
+    for b in range(batch):
+        ptrs = [_item_ptr(t, b) for t in tensors]
         _run(lambda lo, hi, w, ptrs=ptrs: fn(*ptrs, lo, hi, w), ranges, work)
 
 
@@ -279,12 +309,33 @@ def meanfield(
     _run(call, _split(rows, 1), 2 * G + 32 * (grid[-1] + 28))
 
 
+def _lattice_sizes(grid, nodes, a, b, n):
+    """The five int64[3] size arrays of the lattice kernels (lower dimensions lead with 1s)."""
+    nd = len(grid)
+    lead = 3 - nd
+    arr = ctypes.c_int64 * 3
+    return (
+        arr(*([1] * lead + list(grid))),
+        arr(*([1] * lead + list(nodes))),
+        arr(*([0] * lead + list(a))),
+        arr(*([0] * lead + list(b))),
+        arr(*([1] * lead + [n] * nd)),
+    )
+
+
+def _row_ranges(G) -> list[tuple[int, int]]:
+    """Ranges of control-grid rows (k0, k1) per thread: whole planes k0 where there are enough."""
+    return _split(G[0] * G[1], G[1] if G[0] >= 2 * torch.get_num_threads() else 1)
+
+
 def correlation(
     fixed: torch.Tensor,
     lattice: torch.Tensor,
     a: tuple[int, ...],
     b: tuple[int, ...],
     n: int,
+    *,
+    dot: bool = False,
 ) -> torch.Tensor:
     """``cost[:, l, k] = sum_c (fixed[:, c, k] - lattice[:, c, a * k + b * j_l])**2``.
 
@@ -293,31 +344,90 @@ def correlation(
         lattice: (B, C, *N) contiguous float32 moving features on the lattice (per axis node
             ``a * k + b * j`` for point ``k``, displacement index ``j`` in ``0..n-1``).
         a, b: lattice steps per axis; n: displacements per axis (``2 r + 1``).
+        dot: ``sum_c fixed[:, c, k] * lattice[:, c, a * k + b * j_l]`` instead.
 
     Returns:
         (B, n**nd, *G) float32 (huge-page backed where available).
     """
     B, C = fixed.shape[:2]
     grid = tuple(fixed.shape[2:])
-    nodes = tuple(lattice.shape[2:])
-    nd = len(grid)
-    lead = 3 - nd
-    arr = ctypes.c_int64 * 3
-    G = arr(*([1] * lead + list(grid)))
-    N = arr(*([1] * lead + list(nodes)))
-    A = arr(*([0] * lead + list(a)))
-    Bs = arr(*([0] * lead + list(b)))
-    NJ = arr(*([1] * lead + [n] * nd))
-    out = empty_like(fixed, (B, n**nd, *grid))
+    G, N, A, Bs, NJ = _lattice_sizes(grid, tuple(lattice.shape[2:]), a, b, n)
+    out = empty_like(fixed, (B, n ** len(grid), *grid))
     lib = _library()
-    rows = G[0] * G[1]
+    mode = int(dot)
 
     def call(fp: int, gp: int, op: int, r0: int, r1: int, w: int) -> None:
-        lib.pdd_correlation(fp, gp, op, C, G, N, A, Bs, NJ, r0, r1)
+        lib.pdd_correlation(fp, gp, op, C, G, N, A, Bs, NJ, r0, r1, mode)
 
-    ranges = _split(rows, G[1] if G[0] >= 2 * torch.get_num_threads() else 1)
-    _per_item([fixed, lattice, out], call, ranges, 1)
+    _per_item([fixed, lattice, out], call, _row_ranges(G), 1)
     return out
+
+
+def lattice_sums(
+    weights: torch.Tensor,
+    fixed: torch.Tensor | None,
+    lattice: torch.Tensor | None,
+    nodes: tuple[int, ...],
+    a: tuple[int, ...],
+    b: tuple[int, ...],
+    n: int,
+    *,
+    want: str,
+) -> dict[str, torch.Tensor]:
+    """The sums over the displacements behind the lattice operators' gradients.
+
+    With ``m = a * k + b * j_l`` per axis (as :func:`correlation`) and ``w = weights``::
+
+        T[:, c, k] = sum_l w[:, l, k] lattice[:, c, m]        S[:, 0, k] = sum_l w[:, l, k]
+        U[:, c, m] = sum_{k, l -> m} w[:, l, k] fixed[:, c, k]  W[:, 0, m] = sum_{k, l -> m} w
+
+    Args:
+        weights: (B, n**nd, *G) contiguous float32.
+        fixed: (B, C, *G) contiguous float32 (needed for U).
+        lattice: (B, C, *N) contiguous float32 (needed for T).
+        nodes: N, the lattice size.
+        want: which of "TSUW" to compute.
+
+    Returns:
+        {"T": (B, C, *G), "S": (B, 1, *G), "U": (B, C, *N), "W": (B, 1, *N)} for those wanted.
+    """
+    B = weights.shape[0]
+    grid = tuple(weights.shape[2:])
+    C = (fixed if fixed is not None else lattice).shape[1]
+    G, N, A, Bs, NJ = _lattice_sizes(grid, nodes, a, b, n)
+    nt = math.prod(nodes)
+    out: dict[str, torch.Tensor] = {}
+    T = weights.new_empty(B, C, *grid) if "T" in want else None
+    S = weights.new_empty(B, 1, *grid) if "S" in want else None
+    for key, t in (("T", T), ("S", S)):
+        if t is not None:
+            out[key] = t
+    scatter = "U" in want or "W" in want
+    if scatter:
+        out["U"] = weights.new_zeros(B, C, *nodes)
+        out["W"] = weights.new_zeros(B, 1, *nodes)
+    lib = _library()
+    ranges = _row_ranges(G)
+    work = (C + 1) * nt if scatter else 1
+    uoff = 0 if "U" in want else None
+    woff = C * nt if "W" in want else None
+    for bi in range(B):
+        wp, fp, gp = (_item_ptr(t, bi) for t in (weights, fixed, lattice))
+        tp, sp = _item_ptr(T, bi), _item_ptr(S, bi)
+
+        def call(r0: int, r1: int, w: int, wp=wp, fp=fp, gp=gp, tp=tp, sp=sp) -> None:
+            up = None if uoff is None else w + 4 * uoff
+            vp = None if woff is None else w + 4 * woff
+            if up is not None or vp is not None:
+                ctypes.memset(w, 0, 4 * work)
+            lib.pdd_lattice_sums(wp, fp, gp, tp, sp, up, vp, C, G, N, A, Bs, NJ, r0, r1)
+
+        works = _run(call, ranges, work)
+        if scatter:
+            total = works[0] if len(works) == 1 else torch.stack(works).sum(0)
+            out["U"][bi] = total[: C * nt].view(C, *nodes)
+            out["W"][bi] = total[C * nt :].view(1, *nodes)
+    return {k: v for k, v in out.items() if k in want}
 
 
 def resample_axis(
@@ -380,3 +490,128 @@ def soft_field(cost: torch.Tensor, disp: torch.Tensor, out: torch.Tensor) -> Non
         lib.pdd_soft_field(c, d32.data_ptr(), o, nl, K, nd, k0, k1, w)
 
     _per_item([cost, out], call, _split(K, _SF_T), 5 * _SF_T)
+
+
+def minconv_backward(
+    x: torch.Tensor,
+    gy: torch.Tensor,
+    out: torch.Tensor,
+    n: int,
+    nd: int,
+    *,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    wa: float = 0.0,
+    wb: float = 0.0,
+    wm: float = 1.0,
+) -> tuple[float, float, float]:
+    """``out = wm * MC_x^T(gy) + wa * a + wb * b``: the gradient of :func:`minconv` at ``x``.
+
+    Args:
+        x, gy, a, b, out: (B, n**nd, *G) contiguous float32; ``a``, ``b`` may be None; ``out``
+            may be ``gy``, ``a`` or ``b``.
+
+    Returns:
+        ``(sum gy * minconv(x), sum a * x, sum b * x)`` over all elements (0 for missing terms).
+    """
+    K = x[0, 0].numel()
+    lib = _library()
+    ranges = _split(K, _MB_W)
+    dots = [(ctypes.c_double * 3)() for _ in range(x.shape[0] * len(ranges))]
+    slot = {r: i for i, r in enumerate(ranges)}
+
+    for bi in range(x.shape[0]):
+        ptrs = [_item_ptr(t, bi) for t in (x, gy, a, b, out)]
+
+        def call(k0: int, k1: int, w: int, ptrs=ptrs, bi=bi) -> None:
+            d = dots[bi * len(ranges) + slot[(k0, k1)]]
+            lib.pdd_minconv_bwd(*ptrs, K, n, nd, k0, k1, wa, wb, wm, d, w)
+
+        _run(call, ranges, (5 * (n + 2) ** nd + n**nd) * _MB_W)
+    return tuple(float(sum(d[i] for d in dots)) for i in range(3))  # type: ignore[return-value]
+
+
+def meanfield_t(
+    x: torch.Tensor,
+    d: torch.Tensor | None,
+    c: torch.Tensor | None,
+    out: torch.Tensor,
+    taps: tuple[float, ...],
+    wd: float = 0.0,
+    wc: float = 0.0,
+    wm: float = 1.0,
+) -> None:
+    """``out = wd * d + wc * c + wm * MF^T(x)``: the transpose (gradient) of :func:`meanfield`
+    (same arguments)."""
+    grid = tuple(x.shape[2:])
+    nd = len(grid)
+    rows = x.shape[0] * x.shape[1]
+    t32 = torch.tensor(taps, dtype=torch.float32)
+    g = (ctypes.c_int * nd)(*grid)
+    G = x[0, 0].numel()
+    lib = _library()
+    ptr = [None if t is None else t.data_ptr() for t in (x, d, c, out)]
+
+    def call(r0: int, r1: int, w: int) -> None:
+        lib.pdd_meanfield_t(*ptr, nd, g, r0, r1, wd, wc, wm, t32.data_ptr(), w)
+
+    _run(call, _split(rows, 1), 2 * G + 32 * (2 * grid[-1] + 2 * len(taps) + 16))
+
+
+def softmax_field(
+    cost: torch.Tensor, disp: torch.Tensor | None, *, prob: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``softmax(-cost, 1)`` (if ``prob``) and ``sum_l softmax(-cost)_l * disp[l]`` (if ``disp``
+    is given) of a contiguous float32 (B, |L|, *G) cost, in one pass.
+
+    Returns:
+        ``(prob (B, |L|, *G) or None, field (B, nd, *G) or None)``.
+    """
+    nl = cost.shape[1]
+    K = cost[0, 0].numel()
+    p = empty_like(cost) if prob else None
+    f = d32 = None
+    nd = 0
+    if disp is not None:
+        nd = disp.shape[1]
+        d32 = disp.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        f = cost.new_empty(cost.shape[0], nd, *cost.shape[2:])
+    lib = _library()
+    dp = None if d32 is None else d32.data_ptr()
+
+    def call(c: int, o: int, fo: int, k0: int, k1: int, w: int) -> None:
+        lib.pdd_softmax_field(c, dp, o, fo, nl, K, nd, k0, k1, w)
+
+    _per_item([cost, p, f], call, _split(K, _SF_T), 5 * _SF_T)
+    return p, f
+
+
+def softmax_backward(
+    prob: torch.Tensor | None,
+    cost: torch.Tensor | None,
+    dprob: torch.Tensor | None,
+    gfield: torch.Tensor | None,
+    disp: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """``out`` = gradient w.r.t. ``cost`` of ``prob = softmax(-cost, 1)`` and
+    ``field = sum_l prob_l disp[l]`` given ``dprob`` (B, |L|, *G) and ``gfield`` (B, nd, *G)
+    (either may be None).  ``prob`` is used when given, else recomputed from ``cost``
+    (then ``out`` must not be ``dprob``).  All contiguous float32."""
+    ref = prob if prob is not None else cost
+    assert ref is not None
+    nl = ref.shape[1]
+    K = ref[0, 0].numel()
+    nd = 0
+    dp = None
+    if gfield is not None:
+        assert disp is not None
+        nd = disp.shape[1]
+        d32 = disp.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        dp = d32.data_ptr()
+    lib = _library()
+
+    def call(p: int, c: int, g: int, gf: int, o: int, k0: int, k1: int, w: int) -> None:
+        lib.pdd_softmax_bwd(p, c, g, gf, dp, o, nl, K, nd, k0, k1, w)
+
+    _per_item([prob, cost, dprob, gfield, out], call, _split(K, _SF_T), 4 * _SF_T)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from . import _native
+from . import _autograd, _native
 from ._lattice import (
     CORRELATION_CHUNK_BYTES,
     DEFAULT_MAX_MEMORY,
@@ -141,7 +141,7 @@ def correlation(
     mem = _max_memory(max_memory)
     plan = make_plan(grid, size, radius, spacing, C)
     if plan is None:
-        if grid and len(grid) <= 3 and _native.usable(feat_fixed, feat_moving):
+        if grid and len(grid) <= 3 and _native.supports(feat_fixed, feat_moving):
             out = _correlation_product(feat_fixed, feat_moving, radius, spacing, padding, mem)
             if out is not None:
                 return out
@@ -157,10 +157,13 @@ def _correlation_tiled(
     B, C = fixed.shape[:2]
     grad = torch.is_grad_enabled() and (fixed.requires_grad or moving.requires_grad)
     g = to_lattice(moving, plan, padding)  # (B, C, *N)
-    if nd <= 3 and _native.usable(fixed, g):
+    if nd <= 3 and _native.supports(fixed, g):
         a = tuple(lat.a for lat in plan.axes)
         b = tuple(lat.b for lat in plan.axes)
-        return _native.correlation(fixed.contiguous(), g.contiguous(), a, b, 2 * plan.radius + 1)
+        n = 2 * plan.radius + 1
+        if grad:  # native backward
+            return _autograd.correlation(fixed, g, a, b, n)
+        return _native.correlation(fixed.contiguous(), g.contiguous(), a, b, n)
     ones_g = torch.ones_like(g[:, :1])
     g_aug = torch.cat([-2.0 * g, (g * g).sum(1, keepdim=True), ones_g], 1)
     f = pad_grid(fixed, plan)
@@ -247,26 +250,38 @@ def _sample_shifted(
     return out.view(B, x.shape[1], lc, *grid)
 
 
-def _correlation_product(
-    fixed: torch.Tensor, moving: torch.Tensor, radius: int, spacing: float, padding: str, mem: int
+def _product_lattice(
+    x: torch.Tensor, grid: tuple[int, ...], radius: int, spacing: float, padding: str, mem: int
 ) -> torch.Tensor | None:
-    """Native path for any stride and spacing: the moving map resampled (separable linear
-    interpolation, exactly what trilinear sampling does) at every ``p_k + d_j`` per axis, i.e. a
-    lattice of ``G * (2r + 1)`` nodes per axis with node ``(2r + 1) k + j``; None when that
-    lattice would exceed ``mem`` bytes."""
-    nd = fixed.dim() - 2
-    B, C = fixed.shape[:2]
-    grid = tuple(fixed.shape[2:])
-    size = tuple(moving.shape[2:])
+    """``x`` (B, C, *S) resampled (separable linear interpolation, exactly what trilinear
+    sampling does) at every ``p_k + d_j`` per axis: a lattice of ``G * (2r + 1)`` nodes per axis
+    with node ``(2r + 1) k + j``; None when it would exceed ``mem`` bytes."""
+    B, C = x.shape[:2]
+    size = tuple(x.shape[2:])
     n = 2 * radius + 1
-    if B * C * math.prod(g * n for g in grid) * fixed.element_size() > mem:
+    if B * C * math.prod(g * n for g in grid) * x.element_size() > mem:
         return None
-    lat = moving
+    lat = x
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64) * spacing
     for ax, (g, s) in enumerate(zip(grid, size, strict=True)):
         p = (torch.arange(g, dtype=torch.float64) + 0.5) * (s / g) - 0.5
         pos = (p[:, None] + offsets[None, :]).reshape(-1)
         lat = resample_axis(lat, 2 + ax, pos, padding)
+    return lat
+
+
+def _correlation_product(
+    fixed: torch.Tensor, moving: torch.Tensor, radius: int, spacing: float, padding: str, mem: int
+) -> torch.Tensor | None:
+    """Native path for any stride and spacing, on the product lattice of ``_product_lattice``
+    (lattice steps ``a = 2r + 1``, ``b = 1``); None when that lattice would exceed ``mem``."""
+    nd = fixed.dim() - 2
+    n = 2 * radius + 1
+    lat = _product_lattice(moving, tuple(fixed.shape[2:]), radius, spacing, padding, mem)
+    if lat is None:
+        return None
+    if torch.is_grad_enabled() and (fixed.requires_grad or lat.requires_grad):
+        return _autograd.correlation(fixed, lat, (n,) * nd, (1,) * nd, n)
     return _native.correlation(fixed.contiguous(), lat.contiguous(), (n,) * nd, (1,) * nd, n)
 
 
@@ -336,6 +351,16 @@ def expected_values(
     C = values.shape[1]
     mem = _max_memory(max_memory)
     plan = make_plan(grid, tuple(values.shape[2:]), radius, spacing, C)
+    n = 2 * radius + 1
+    if 1 <= nd <= 3 and _native.supports(prob, values):
+        if plan is not None:
+            v = to_lattice(values, plan, padding)
+            a = tuple(lat.a for lat in plan.axes)
+            b = tuple(lat.b for lat in plan.axes)
+            return _autograd.expected_values(prob, v, a, b, n)
+        v = _product_lattice(values, grid, radius, spacing, padding, mem)
+        if v is not None:
+            return _autograd.expected_values(prob, v, (n,) * nd, (1,) * nd, n)
     if plan is None:
         disps = displacement_set(radius, spacing, nd, device=prob.device, dtype=prob.dtype)
         per_disp = 3 * B * C * math.prod(grid) * prob.element_size()

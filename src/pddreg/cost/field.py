@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _native
+from . import _autograd, _native
 from ._lattice import DEFAULT_MAX_MEMORY, checkpointed, wants_checkpoint
 from .correlation import _check_radius_spacing, displacement_set
 
-__all__ = ["expected_displacement", "probabilities", "soft_field"]
+__all__ = ["expected_displacement", "probabilities", "probabilities_and_field", "soft_field"]
 
 
 def _shape_str(t: torch.Tensor) -> str:
@@ -22,6 +22,8 @@ def probabilities(cost: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"probabilities(): 'cost' must have shape (B, |L|, *grid), got {got}")
     if _native.usable(cost):
         return _native.probabilities(cost.contiguous())
+    if _native.supports(cost):  # autograd: native backward
+        return _autograd.probabilities_and_field(cost, None)[0]
     return torch.softmax(-cost, dim=1)
 
 
@@ -43,6 +45,41 @@ def expected_displacement(prob: torch.Tensor, displacements: torch.Tensor) -> to
     d = displacements.to(device=prob.device, dtype=prob.dtype)
     out = torch.matmul(d.t(), prob.reshape(B, nl, -1))
     return out.view(B, nd, *prob.shape[2:])
+
+
+def probabilities_and_field(
+    cost: torch.Tensor, displacements: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prob = probabilities(cost)`` and ``expected_displacement(prob, displacements)`` at once.
+
+    On float32 CPU tensors (with or without autograd) one native pass computes both and one
+    native backward takes the gradients of both (the gradient of the field never becomes a
+    separate volume); elsewhere it is the two functions.
+
+    Args:
+        cost: (B, |L|, *G) regularised cost.
+        displacements: (|L|, ndim) displacement set (no gradient).
+
+    Returns:
+        ``(prob (B, |L|, *G), field (B, ndim, *G))``.
+    """
+    if not isinstance(cost, torch.Tensor) or cost.dim() < 3:
+        got = _shape_str(cost) if isinstance(cost, torch.Tensor) else type(cost).__name__
+        raise ValueError(
+            f"probabilities_and_field(): 'cost' must have shape (B, |L|, *grid), got {got}"
+        )
+    nd = cost.dim() - 2
+    if displacements.shape != (cost.shape[1], nd):
+        raise ValueError(
+            f"probabilities_and_field(): 'displacements' must have shape ({cost.shape[1]}, {nd}),"
+            f" got {_shape_str(displacements)}"
+        )
+    if nd <= 3 and _native.supports(cost) and not displacements.requires_grad:
+        prob, field = _autograd.probabilities_and_field(cost, displacements)
+        assert prob is not None and field is not None
+        return prob, field
+    prob = probabilities(cost)
+    return prob, expected_displacement(prob, displacements)
 
 
 def _soft_block(cost: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -90,6 +127,8 @@ def soft_field(
         out = cost.new_empty(B, nd, *grid)
         _native.soft_field(flat.contiguous(), disps, out)
         return out
+    if nd <= 3 and _native.supports(cost):  # autograd: native backward
+        return _autograd.probabilities_and_field(cost, disps, prob=False)[1]
     d = disps.t()
     budget = min(max_memory or DEFAULT_MAX_MEMORY, 4 * 2**20)
     kc = max(1, budget // (3 * B * nl * cost.element_size()))

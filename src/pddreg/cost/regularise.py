@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InputError
-from . import _native
+from . import _autograd, _native
 from ._lattice import DEFAULT_MAX_MEMORY, checkpointed, wants_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,8 @@ def minconv(cost: torch.Tensor, *, max_memory: int | None = None) -> torch.Tenso
     mat = _mat(n, "minconv", cost.device, cost.dtype)
     kc = _column_chunk(cost, max_memory)
     if _needs_grad(cost):
+        if nd <= 3 and _native.supports(cost):  # native backward
+            return _autograd.minconv(flat, n, nd).view(cost.shape)
         ckpt = wants_checkpoint(cost.numel() * cost.element_size(), cost)
         if not ckpt:
             return _minconv_block(flat, n, nd, mat).view(cost.shape)
@@ -231,6 +233,8 @@ def meanfield(cost: torch.Tensor, *, max_memory: int | None = None) -> torch.Ten
     mats = [_mat(g, "meanfield", cost.device, cost.dtype) for g in grid]
     lc = _row_chunk(cost, max_memory)
     if _needs_grad(cost):
+        if len(grid) <= 3 and _native.supports(cost):  # native backward
+            return _autograd.meanfield(cost, _K13)
         if not wants_checkpoint(cost.numel() * cost.element_size(), cost):
             return _meanfield_rows(cost, *mats)
         lc = 16 * lc
@@ -384,8 +388,11 @@ def regularise(
     Returns:
         (B, |L|, *G), differentiable w.r.t. ``cost`` and ``alpha``.
     """
-    _side("regularise()", cost)
+    n = _side("regularise()", cost)
     a = _check_alpha(DEFAULT_ALPHA if alpha is None else alpha, cost)
+    native = cost.dim() <= 5 and _native.supports(cost, a)
+    if _needs_grad(cost, a) and native and use_meanfield and not exact:  # native backward
+        return _autograd.regularise(cost, a, n, _K13, _regularise_native)
     if _needs_grad(cost, a) or exact or not use_meanfield:
         return _regularise_graph(cost, a, use_meanfield, exact, max_memory)
     return _regularise_fused(cost, a, max_memory)

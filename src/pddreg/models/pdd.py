@@ -225,9 +225,8 @@ class PDDNet(nn.Module):
         from pddreg.cost import (
             correlation,
             displacement_set,
-            expected_displacement,
             mask_cost,
-            probabilities,
+            probabilities_and_field,
             regularise,
             valid_weights,
         )
@@ -244,9 +243,9 @@ class PDDNet(nn.Module):
         cost = regularise(
             raw, alpha.to(raw.dtype), use_meanfield=cfg.use_meanfield, exact=cfg.exact_minconv
         )
-        prob = probabilities(cost)
         disps = displacement_set(radius, spacing, cfg.ndim, device=raw.device, dtype=raw.dtype)
-        field_f = expected_displacement(prob, disps)  # voxels of the moving feature map
+        # one pass (and on float32 CPU tensors one native backward) for both
+        prob, field_f = probabilities_and_field(cost, disps)  # field: moving feature voxels
         scale = torch.tensor(
             [g / f for g, f in zip(grid, feat_shape, strict=True)], dtype=raw.dtype
         )

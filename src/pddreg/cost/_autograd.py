@@ -1,0 +1,259 @@
+"""Differentiable operators on the native CPU kernels (float32, autograd): training throughput.
+
+Each ``torch.autograd.Function`` runs the forward of ``_native`` and a native backward; the
+public operators of ``pddreg.cost`` call them under autograd when ``_native.supports`` their
+float32 CPU inputs (everything else, float64 ``gradcheck`` included, keeps the PyTorch
+formulation, which is the reference: ``tests/test_native_backward.py`` checks the gradients
+against it).
+
+Memory: a cost volume of 32^3 points x 15^3 displacements is 442 MB, so each operator saves
+only its inputs (the regularisation: the raw cost and the weights; the probabilities: their own
+output) and recomputes the rest in the backward, block by block inside the kernels (the
+min-convolution's filtered signal and min-pools per block of control points, the first round
+of the regularisation per volume); the backward of the regularisation holds two volumes of its
+own beside its input and the incoming gradient.  Gradients of the six weights are reductions
+fused into the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _native
+
+__all__ = [
+    "correlation",
+    "expected_values",
+    "meanfield",
+    "minconv",
+    "probabilities_and_field",
+    "regularise",
+]
+
+
+def _c(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class _Correlation(torch.autograd.Function):
+    """cost[l, k] = sum_c (f[c, k] - g[c, a k + b j_l])^2 on a lattice ``g``."""
+
+    @staticmethod
+    def forward(ctx, fixed, lattice, a, b, n):
+        ctx.save_for_backward(fixed, lattice)
+        ctx.geom = (a, b, n)
+        return _native.correlation(fixed, lattice, a, b, n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        fixed, lattice = ctx.saved_tensors
+        a, b, n = ctx.geom
+        nodes = tuple(lattice.shape[2:])
+        want = ("TS" if ctx.needs_input_grad[0] else "") + ("UW" if ctx.needs_input_grad[1] else "")
+        sums = _native.lattice_sums(_c(grad), fixed, lattice, nodes, a, b, n, want=want)
+        gf = gl = None
+        if ctx.needs_input_grad[0]:  # 2 sum_l g_l (f - m_l)
+            gf = (fixed * sums["S"]).sub_(sums["T"]).mul_(2.0)
+        if ctx.needs_input_grad[1]:  # -2 sum_{k,l -> m} g (f - m)
+            gl = (lattice * sums["W"]).sub_(sums["U"]).mul_(2.0)
+        return gf, gl, None, None, None
+
+
+def correlation(fixed, lattice, a, b, n) -> torch.Tensor:
+    """Differentiable ``_native.correlation`` (SSD) of (B, C, *G) fixed features and a
+    (B, C, *N) lattice of moving features."""
+    return _Correlation.apply(_c(fixed), _c(lattice), tuple(a), tuple(b), n)
+
+
+class _ExpectedValues(torch.autograd.Function):
+    """E[c, k] = sum_l prob[l, k] v[c, a k + b j_l] on a lattice ``v``."""
+
+    @staticmethod
+    def forward(ctx, prob, lattice, a, b, n):
+        ctx.save_for_backward(prob, lattice)
+        ctx.geom = (a, b, n)
+        nodes = tuple(lattice.shape[2:])
+        return _native.lattice_sums(prob, None, lattice, nodes, a, b, n, want="T")["T"]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        prob, lattice = ctx.saved_tensors
+        a, b, n = ctx.geom
+        grad = _c(grad)
+        gp = gl = None
+        if ctx.needs_input_grad[0]:
+            gp = _native.correlation(grad, lattice, a, b, n, dot=True)
+        if ctx.needs_input_grad[1]:
+            nodes = tuple(lattice.shape[2:])
+            gl = _native.lattice_sums(prob, grad, None, nodes, a, b, n, want="U")["U"]
+        return gp, gl, None, None, None
+
+
+def expected_values(prob, lattice, a, b, n) -> torch.Tensor:
+    """Differentiable expected values (B, C, *G) of a (B, C, *N) lattice under (B, |L|, *G)
+    probabilities."""
+    return _ExpectedValues.apply(_c(prob), _c(lattice), tuple(a), tuple(b), n)
+
+
+class _ProbField(torch.autograd.Function):
+    """prob = softmax(-cost, 1) and/or field = sum_l prob_l disp[l]."""
+
+    @staticmethod
+    def forward(ctx, cost, disp, want_prob):
+        ctx.set_materialize_grads(False)
+        prob, field = _native.softmax_field(cost, disp, prob=want_prob)
+        ctx.disp = disp
+        if want_prob:
+            ctx.save_for_backward(prob)
+            ctx.from_cost = False
+        else:  # the field alone: keep the cost, recompute the probabilities in the backward
+            ctx.save_for_backward(cost)
+            ctx.from_cost = True
+        if disp is None:
+            return prob
+        if not want_prob:
+            return field
+        return prob, field
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        if ctx.disp is None:
+            gp, gf = grads[0], None
+        elif ctx.from_cost:
+            gp, gf = None, grads[0]
+        else:
+            gp, gf = grads
+        if gp is None and gf is None:
+            return None, None, None
+        (saved,) = ctx.saved_tensors
+        gp = None if gp is None else _c(gp)
+        gf = None if gf is None else _c(gf)
+        out = _native.empty_like(saved)
+        if ctx.from_cost:
+            _native.softmax_backward(None, saved, gp, gf, ctx.disp, out)
+        else:
+            _native.softmax_backward(saved, None, gp, gf, ctx.disp, out)
+        return out, None, None
+
+
+def probabilities_and_field(
+    cost: torch.Tensor, disp: torch.Tensor | None, *, prob: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Differentiable ``(softmax(-cost, 1), sum_l softmax(-cost)_l disp[l])``; ``prob=False``
+    leaves the probabilities out (the soft field alone), ``disp=None`` the field."""
+    cost = _c(cost)
+    if disp is not None:
+        disp = disp.detach().to(dtype=torch.float32).contiguous()
+    res = _ProbField.apply(cost, disp, prob)
+    if disp is None:
+        return res, None
+    if not prob:
+        return None, res
+    return res[0], res[1]
+
+
+class _Minconv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n, nd):
+        ctx.save_for_backward(x)
+        ctx.geom = (n, nd)
+        out = _native.empty_like(x)
+        _native.minconv(x, out, n, nd)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        out = _native.empty_like(x)
+        _native.minconv_backward(x, _c(grad), out, *ctx.geom)
+        return out, None, None
+
+
+def minconv(x: torch.Tensor, n: int, nd: int) -> torch.Tensor:
+    """Differentiable native min-convolution of a (B, n**nd, *G) cost."""
+    return _Minconv.apply(_c(x), n, nd)
+
+
+class _Meanfield(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, taps):
+        ctx.taps = taps
+        out = _native.empty_like(x)
+        _native.meanfield(x, None, None, out, taps)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grad = _c(grad)
+        out = _native.empty_like(grad)
+        _native.meanfield_t(grad, None, None, out, ctx.taps)
+        return out, None
+
+
+def meanfield(x: torch.Tensor, taps: tuple[float, ...]) -> torch.Tensor:
+    """Differentiable native mean-field of a (B, |L|, *G) cost (13 ``taps``)."""
+    return _Meanfield.apply(_c(x), taps)
+
+
+class _Regularise(torch.autograd.Function):
+    """Two rounds with R = MF . MC:  c1 = a0 D + a1 R(D);  out = a5 (a2 D + a3 c1 + a4 R(c1)).
+
+    Backward, with g the incoming gradient (each line one native pass over the volume)::
+
+        X = MC(D); Y = c1 = a0 D + a1 MF(X)          recomputed (only D is saved)
+        X = t1 = MF^T(g)
+        X = gc1 = a5 (a3 g + a4 MC_c1^T(t1))         <t1, MC(c1)> = <g, R(c1)>, <g, c1>
+        Y = u = MF^T(gc1)
+        X = gD = a2 a5 g + a0 gc1 + a1 MC_D^T(u)     <u, MC(D)> = <gc1, R(D)>, <gc1, D>, <g, D>
+    """
+
+    @staticmethod
+    def forward(ctx, d, alpha, n, taps, fused):
+        a = tuple(float(v) for v in alpha.detach().tolist())
+        ctx.save_for_backward(d, alpha)
+        ctx.a, ctx.n, ctx.taps = a, n, taps
+        return fused(d, a, n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        d, alpha = ctx.saved_tensors
+        a0, a1, a2, a3, a4, a5 = ctx.a
+        n, taps = ctx.n, ctx.taps
+        nd = d.dim() - 2
+        g = _c(grad)
+        x = _native.empty_like(d)
+        y = _native.empty_like(d)
+        _native.minconv(d, x, n, nd)
+        _native.meanfield(x, d, None, y, taps, wd=a0, wm=a1)  # c1
+        _native.meanfield_t(g, None, None, x, taps)  # t1
+        g_rc1, g_c1, _ = _native.minconv_backward(y, x, x, n, nd, a=g, wa=a3 * a5, wm=a4 * a5)
+        _native.meanfield_t(x, None, None, y, taps)  # u
+        gc1_rd, gc1_d, g_d = _native.minconv_backward(
+            d, y, x, n, nd, a=x, b=g, wa=a0, wb=a2 * a5, wm=a1
+        )  # gD
+        del y
+        ga = None
+        if ctx.needs_input_grad[1]:
+            vals = [
+                gc1_d,
+                gc1_rd,
+                a5 * g_d,
+                a5 * g_c1,
+                a5 * g_rc1,
+                a2 * g_d + a3 * g_c1 + a4 * g_rc1,
+            ]
+            ga = torch.tensor(vals, dtype=alpha.dtype)
+        return (x if ctx.needs_input_grad[0] else None), ga, None, None, None
+
+
+def regularise(d: torch.Tensor, alpha: torch.Tensor, n: int, taps, fused) -> torch.Tensor:
+    """Differentiable two-round regularisation of a (B, n**nd, *G) cost with (6,) weights
+    (``fused(d, alpha_floats, n)``: the native inference forward)."""
+    return _Regularise.apply(_c(d), alpha, n, taps, fused)
