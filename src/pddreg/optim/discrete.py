@@ -21,7 +21,14 @@ from pddreg.features.mind import _box_filter
 
 from .instance import feature_optimise, instance_optimise
 
-__all__ = ["InstanceConfig", "LevelConfig", "discrete_register", "pool_features"]
+__all__ = [
+    "InstanceConfig",
+    "LevelConfig",
+    "LevelOutput",
+    "discrete_register",
+    "level_step",
+    "pool_features",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +239,146 @@ def _alphas(alpha: object, n_levels: int) -> list[Tensor | None]:
     )
 
 
+@dataclass
+class LevelOutput:
+    """What one level of the discrete search gives (:func:`level_step`).
+
+    Attributes:
+        residual: ``(B, ndim, *F)`` the level's field, dense on the feature grid, voxels of F.
+        field: ``(B, ndim, *G)`` its soft field on the control grid, voxels of the level's map.
+        prob: ``(B, |L|, *G)`` the probabilities (only with ``want_prob``), else None.
+        cost: ``(B, |L|, *G)`` the raw (masked, normalised, scaled) cost with ``keep_cost``.
+        shapes: ``(P, padded P, G)``: the level's map, padded to the stride, control grid.
+    """
+
+    residual: Tensor
+    field: Tensor
+    prob: Tensor | None
+    cost: Tensor | None
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def level_step(
+    feat_fixed: Tensor,
+    feat_moving: Tensor,
+    disp: Tensor | None,
+    level: LevelConfig,
+    alpha: Tensor | None,
+    *,
+    cost_scale: float | Tensor = 1.0,
+    normalise: bool = False,
+    prior: float | None = None,
+    padding: str = "border",
+    max_memory: int | None = None,
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
+    images: tuple[Tensor, Tensor, Callable[[Tensor], Tensor]] | None = None,
+    want_prob: bool = False,
+    keep_cost: bool = False,
+) -> LevelOutput:
+    """One level of :func:`discrete_register` (differentiable when autograd is on: the learned
+    PDD-Net runs the same levels in training).
+
+    Args:
+        feat_fixed, feat_moving: ``(B, C, *F)`` feature maps (the moving ones unwarped).
+        disp: ``(B, ndim, *F)`` the field so far (voxels of F) or None.
+        level: the :class:`LevelConfig`.
+        alpha: its six regularisation weights (None: ``pddreg.cost.DEFAULT_ALPHA``).
+        cost_scale, normalise, prior, padding, max_memory: see :func:`discrete_register`.
+        fixed_mask, moving_mask: ``(B, 1, *F)`` masks on the feature grid, or None.
+        images: ``(fixed, moving, features)`` for levels with ``recompute``.
+        want_prob: also return the probabilities (and use the fused softmax + field).
+        keep_cost: also return the raw cost (for the cost-volume instance optimisation).
+
+    Returns:
+        :class:`LevelOutput`.
+    """
+    from pddreg.cost import (
+        DEFAULT_ALPHA,
+        correlation,
+        displacement_set,
+        mask_cost,
+        probabilities_and_field,
+        regularise,
+        soft_field,
+        valid_weights,
+    )
+    from pddreg.spatial import resize_field, warp
+
+    grad = torch.is_grad_enabled()
+    ndim = feat_fixed.dim() - 2
+    fshape = tuple(feat_fixed.shape[2:])
+    if level.recompute and level.pool > 1:
+        if images is None:
+            raise ValueError("level_step(): a level with 'recompute' needs 'images'")
+        fixed, moving, features = images
+        target = tuple(pool_features(feat_fixed[:, :1], level.pool).shape[2:])
+        img = moving if disp is None else warp(moving, resize_field(disp, fixed.shape[2:]))
+        fix_p = _area(features(pool_features(fixed, level.pool)), target)
+        mov_p = _area(features(pool_features(img, level.pool)), target)
+        fix_p, mov_p = _box_filter(fix_p, level.smooth), _box_filter(mov_p, level.smooth)
+        del img
+    else:
+        moved = feat_moving if disp is None else warp(feat_moving, disp, padding="border")
+        fix_p = _box_filter(pool_features(feat_fixed, level.pool), level.smooth)
+        mov_p = _box_filter(pool_features(moved, level.pool), level.smooth)
+        del moved
+    pshape = tuple(mov_p.shape[2:])
+    fix_p, mov_p = _pad_to(fix_p, level.grid_stride), _pad_to(mov_p, level.grid_stride)
+    fix_g = _to_grid(fix_p, level.grid_stride, level.fixed_sampling)
+    del fix_p
+    padded, gshape = tuple(mov_p.shape[2:]), tuple(fix_g.shape[2:])
+    cost = correlation(
+        fix_g, mov_p, level.radius, level.spacing, padding=padding, max_memory=max_memory
+    )
+    del fix_g, mov_p
+    if fixed_mask is not None or moving_mask is not None:
+        fw = None
+        if fixed_mask is not None:
+            fw = _pad_to(pool_features(fixed_mask, level.pool), level.grid_stride)
+            fw = _to_grid(fw, level.grid_stride, "area")
+        mw = None
+        if moving_mask is not None:
+            mm = moving_mask if disp is None else warp(moving_mask, disp, padding="zeros")
+            mw = _pad_to(pool_features(mm, level.pool), level.grid_stride)
+        weight = valid_weights(fw, mw, level.radius, level.spacing, gshape, max_memory=max_memory)
+        cost = mask_cost(cost, weight)
+        del weight
+    if normalise:
+        mean = cost.flatten(1).mean(1).clamp_min(torch.finfo(cost.dtype).tiny)
+        mean = mean.view(-1, *([1] * (cost.dim() - 1)))
+        cost = cost / mean if grad else cost.div_(mean)
+    if isinstance(cost_scale, Tensor) or cost_scale != 1.0:
+        cost = cost * cost_scale if grad else cost.mul_(cost_scale)
+    a = alpha if alpha is not None else torch.as_tensor(DEFAULT_ALPHA, dtype=torch.float32)
+    c = regularise(cost, a.to(device=cost.device, dtype=cost.dtype), max_memory=max_memory)
+    level_prior = prior if level.prior is None else level.prior
+    if level_prior and level.radius > 0:
+        term = _prior_term(level.radius, ndim, level_prior * level.radius, c)
+        c = c + term if grad else c.add_(term)
+    if level.stay:
+        bonus = torch.zeros((1, c.shape[1], *([1] * ndim)), dtype=c.dtype, device=c.device)
+        bonus[:, c.shape[1] // 2] = level.stay  # the centre of the C-order lattice
+        c = c - bonus if grad else c.sub_(bonus)
+    prob = None
+    if want_prob:
+        disps = displacement_set(level.radius, level.spacing, ndim, device=c.device, dtype=c.dtype)
+        prob, field = probabilities_and_field(c, disps)
+    else:
+        field = soft_field(c, level.radius, level.spacing, max_memory=max_memory)
+    del c
+    for _ in range(level.field_smooth):
+        field = _box_filter(field, 1)
+    residual = _dense(field, pshape, padded, gshape, fshape)
+    return LevelOutput(
+        residual=residual,
+        field=field,
+        prob=prob,
+        cost=cost if keep_cost else None,
+        shapes=(pshape, padded, gshape),
+    )
+
+
 def discrete_register(
     fixed: Tensor,
     moving: Tensor,
@@ -296,8 +443,7 @@ def discrete_register(
     Returns:
         ``(B, ndim, *S)`` dense displacement in voxels of the image grid.
     """
-    from pddreg.cost import correlation, mask_cost, regularise, soft_field, valid_weights
-    from pddreg.spatial import compose, resize_field, warp
+    from pddreg.spatial import compose, resize_field
 
     if not isinstance(fixed, Tensor) or not isinstance(moving, Tensor):
         raise ValueError("discrete_register(): 'fixed' and 'moving' must be torch.Tensors")
@@ -326,74 +472,33 @@ def discrete_register(
         disp = None if init is None else resize_field(init.to(feat_fixed.dtype), fshape)
         last = None  # (the field so far is (B, ndim, *F) in voxels of F)
         for i, level in enumerate(levels):
-            if level.recompute and level.pool > 1:
-                target = tuple(pool_features(feat_fixed[:, :1], level.pool).shape[2:])
-                img = moving if disp is None else warp(moving, resize_field(disp, shape))
-                fix_p = _area(features(pool_features(fixed, level.pool)), target)
-                mov_p = _area(features(pool_features(img, level.pool)), target)
-                fix_p, mov_p = _box_filter(fix_p, level.smooth), _box_filter(mov_p, level.smooth)
-                del img
-            else:
-                moved = feat_moving if disp is None else warp(feat_moving, disp, padding="border")
-                fix_p = _box_filter(pool_features(feat_fixed, level.pool), level.smooth)
-                mov_p = _box_filter(pool_features(moved, level.pool), level.smooth)
-                del moved
-            pshape = tuple(mov_p.shape[2:])
-            fix_p, mov_p = _pad_to(fix_p, level.grid_stride), _pad_to(mov_p, level.grid_stride)
-            fix_g = _to_grid(fix_p, level.grid_stride, level.fixed_sampling)
-            del fix_p
-            padded, gshape = tuple(mov_p.shape[2:]), tuple(fix_g.shape[2:])
-            cost = correlation(
-                fix_g, mov_p, level.radius, level.spacing, padding=padding, max_memory=max_memory
+            keep_cost = instance is not None and instance.mode == "cost"
+            out = level_step(
+                feat_fixed,
+                feat_moving,
+                disp,
+                level,
+                alphas[i],
+                cost_scale=cost_scale,
+                normalise=normalise,
+                prior=prior,
+                padding=padding,
+                max_memory=max_memory,
+                fixed_mask=fmask_f,
+                moving_mask=mmask_f,
+                images=(fixed, moving, features),
+                keep_cost=keep_cost,
             )
-            del fix_g, mov_p
-            if fmask_f is not None or mmask_f is not None:
-                fw = None
-                if fmask_f is not None:
-                    fw = _pad_to(pool_features(fmask_f, level.pool), level.grid_stride)
-                    fw = _to_grid(fw, level.grid_stride, "area")
-                mw = None
-                if mmask_f is not None:
-                    mm = mmask_f if disp is None else warp(mmask_f, disp, padding="zeros")
-                    mw = _pad_to(pool_features(mm, level.pool), level.grid_stride)
-                weight = valid_weights(
-                    fw, mw, level.radius, level.spacing, gshape, max_memory=max_memory
-                )
-                cost = mask_cost(cost, weight)
-                del weight
-            if normalise:
-                mean = cost.flatten(1).mean(1).clamp_min(torch.finfo(cost.dtype).tiny)
-                cost.div_(mean.view(-1, *([1] * (cost.dim() - 1))))
-            if cost_scale != 1.0:
-                cost.mul_(cost_scale)
-            a = alphas[i]
-            if a is None:
-                from pddreg.cost import DEFAULT_ALPHA
-
-                a = torch.as_tensor(DEFAULT_ALPHA, dtype=torch.float32)
-            c = regularise(cost, a.to(device=cost.device, dtype=cost.dtype), max_memory=max_memory)
-            level_prior = prior if level.prior is None else level.prior
-            if level_prior and level.radius > 0:
-                c.add_(_prior_term(level.radius, ndim, level_prior * level.radius, c))
-            if level.stay:
-                c[:, c.shape[1] // 2].sub_(level.stay)  # the centre of the C-order lattice
-            field = soft_field(c, level.radius, level.spacing, max_memory=max_memory)
-            del c
-            for _ in range(level.field_smooth):
-                field = _box_filter(field, 1)
             logger.debug(
                 "discrete_register: level %d grid %s labels %d |r| max %.2f",
                 i,
-                gshape,
+                out.shapes[2],
                 (2 * level.radius + 1) ** ndim,
-                field.abs().max().item(),
+                out.field.abs().max().item(),
             )
-            keep_cost = instance is not None and instance.mode == "cost"
-            last = (cost if keep_cost else None, field, level, (pshape, padded), gshape, disp)
-            del cost
-            residual = _dense(field, pshape, padded, gshape, fshape)
-            disp = residual if disp is None else compose(disp, residual)
-            del residual
+            last = (out.cost, out.field, level, out.shapes[:2], out.shapes[2], disp)
+            disp = out.residual if disp is None else compose(disp, out.residual)
+            del out
 
         if instance is not None and instance.iters > 0:
             if instance.mode == "features":
