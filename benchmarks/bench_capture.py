@@ -213,6 +213,42 @@ def verdicts(rows: list[dict[str, Any]], names: list[str]) -> dict[tuple, dict[s
     return out
 
 
+def capture_range(by_mis: dict[Misalignment, dict[str, dict]], name: str) -> str:
+    """The largest rotation and shift tried alone (every smaller one passing too) and the
+    scalings that keep ``name`` within :data:`TOLERANCE` of the aligned case."""
+    ref = by_mis.get(Misalignment(), {}).get(name, {}).get("epe_after", math.nan)
+
+    def ok(mis: Misalignment) -> bool:
+        extra = by_mis[mis].get(name, {}).get("epe_after", math.nan) - ref
+        return math.isfinite(extra) and extra <= TOLERANCE
+
+    parts = []
+    for label, attr, unit in (("rot", "rotation", " deg"), ("shift", "shift", " %")):
+        tried = sorted(
+            (
+                m
+                for m in by_mis
+                if getattr(m, attr) and m == Misalignment(**{attr: getattr(m, attr)})
+            ),
+            key=lambda m: abs(getattr(m, attr)),
+        )
+        best = 0.0
+        for m in tried:
+            if not ok(m):
+                break
+            best = abs(getattr(m, attr))
+        if tried:
+            value = 100 * best if attr == "shift" else best
+            parts.append(f"{label} <= {value:g}{unit}")
+    scales = sorted(
+        m.scaling for m in by_mis if m.scaling != 1 and m == Misalignment(scaling=m.scaling)
+    )
+    if scales:
+        passed = [f"{sc:g}" for sc in scales if ok(Misalignment(scaling=sc))]
+        parts.append("scale " + ("/".join(passed) if passed else "none") + " ok")
+    return ", ".join(parts) or "-"
+
+
 def markdown(rows: list[dict[str, Any]], names: list[str]) -> str:
     f = R._f
     lines = [
@@ -247,6 +283,17 @@ def markdown(rows: list[dict[str, Any]], names: list[str]) -> str:
         for n in names:
             ok, worst, where = by[n]
             cells.append(f"{'PASS' if ok else 'FAIL'} (+{f(worst)} at {where})")
+        lines.append(f"| {case} | {dim}D | {contrast} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Capture range: the largest rotation and shift tried alone (with every smaller one) and "
+        f"the scalings for which the EPE stays within {TOLERANCE} voxel of the aligned case:",
+        "",
+        "| case | dim | contrast | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for (case, dim, _grid, contrast), by_mis in _groups(rows).items():
+        cells = [capture_range(by_mis, n) for n in names]
         lines.append(f"| {case} | {dim}D | {contrast} | " + " | ".join(cells) + " |")
     lines += ["", "Summary per method:", ""]
     lines += [

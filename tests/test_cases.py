@@ -174,3 +174,17 @@ def test_rotation_matrix_about_an_axis():
     )
     with pytest.raises(ValueError, match="not both"):
         C.affine_field(shape, rotation=5.0, matrix=np.eye(3))
+
+
+def test_make_case_with_a_given_source_mask():
+    shape = (30, 34)
+    img = _disc(shape, 11.0) + 0.05
+    d = C.affine_field(shape, translation=(6.0, 0.0))
+    given = np.zeros(shape, dtype=bool)
+    given[5:20, 5:25] = True
+    case = C.make_case(img, d, source_mask=given)
+    np.testing.assert_array_equal(case.mask, C.carry_mask(given, d))
+    # fixed(x) = source(x + 6 e0): the mask moves by -6 along axis 0
+    assert case.mask[0:14, 5:25].all() and not case.mask[14:].any()
+    with pytest.raises(ValueError, match="source_mask"):
+        C.make_case(img, d, source_mask=given[:-1])

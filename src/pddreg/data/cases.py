@@ -123,6 +123,10 @@ def rotation_matrix(
             towards axis 1; three angles in 3D: about axes 0, 1, 2 in that order); with ``axis``
             one angle about that axis (3D, right-handed in array-axis order).
         axis: optional 3D rotation axis (any length).
+
+    Returns:
+        ``(ndim, ndim)`` float64 orthogonal matrix with determinant 1, acting on column vectors
+        of array-axis coordinates.
     """
     if axis is None:
         return _rotation(ndim, rotation)
@@ -140,13 +144,13 @@ def _rotation(ndim: int, rotation: float | Sequence[float]) -> np.ndarray:
     angles = np.asarray(rotation, dtype=np.float64).reshape(-1)
     if ndim == 2 or angles.size == 1:
         if angles.size != 1:
-            raise ValueError(f"affine_field(): 2D takes one rotation angle, got {rotation!r}")
+            raise ValueError(f"rotation: 2D takes one angle, got {rotation!r}")
         planes = [((0, 1), float(angles[0]))]
     elif angles.size == 3:
         # about axis 0 (plane 1-2), then axis 1 (plane 0-2), then axis 2 (plane 0-1)
         planes = [((1, 2), angles[0]), ((0, 2), angles[1]), ((0, 1), angles[2])]
     else:
-        raise ValueError(f"affine_field(): 3D takes 1 or 3 rotation angles, got {rotation!r}")
+        raise ValueError(f"rotation: 3D takes 1 or 3 angles, got {rotation!r}")
     rot = np.eye(ndim)
     for (a, b), deg in planes:
         c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
@@ -224,7 +228,7 @@ def affine_field(
 
     ``p`` is the physical position of a voxel (``x * spacing``), ``c`` the centre. With
     ``fixed = image o phi`` (:func:`warp_image`) the fixed image shows the source turned by
-    ``-rotation``, shrunk by ``scaling`` and moved by ``-translation``.
+    ``-rotation``, scaled by ``1 / scaling`` and moved by ``-translation``.
 
     Args:
         shape: the grid ``(*S)``, 2D or 3D.
