@@ -29,9 +29,7 @@ import argparse
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -112,8 +110,8 @@ def with_memory(
 
 
 # --------------------------------------------------------------------------------------------
-# peers (each converts its result to our convention: (1, ndim, *S) in voxels,
-# warped(x) = moving(x + u(x)))
+# peers: the wrappers of pddreg.report.peers (NumPy, our convention: (ndim, *S) in voxels,
+# warped(x) = moving(x + u(x))) as functions of (1, 1, *S) tensors
 # --------------------------------------------------------------------------------------------
 def _np(x: Tensor) -> np.ndarray:
     return x[0, 0].detach().cpu().numpy().astype(np.float32)
@@ -123,106 +121,29 @@ def _out(u: np.ndarray, like: Tensor) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32))[None].to(like.device)
 
 
-def ants_syn(fixed: Tensor, moving: Tensor) -> Tensor:
-    """ANTsPy ``SyN`` (affine initialisation + symmetric normalisation, ANTs defaults).
+def _tensor_peer(name: str) -> RegisterFn:
+    from pddreg.report import peers
 
-    The composed forward transform is written as a displacement field (physical units, vector
-    component ``i`` along array axis ``i`` for the identity direction of ``ants.from_numpy``).
-    """
-    import ants
+    fn = peers.PEERS[name][1]
 
-    f, m = ants.from_numpy(_np(fixed)), ants.from_numpy(_np(moving))
-    tmp = tempfile.mkdtemp(prefix="pddreg_ants_")
-    try:
-        reg = ants.registration(f, m, type_of_transform="SyN", outprefix=tmp + "/r_")
-        comp = ants.apply_transforms(f, m, reg["fwdtransforms"], compose=tmp + "/c_")
-        field = ants.image_read(comp).numpy()  # (*S, ndim)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _out(np.moveaxis(field, -1, 0), fixed)
+    def run(fixed: Tensor, moving: Tensor) -> Tensor:
+        if name == "convexadam":
+            return _out(fn(_np(fixed), _np(moving), device=fixed.device), fixed)
+        return _out(fn(_np(fixed), _np(moving)), fixed)
+
+    run.__name__ = name.replace("-", "_")
+    return run
 
 
-def _sitk_field_to_ours(field: Any) -> np.ndarray:
-    import SimpleITK as sitk
+def _peer_table() -> dict[str, tuple[str, RegisterFn, tuple[int, ...]]]:
+    from pddreg.report import peers
 
-    a = sitk.GetArrayFromImage(field)  # array axes as ours, components in x, y, (z) order
-    ndim = a.ndim - 1
-    return np.stack([a[..., ndim - 1 - i] for i in range(ndim)])
-
-
-def sitk_bspline(fixed: Tensor, moving: Tensor) -> Tensor:
-    """SimpleITK cubic B-spline: mesh 4 per axis refined x2 twice (16 at full resolution),
-    shrink 4/2/1 with smoothing 2/1/0, mean squares on a random 20% (2D) / 5% (3D) of the
-    voxels, LBFGS2 (50 iterations per level)."""
-    import SimpleITK as sitk
-
-    f = sitk.GetImageFromArray(_np(fixed))
-    m = sitk.GetImageFromArray(_np(moving))
-    ndim = f.GetDimension()
-    tx = sitk.BSplineTransformInitializer(f, [4] * ndim, order=3)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMeanSquares()
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.2 if ndim == 2 else 0.05, seed=0)
-    reg.SetOptimizerAsLBFGS2(solutionAccuracy=1e-5, numberOfIterations=50)
-    reg.SetInitialTransformAsBSpline(tx, inPlace=True, scaleFactors=[1, 2, 4])
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
-    reg.SetInterpolator(sitk.sitkLinear)
-    out = reg.Execute(f, m)
-    field = sitk.TransformToDisplacementField(
-        out, sitk.sitkVectorFloat64, f.GetSize(), f.GetOrigin(), f.GetSpacing(), f.GetDirection()
-    )
-    return _out(_sitk_field_to_ours(field), fixed)
+    return {
+        name: (module, _tensor_peer(name), dims) for name, (module, _, dims) in peers.PEERS.items()
+    }
 
 
-def sitk_demons(fixed: Tensor, moving: Tensor) -> Tensor:
-    """SimpleITK fast symmetric forces demons, 3-level pyramid (shrink 4/2/1), 100
-    iterations per level, Gaussian field smoothing sigma 1.5 voxels."""
-    import SimpleITK as sitk
-
-    f = sitk.GetImageFromArray(_np(fixed))
-    m = sitk.GetImageFromArray(_np(moving))
-    field = None
-    for shrink in (4, 2, 1):
-        fs = sitk.Shrink(f, [shrink] * f.GetDimension()) if shrink > 1 else f
-        ms = sitk.Shrink(m, [shrink] * m.GetDimension()) if shrink > 1 else m
-        demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-        demons.SetNumberOfIterations(100)
-        demons.SetSmoothDisplacementField(True)
-        demons.SetStandardDeviations(1.5)
-        if field is None:
-            field = demons.Execute(fs, ms)
-        else:
-            init = sitk.Resample(
-                field, fs, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID()
-            )
-            field = demons.Execute(fs, ms, init)
-    return _out(_sitk_field_to_ours(field), fixed)
-
-
-def convex_adam(fixed: Tensor, moving: Tensor) -> Tensor:
-    """ConvexAdam with its MIND defaults (grid 6, search +-4 cells, inverse consistency,
-    80 Adam iterations), float32, on the inputs' device. 3D only."""
-    from convexAdam.convex_adam_MIND import convex_adam_pt
-
-    with torch.enable_grad():  # its Adam stage needs autograd
-        disp = convex_adam_pt(
-            _np(fixed),
-            _np(moving),
-            dtype=torch.float32,
-            device=fixed.device,
-        )  # (H, W, D, 3) in voxels, component i along axis i
-    return _out(np.moveaxis(disp, -1, 0), fixed)
-
-
-PEERS: dict[str, tuple[str, RegisterFn, tuple[int, ...]]] = {
-    # name: (module to import, function, dimensions)
-    "ants-syn": ("ants", ants_syn, (2, 3)),
-    "sitk-bspline": ("SimpleITK", sitk_bspline, (2, 3)),
-    "sitk-demons": ("SimpleITK", sitk_demons, (2, 3)),
-    "convexadam": ("convexAdam.convex_adam_MIND", convex_adam, (3,)),
-}
+PEERS: dict[str, tuple[str, RegisterFn, tuple[int, ...]]] = _peer_table()
 
 
 def _available(module: str) -> str | None:

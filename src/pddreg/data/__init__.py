@@ -6,6 +6,9 @@ phantoms) and synthetic abdominal CT phantoms.
 - :mod:`pddreg.data.phantom`: ``make_phantom``, ``LABEL_NAMES``, ``phantom_spacing``.
 - :mod:`pddreg.data.datasets`: ``Subject``, ``RegistrationDataset`` and its readers,
   ``open_dataset``, ``write_slices``.
+- :mod:`pddreg.data.cases`: known-answer cases from real images (``random_field``,
+  ``affine_field``, ``compose_fields``, ``warp_image``, ``remap_intensity``, ``object_mask``,
+  ``make_case``, ``KnownCase``).
 - :mod:`pddreg.data.learn2reg`: ``Learn2RegDataset``, displacement fields on disk
   (``disp_FFFF_MMMM.nii.gz``).
 
@@ -35,6 +38,20 @@ _EXPORTS = {
         "FolderDataset",
         "open_dataset",
         "write_slices",
+    ),
+    "cases": (
+        "KnownCase",
+        "affine_field",
+        "carry_mask",
+        "compose_fields",
+        "in_domain",
+        "make_case",
+        "object_mask",
+        "otsu_threshold",
+        "random_field",
+        "remap_intensity",
+        "rotation_matrix",
+        "warp_image",
     ),
     "learn2reg": (
         "Learn2RegDataset",
