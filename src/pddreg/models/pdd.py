@@ -64,6 +64,17 @@ class PDDNetConfig:
             against folding where neighbouring control points disagree.
         instance_opt: run instance optimisation in :meth:`PDDNet.register` by default.
         io_iters, io_lambda, io_lr: instance optimisation settings (None: the optimiser's own).
+        level_specs: the multi-level search of ``pddreg.optim.discrete_register``: one dict of
+            :class:`pddreg.optim.LevelConfig` fields per level (coarse to fine, counted in
+            feature voxels), each level with its own six learned weights. When given it
+            replaces ``radius``/``spacing``/``grid_stride``/``levels``/``*2``: the network then
+            runs exactly the levels ``mind`` runs (:func:`pddreg.optim.level_step`), on its
+            learned features, in training as at inference.
+        normalise_cost, cost_scale, prior: as in ``discrete_register`` (level_specs only): the
+            raw SSD divided by its mean, times ``cost_scale``, and a Gaussian prior on each
+            level's residual (``prior`` times the radius; None: none).
+        field_loss: weight of the end-point error against a known field (synthetic pairs) in
+            :meth:`PDDNet.training_loss`; 0: not used.
     """
 
     ndim: int = 2
@@ -87,6 +98,11 @@ class PDDNetConfig:
     io_iters: int | None = None
     io_lambda: float | None = None
     io_lr: float | None = None
+    level_specs: list[dict[str, Any]] | None = None
+    normalise_cost: bool = False
+    cost_scale: float = 1.0
+    prior: float | None = None
+    field_loss: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ndim not in (2, 3):
@@ -106,6 +122,16 @@ class PDDNetConfig:
                 raise ValueError(f"PDDNetConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.spacing <= 0 or self.spacing2 <= 0:
             raise ValueError("PDDNetConfig: spacing and spacing2 must be > 0")
+        if self.level_specs is not None:
+            from pddreg.optim import LevelConfig
+
+            if not self.level_specs:
+                raise ValueError("PDDNetConfig: level_specs must hold at least one level")
+            for spec in self.level_specs:
+                try:
+                    LevelConfig(**spec)
+                except TypeError as err:
+                    raise ValueError(f"PDDNetConfig: bad level spec {spec!r} ({err})") from None
 
 
 #: Box-3 smoothing passes of the control-grid fields of the shipped models. Without it the 2D
@@ -123,36 +149,46 @@ SHIPPED_SMOOTH = 2
 SHIPPED_SMOOTH_2D = 12
 
 
+#: The multi-level search of the shipped models, in feature voxels (features at stride 2):
+#: 2D: +-12 feature voxels (+-24 px) in steps of 2 on a control grid every 4 feature voxels
+#: (8 px), then +-2 on a grid of 2 (4 px), then +-1 in half steps on the feature grid (2 px);
+#: 3D: +-8 (+-16 voxels) in steps of 2 every 4 feature voxels, then +-2 every 2. The same kind
+#: of levels ``mind`` runs (pddreg.optim.mindreg.DEFAULT_LEVELS), at half the resolution.
+SHIPPED_LEVELS = {
+    2: [
+        {"grid_stride": 4, "radius": 6, "spacing": 2.0, "smooth": 1, "fixed_sampling": "point"},
+        {"grid_stride": 2, "radius": 2, "spacing": 1.0, "smooth": 1, "fixed_sampling": "point"},
+        {"grid_stride": 1, "radius": 1, "spacing": 0.5, "smooth": 0, "fixed_sampling": "point"},
+    ],
+    3: [
+        {"grid_stride": 4, "radius": 4, "spacing": 2.0, "smooth": 1, "fixed_sampling": "point"},
+        {"grid_stride": 2, "radius": 2, "spacing": 1.0, "smooth": 1, "fixed_sampling": "point"},
+    ],
+}
+
+
 def default_config(ndim: int) -> PDDNetConfig:
     """The configuration of the shipped pretrained models (``scripts/pretrain.py``).
 
-    2D (slices of ~320x256): lecture CNN (24 channels, stride 4); level 1 searches
-    +-6 feature voxels (+-24 px) on a control grid of stride 2 in feature voxels (8 px), level 2
-    refines +-1 feature voxel in half-voxel steps on the feature grid (4 px).
-    3D (e.g. 192x160x256 at 2 mm): a narrower CNN (16 channels), level 1 on a control grid of
-    stride 2 in feature voxels with +-5 (+-20 voxels, 40 mm), level 2 refines +-1 feature
-    voxel on the feature grid.
+    Features: :class:`pddreg.features.nets.HybridNet` at stride 2 (MIND-SSC channels beside 16
+    learned ones, learned gains); the levels of :data:`SHIPPED_LEVELS`, each with its six
+    learned regularisation weights, on the mean-normalised SSD times 4 with ``mind``'s prior;
+    trained on synthetic pairs against their true fields (``field_loss``).
     """
-    if ndim == 2:
-        return PDDNetConfig(
-            ndim=2,
-            features="lecture",
-            radius=6,
-            grid_stride=2,
-            levels=2,
-            smooth=SHIPPED_SMOOTH,
-        )
-    if ndim == 3:
-        return PDDNetConfig(
-            ndim=3,
-            features="lecture",
-            feature_kwargs={"channels": 16, "width": 24},
-            radius=5,
-            grid_stride=2,
-            levels=2,
-            smooth=SHIPPED_SMOOTH,
-        )
-    raise ValueError(f"default_config(): ndim must be 2 or 3, got {ndim}")
+    if ndim not in (2, 3):
+        raise ValueError(f"default_config(): ndim must be 2 or 3, got {ndim}")
+    return PDDNetConfig(
+        ndim=ndim,
+        features="hybrid",
+        feature_kwargs={"channels": 16, "width": 24 if ndim == 2 else 16, "stride": 2},
+        level_specs=[dict(spec) for spec in SHIPPED_LEVELS[ndim]],
+        normalise_cost=True,
+        cost_scale=4.0,
+        prior=0.25,
+        lambda_diffusion=0.1,
+        field_loss=1.0,
+        label_loss="warped",
+    )
 
 
 def _box3(field: Tensor, passes: int) -> Tensor:
@@ -194,6 +230,14 @@ class PDDNet(nn.Module):
         alpha = torch.as_tensor(alpha, dtype=torch.float32).flatten()
         if alpha.numel() != 6:
             raise ValueError(f"PDDNetConfig: alpha must have 6 values, got {alpha.numel()}")
+        if config.level_specs is not None:
+            from pddreg.optim import LevelConfig
+
+            self.level_configs = [LevelConfig(**spec) for spec in config.level_specs]
+            self.alphas = nn.ParameterList(
+                [nn.Parameter(alpha.clone()) for _ in self.level_configs]
+            )
+            return
         self.alpha = nn.Parameter(alpha.clone())
         self.alpha2 = nn.Parameter(alpha.clone()) if config.levels == 2 else None
 
@@ -276,6 +320,8 @@ class PDDNet(nn.Module):
         from pddreg.spatial import compose, resize_field, warp
 
         self._check(fixed, moving)
+        if self.config.level_specs is not None:
+            return self._forward_levels(fixed, moving, fixed_mask, moving_mask)
         b = fixed.shape[0]
         feats = self.features(torch.cat([fixed, moving]))
         feat_fixed, feat_moving = feats[:b], feats[b:]
@@ -301,6 +347,104 @@ class PDDNet(nn.Module):
             "levels": levels,
             "features": (feat_fixed, feat_moving),
         }
+
+    def _forward_levels(
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        fixed_mask: Tensor | None,
+        moving_mask: Tensor | None,
+    ) -> dict[str, Any]:
+        """:meth:`forward` for ``level_specs``: the levels of ``discrete_register``."""
+        from pddreg.optim import level_step
+        from pddreg.spatial import compose, resize_field
+
+        cfg = self.config
+        b = fixed.shape[0]
+        feats = self.features(torch.cat([fixed, moving]))
+        feat_fixed, feat_moving = feats[:b], feats[b:]
+        fshape = tuple(feats.shape[2:])
+        fmask = None if fixed_mask is None else _area(fixed_mask.to(feats.dtype), fshape)
+        mmask = None if moving_mask is None else _area(moving_mask.to(feats.dtype), fshape)
+        disp = None
+        levels = []
+        for level, alpha in zip(self.level_configs, self.alphas, strict=True):
+            out = level_step(
+                feat_fixed,
+                feat_moving,
+                disp,
+                level,
+                alpha,
+                cost_scale=cfg.cost_scale,
+                normalise=cfg.normalise_cost,
+                prior=cfg.prior,
+                padding=cfg.padding,
+                fixed_mask=fmask,
+                moving_mask=mmask,
+                want_prob=True,
+            )
+            disp = out.residual if disp is None else compose(disp, out.residual)
+            levels.append(
+                {
+                    "prob": out.prob,
+                    "residual": out.residual,
+                    "disp_feat": disp,
+                    "radius": level.radius,
+                    "spacing": level.spacing,
+                }
+            )
+        assert disp is not None
+        return {
+            "disp": resize_field(disp, tuple(fixed.shape[2:])),
+            "prob": levels[-1]["prob"],
+            "levels": levels,
+            "features": (feat_fixed, feat_moving),
+        }
+
+    def _levels_loss(
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        fixed_seg: Tensor | None,
+        moving_seg: Tensor | None,
+        num_labels: int,
+        field: Tensor | None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """:meth:`training_loss` for ``level_specs``: end-point error of the dense field
+        against a known field (every level's field so far, the last one counting fully and
+        each coarser one half as much as the next), the label loss of the dense field warping
+        the moving labels, and diffusion of every level's residual."""
+        from pddreg.losses import diffusion, similarity_loss, warped_label_loss
+        from pddreg.spatial import resize_field
+
+        cfg = self.config
+        out = self(fixed, moving)
+        shape = tuple(fixed.shape[2:])
+        logs: dict[str, float] = {}
+        total = fixed.new_zeros(())
+        n = len(out["levels"])
+        if field is not None and cfg.field_loss > 0:
+            fshape = tuple(out["levels"][0]["disp_feat"].shape[2:])
+            target = resize_field(field.to(fixed.dtype), fshape)
+            for i, lv in enumerate(out["levels"]):
+                err = (lv["disp_feat"] - target).square().sum(1).add(1e-6).sqrt().mean()
+                weight = cfg.field_loss * 0.5 ** (n - 1 - i)
+                total = total + weight * err
+                logs[f"epe{i + 1}"] = float(err.detach()) * shape[0] / fshape[0]
+        if fixed_seg is not None and moving_seg is not None:
+            term = warped_label_loss(out["disp"], fixed_seg, moving_seg, num_labels)
+            total = total + term
+            logs["warped"] = float(term.detach())
+        elif field is None:
+            term = similarity_loss(fixed, moving, out["disp"])
+            total = total + term
+            logs["similarity"] = float(term.detach())
+        for i, lv in enumerate(out["levels"]):
+            reg = diffusion(lv["residual"])
+            total = total + cfg.lambda_diffusion * reg
+            logs[f"diffusion{i + 1}"] = float(reg.detach())
+        logs["loss"] = float(total.detach())
+        return total, logs
 
     def _levels(self) -> list[tuple[Tensor, int, float, int]]:
         """``(alpha, radius, spacing, grid_stride)`` per level."""
@@ -372,12 +516,17 @@ class PDDNet(nn.Module):
         fixed_seg: Tensor | None,
         moving_seg: Tensor | None,
         num_labels: int,
+        field: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """Weakly supervised loss on a batch: label loss of every level + lambda * diffusion.
 
         ``fixed``, ``moving``: ``(B, 1, *S)``; ``fixed_seg``, ``moving_seg``: ``(B, 1, *S)``
-        int64 (or None: MIND similarity of the dense field instead). Returns ``(loss, logs)``.
+        int64 (or None: MIND similarity of the dense field instead); ``field``: the true
+        field ``(B, ndim, *S)`` of synthetic pairs, scored by the end-point error with weight
+        ``config.field_loss``. Returns ``(loss, logs)``.
         """
+        if self.config.level_specs is not None:
+            return self._levels_loss(fixed, moving, fixed_seg, moving_seg, num_labels, field)
         from pddreg.losses import (
             diffusion,
             nonlocal_label_loss,

@@ -9,13 +9,21 @@
 
 from __future__ import annotations
 
-from .discrete import InstanceConfig, LevelConfig, discrete_register, pool_features
+from .discrete import (
+    InstanceConfig,
+    LevelConfig,
+    LevelOutput,
+    discrete_register,
+    level_step,
+    pool_features,
+)
 from .instance import cost_objective, feature_objective, feature_optimise, instance_optimise
 from .mindreg import MindConfig, default_levels, mind_features, register_mind
 
 __all__ = [
     "InstanceConfig",
     "LevelConfig",
+    "LevelOutput",
     "MindConfig",
     "cost_objective",
     "default_levels",
@@ -23,6 +31,7 @@ __all__ = [
     "feature_objective",
     "feature_optimise",
     "instance_optimise",
+    "level_step",
     "mind_features",
     "pool_features",
     "register_mind",

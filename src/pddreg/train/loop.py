@@ -56,6 +56,9 @@ class TrainConfig:
         val_pairs: at most this many validation pairs.
         device: "cpu", "cuda", "cuda:1"... (None: CUDA when available).
         progress: show a progress bar.
+        fields: ask the dataset for the true field of every pair (``sample_pair(gen,
+            with_field=True)``, synthetic data) and pass it to the model's ``training_loss``
+            (its end-point error term); needs ``augment`` off (the field would not follow).
     """
 
     model: str = "pdd"
@@ -75,8 +78,11 @@ class TrainConfig:
     val_pairs: int = 16
     device: str | None = None
     progress: bool = True
+    fields: bool = False
 
     def __post_init__(self) -> None:
+        if self.fields and self.augment:
+            raise InputError("training: 'fields' needs 'augment' off (the field would not follow)")
         if self.model not in ("pdd", "voxelmorph"):
             raise InputError(f"--model: must be 'pdd' or 'voxelmorph', got {self.model!r}")
         for name in ("steps", "batch", "checkpoint_every"):
@@ -192,10 +198,20 @@ def _batch(
     gen: torch.Generator,
 ) -> list[Tensor]:
     """``[fixed, moving, fixed_seg, moving_seg]``, each ``(batch, 1, *S)``: random pairs of
-    different training subjects, or ``dataset.sample_pair(gen)`` when the dataset makes pairs."""
-    fixed, moving, fseg, mseg = [], [], [], []
+    different training subjects, or ``dataset.sample_pair(gen)`` when the dataset makes pairs;
+    with ``config.fields`` also the true fields ``(batch, ndim, *S)``."""
+    fixed, moving, fseg, mseg, fields = [], [], [], [], []
     n = len(train_ids)
     for _ in range(config.batch):
+        if config.fields:
+            fi, mi, fl, ml, fd = dataset.sample_pair(gen, with_field=True)
+            fi, mi, fl, ml, fd = _crop([fi, mi, fl, ml, fd], config.crop, gen)
+            fixed.append(fi)
+            moving.append(mi)
+            fseg.append(fl)
+            mseg.append(ml)
+            fields.append(fd)
+            continue
         if hasattr(dataset, "sample_pair"):
             fi, mi, fl, ml = dataset.sample_pair(gen)
         else:
@@ -212,7 +228,8 @@ def _batch(
         moving.append(mi)
         fseg.append(fl)
         mseg.append(ml)
-    return [torch.stack(x) for x in (fixed, moving, fseg, mseg)]
+    groups = (fixed, moving, fseg, mseg, fields) if fields else (fixed, moving, fseg, mseg)
+    return [torch.stack(x) for x in groups]
 
 
 def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
@@ -375,10 +392,10 @@ def train(
     )
     dice = float("nan")
     while step < config.steps:
-        fixed, moving, fseg, mseg = (
+        fixed, moving, fseg, mseg, *field = (
             t.to(device) for t in _batch(dataset, subjects, train_ids, config, gen)
         )
-        loss, logs = loss_module(fixed, moving, fseg, mseg, num_labels)
+        loss, logs = loss_module(fixed, moving, fseg, mseg, num_labels, *field)
         if not torch.isfinite(loss):
             raise RuntimeError(f"train(): loss became {float(loss)} at step {step}")
         opt.zero_grad(set_to_none=True)
