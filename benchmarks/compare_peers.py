@@ -11,6 +11,8 @@ skipped with a message when missing:
   forces demons;
 * ConvexAdam (``convexadam``, 3D only; ``pip install --no-deps convexadam`` keeps our torch).
 
+The peer wrappers are those of :mod:`pddreg.report.peers` (fields in our convention).
+
 Every method gets the same images (float32 in ``[0, 1]``, unit voxel spacing, so all fields
 are in voxels) and is scored by :mod:`pddreg.report.evaluate` (Dice, HD95 in mm, SDlogJ,
 % folding). Time is wall-clock per pair; peak memory is the largest rise of the process's

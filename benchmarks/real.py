@@ -1060,8 +1060,9 @@ def header(
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        f"(load average {os.getloadavg()[0]:.1f} at the start), {args.threads} threads for every "
-        f"method; torch {torch.__version__}; `pddreg.register` "
+        f"(load average {os.getloadavg()[0]:.1f} at the start), {args.threads} "
+        f"thread{'s' if args.threads != 1 else ''} for every method; torch {torch.__version__}; "
+        "`pddreg.register` "
         + ("with" if api.world else "without")
         + " world coordinates / global stage (keyword `affine`).",
         "",

@@ -225,7 +225,9 @@ def ants_syn(
         threads: ITK threads for the call (None: ITK's default, all cores).
         type_of_transform: any of ``ants.registration``'s (``"SyN"``, ``"Affine"``,
             ``"Translation"``, ``"SyNRA"``, ...).
-        seed: ANTs' random seed for its sampling (None: ANTs' default, not reproducible).
+        seed: ANTs' random seed (``--random-seed``; None: ANTs' default). Results still vary
+            a little from run to run with a seed and one thread (fields differ by ~0.3 voxel on
+            a small volume; ANTsPy 0.6.3), so ANTs rows are not exactly reproducible.
         **kwargs: passed to ``ants.registration``.
 
     Returns:
