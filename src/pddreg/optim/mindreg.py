@@ -311,7 +311,7 @@ def register_mind(
 
 
 #: The capture level's field is kept when its feature mismatch is this much (relative) lower.
-CAPTURE_MARGIN = 0.02
+CAPTURE_MARGIN = 0.25
 
 
 def _better(
