@@ -1,0 +1,438 @@
+"""Global alignment: translation, rigid or affine, robust to large motion and to contrast.
+
+Pipeline (one dimension-generic path for 2D and 3D):
+
+1. Both images are area-downsampled on their own grids to about the same millimetre spacings
+   (:mod:`._pyramid`); the coarsest level has about ``search_size`` voxels along the fixed
+   image's longest physical extent, each finer level half its spacing.
+2. Coarse exhaustive search (:mod:`._search`): for every rotation of a set (2D: an angle range;
+   3D: a lattice of rotation vectors inside a ball) all translations at once by FFT-based
+   masked SSD of MIND-SSC features, around the initial map and around the map that aligns the
+   foreground centres of mass (two scans with unrelated world origins need the latter).
+3. The best few candidates, the initial map and the centre-aligned map are refined by
+   Gauss-Newton (rigid, or translation) at the coarsest level (:mod:`._refine`); the best one
+   by the penalised MIND similarity is refined with the requested model level by level.
+4. ``mode="auto"`` refines an affine map and keeps it only when it lowers the similarity
+   against the initial map by a margin; otherwise the initial map is returned (``"identity"``).
+
+The transform is parametrised in the fixed image's physical frame (mm) about the fixed
+foreground's centre of mass, so rigid means rigid in mm for anisotropic voxels; the result is
+the full index map ``init @ inv(S_f) @ T @ S_f`` (fixed voxel index -> moving voxel index).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from ._geometry import decompose, diag_h, translation_h
+from ._pyramid import build_pyramid, centre_of_mass, foreground, gaussian_blur
+from ._refine import LevelProblem, evaluate, make_problem, refine
+from ._search import rotation_set, search
+
+__all__ = ["AlignConfig", "AlignResult", "align"]
+
+logger = logging.getLogger(__name__)
+
+_MODES = ("translation", "rigid", "affine", "auto")
+
+
+@dataclass
+class AlignConfig:
+    """Settings of :func:`align`. Dicts are keyed by the number of spatial dimensions; the
+    defaults were chosen on known-answer cases made from real 2D and 3D images
+    (``benchmarks/bench_align.py``).
+
+    Pyramid (levels in mm, each image area-downsampled on its own grid):
+        search_size: voxels along the fixed image's longest physical extent at the search
+            level (2D 64, 3D 24).
+        coarser: refinement-only levels coarser than the search level (2D 1, 3D 0).
+        levels: the search level and the finer ones, each halving the spacing (3); levels
+            that would not be coarser than the image are dropped.
+        blur: Gaussian blur of both images per level, sigma as a fraction of the level
+            spacing, (levels up to the search level, finer levels): wider basins, less noise.
+    Search (rotations x translations by FFT, MIND-SSC features):
+        rotation_range_deg, rotation_step_deg: 2D angles ``-range..range``; 3D rotation
+            vectors on a cubic lattice of ``step`` inside a ball of radius ``range``
+            (2D 45 / 5 degrees: 19 angles; 3D 35 / 17.5 degrees: 33 rotations).
+        translation_range: translations searched on either side of the base map, as a
+            fraction of the fixed field of view (the initial map and the map aligning the
+            foreground centres of mass are both covered).
+        min_overlap: translations whose overlap covers less than this fraction of the fixed
+            (masked) voxels are rejected.
+        scales, scale_rotations: second search stage for the similarity/affine models: these
+            isotropic scales around the best ``scale_rotations`` rotations.
+        keep: search candidates kept (besides the initial and the centre-aligned map).
+        search_mind_radius: MIND-SSC patch radius of the search features.
+        search_channels: the search features are projected onto this many principal
+            components of the fixed features (fewer FFTs; None: all).
+    Refinement (Levenberg-Marquardt on pointwise MIND-SSC, see :mod:`._refine`):
+        dilation: MIND-SSC neighbour distance in level voxels.
+        max_points: fixed points per level (a fixed random subset of the masked voxels),
+            (levels up to the search level, finer levels).
+        coarse_model: model of the coarse levels for ``"affine"``/``"auto"`` (``"similarity"``:
+            rigid plus isotropic scale); ``"rigid"`` and ``"translation"`` use their own.
+        final_from: first level refined with the final model (0: the coarsest).
+        screened: starts (after ranking all by their cost) refined at the coarsest level for
+            ``coarse_iterations`` steps; ``finalists``: the best of these refined up to the
+            search level; the best finalist is refined on the finer levels.
+        iterations, mid_iterations: steps at the search and finest levels / at levels in
+            between.
+        method: Jacobian of the Gauss-Newton steps, ``"esm"`` (fixed and moving descriptor
+            gradients) or ``"ic"`` (fixed gradients only: faster, less precise across
+            contrasts).
+    Auto:
+        margin, margin_abs: ``auto`` keeps the affine result only when its similarity is below
+            ``(1 - margin) * before`` and ``before - margin_abs`` ...
+        min_motion: ... and when it moves the fixed points by at least this many voxels of
+            the finest level on average (smaller motions are left to the deformable stage).
+        seed: seed of the point subsets (results are deterministic).
+    """
+
+    search_size: dict[int, int] = field(default_factory=lambda: {2: 64, 3: 24})
+    coarser: dict[int, int] = field(default_factory=lambda: {2: 1, 3: 0})
+    levels: int = 3
+    blur: dict[int, tuple[float, float]] = field(
+        default_factory=lambda: {2: (0.5, 0.5), 3: (0.5, 0.0)}
+    )
+    rotation_range_deg: dict[int, float] = field(default_factory=lambda: {2: 45.0, 3: 35.0})
+    rotation_step_deg: dict[int, float] = field(default_factory=lambda: {2: 5.0, 3: 17.5})
+    translation_range: float = 0.35
+    min_overlap: float = 0.25
+    scales: tuple[float, ...] = (0.87, 0.93, 1.07, 1.15)
+    scale_rotations: int = 2
+    keep: int = 4
+    search_mind_radius: int = 1
+    search_channels: int | None = 6
+    dilation: int = 2
+    max_points: dict[int, tuple[int, int]] = field(
+        default_factory=lambda: {2: (2000, 8000), 3: (2500, 10000)}
+    )
+    coarse_model: str = "similarity"
+    final_from: int = 0
+    screened: int = 4
+    coarse_iterations: int = 8
+    finalists: int = 2
+    iterations: int = 30
+    mid_iterations: int = 10
+    method: str = "esm"
+    margin: float = 0.02
+    margin_abs: float = 1e-4
+    min_motion: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class AlignResult:
+    """Result of :func:`align`.
+
+    Attributes:
+        matrix: ``(ndim+1, ndim+1)`` float64 CPU, the full map fixed voxel index -> moving voxel
+            index (``init`` included).
+        mode: the model used: ``"identity"`` (auto kept the initial map), ``"translation"``,
+            ``"rigid"`` or ``"affine"``.
+        similarity_before, similarity_after: mean squared MIND-SSC difference (per channel)
+            over the fixed (masked) points of the finest level for the initial map and for the
+            result; fixed points mapped outside the moving image or mask count as an unrelated
+            pair. Lower is better.
+        parameters: the correction ``T`` in the fixed physical frame (mm) about ``centre_mm``:
+            ``translation_mm``, ``rotation_deg`` (2D: angle; 3D: rotation vector),
+            ``rotation_angle_deg``, ``scales``, ``shear``, ``centre_mm``, ``matrix_mm``.
+        runtime_s: wall time of the call.
+    """
+
+    matrix: Tensor
+    mode: str
+    similarity_before: float
+    similarity_after: float
+    parameters: dict
+    runtime_s: float
+
+
+def _check(
+    fixed: Tensor,
+    moving: Tensor,
+    init: Tensor | None,
+    fixed_spacing: Sequence[float] | None,
+    moving_spacing: Sequence[float] | None,
+    mode: str,
+    fixed_mask: Tensor | None,
+    moving_mask: Tensor | None,
+) -> int:
+    fn = "align()"
+    for name, x in (("fixed", fixed), ("moving", moving)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{fn}: '{name}' must be a torch.Tensor of shape (1, 1, *S)")
+        if x.dim() not in (4, 5) or x.shape[0] != 1 or x.shape[1] != 1:
+            raise ValueError(
+                f"{fn}: '{name}' must have shape (1, 1, *S) with 2 or 3 spatial dims, "
+                f"got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"{fn}: '{name}' must be floating point, got {x.dtype}")
+        if min(x.shape[2:]) < 2:
+            raise ValueError(
+                f"{fn}: '{name}' needs at least 2 voxels per axis, got {tuple(x.shape)}"
+            )
+    ndim = fixed.dim() - 2
+    if moving.dim() != fixed.dim():
+        raise ValueError(
+            f"{fn}: 'moving' must have shape (1, 1, *Sm) with {ndim} spatial dims like 'fixed', "
+            f"got {tuple(moving.shape)}"
+        )
+    if init is not None:
+        if not isinstance(init, Tensor) or tuple(init.shape) != (ndim + 1, ndim + 1):
+            shape = tuple(init.shape) if isinstance(init, Tensor) else type(init).__name__
+            raise ValueError(f"{fn}: 'init' must have shape ({ndim + 1}, {ndim + 1}), got {shape}")
+        if not torch.isfinite(init).all() or abs(float(torch.det(init.double()))) < 1e-12:
+            raise ValueError(
+                f"{fn}: 'init' must be a finite invertible ({ndim + 1}, {ndim + 1}) matrix"
+            )
+    for name, sp in (("fixed_spacing", fixed_spacing), ("moving_spacing", moving_spacing)):
+        if sp is not None:
+            vals = list(sp)
+            if len(vals) != ndim or not all(float(v) > 0 and math.isfinite(float(v)) for v in vals):
+                raise ValueError(
+                    f"{fn}: '{name}' must hold {ndim} positive spacings (mm), got {sp!r}"
+                )
+    if mode not in _MODES:
+        raise ValueError(f"{fn}: 'mode' must be one of {_MODES}, got {mode!r}")
+    for name, msk, ref in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving)):
+        if msk is not None:
+            if not isinstance(msk, Tensor) or tuple(msk.shape) != tuple(ref.shape):
+                shape = tuple(msk.shape) if isinstance(msk, Tensor) else type(msk).__name__
+                raise ValueError(
+                    f"{fn}: '{name}' must have shape {tuple(ref.shape)} (1, 1, *S) like its image, "
+                    f"got {shape}"
+                )
+    return ndim
+
+
+def _mask(m: Tensor | None, like: Tensor) -> Tensor | None:
+    if m is None:
+        return None
+    return (m.to(like.device) > 0.5).to(like.dtype) if m.dtype != torch.bool else m.to(like)
+
+
+def align(
+    fixed: Tensor,
+    moving: Tensor,
+    init: Tensor | None = None,
+    fixed_spacing: Sequence[float] | None = None,
+    moving_spacing: Sequence[float] | None = None,
+    mode: str = "auto",
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
+    config: AlignConfig | None = None,
+) -> AlignResult:
+    """Find the translation, rigid or affine map that aligns ``moving`` to ``fixed``.
+
+    Args:
+        fixed: ``(1, 1, *S)`` float, intensities normalised to [0, 1]; 2D or 3D.
+        moving: ``(1, 1, *Sm)`` float [0, 1] on its own grid (``Sm`` may differ from ``S``).
+        init: ``(ndim+1, ndim+1)`` homogeneous map fixed voxel index -> moving voxel index (e.g.
+            the world alignment ``inv(A_m) @ A_f``); None: identity.
+        fixed_spacing, moving_spacing: mm per array axis (None: 1).
+        mode: ``"translation"``, ``"rigid"``, ``"affine"`` or ``"auto"`` (affine, kept only
+            when it beats the initial map by a margin).
+        fixed_mask: ``(1, 1, *S)`` bool/float: only these fixed voxels count.
+        moving_mask: ``(1, 1, *Sm)``: mapped points must fall inside it (and inside the moving
+            image).
+        config: :class:`AlignConfig` (None: defaults).
+
+    Returns:
+        :class:`AlignResult`; ``matrix`` maps fixed voxel indices to moving voxel indices:
+        ``moving_index = matrix @ [fixed_index, 1]``, so ``warped(x) = moving(matrix x)``.
+
+    Convention: array axis order (axis 0 first), voxel centres at integer indices, as in
+    :mod:`pddreg.spatial`; device and dtype follow ``fixed``.
+    """
+    t0 = time.perf_counter()
+    ndim = _check(fixed, moving, init, fixed_spacing, moving_spacing, mode, fixed_mask, moving_mask)
+    cfg = config or AlignConfig()
+    dev = fixed.device
+    dtype = fixed.dtype if fixed.dtype in (torch.float32, torch.float64) else torch.float32
+    fixed = fixed.to(dtype)
+    moving = moving.to(dev, dtype)
+    sf = tuple(float(v) for v in (fixed_spacing or [1.0] * ndim))
+    sm = tuple(float(v) for v in (moving_spacing or [1.0] * ndim))
+    m0 = torch.eye(ndim + 1, dtype=torch.float64) if init is None else init.detach().double().cpu()
+    fmask = _mask(fixed_mask, fixed)
+    mmask = _mask(moving_mask, moving)
+
+    with torch.no_grad():
+        # pyramids in mm: `coarser` refinement-only levels, the search level, finer levels
+        extent = max(n * s for n, s in zip(fixed.shape[2:], sf, strict=True))
+        h0 = extent / cfg.search_size[ndim]
+        targets = [
+            h0 * 2.0 ** (cfg.coarser[ndim] - k) for k in range(cfg.coarser[ndim] + cfg.levels)
+        ]
+        times = {"start": time.perf_counter()}
+        fpyr = build_pyramid(fixed, fmask, sf, targets)
+        mpyr = build_pyramid(moving, mmask, sm, targets)
+        search_level = cfg.coarser[ndim]
+        # drop duplicate fine levels (small images)
+        keep_idx = list(range(search_level + 1)) + [
+            i for i in range(search_level + 1, len(fpyr)) if fpyr[i].factors != fpyr[i - 1].factors
+        ]
+        fpyr = [fpyr[i] for i in keep_idx]
+        mpyr = [mpyr[i] for i in keep_idx]
+
+        s_f = diag_h(sf)
+        phys_to_moving = m0 @ torch.linalg.inv(s_f)  # fixed mm -> moving full index
+        # centre: fixed foreground centre of mass (mm)
+        f_fg = foreground(fpyr[search_level])
+        centre = centre_of_mass(fpyr[search_level], f_fg) * torch.tensor(sf, dtype=torch.float64)
+        m_fg = foreground(mpyr[search_level])
+        m_centre = centre_of_mass(mpyr[search_level], m_fg)  # moving full index
+        # centre-of-mass base: translate so that the fixed centre maps onto the moving centre
+        com_mm = torch.linalg.solve(
+            phys_to_moving, torch.cat([m_centre, torch.ones(1, dtype=torch.float64)])
+        )[:ndim]
+        ident = torch.eye(ndim + 1, dtype=torch.float64)
+        com_base = translation_h(com_mm - centre)
+
+        def blurred(level, i):
+            sigma = cfg.blur[ndim][0 if i <= search_level else 1] * targets[keep_idx[i]]  # mm
+            if sigma <= 0:
+                return level
+            sig = [sigma / s for s in level.spacing]
+            return replace(level, image=gaussian_blur(level.image, sig))
+
+        times["pyramid"] = time.perf_counter()
+        problems: list[LevelProblem | None] = [
+            make_problem(
+                blurred(fl, i),
+                blurred(ml, i),
+                sf,
+                phys_to_moving,
+                centre,
+                cfg.max_points[ndim][0 if i <= search_level else 1],
+                cfg.dilation,
+                cfg.seed + i,
+            )
+            for i, (fl, ml) in enumerate(zip(fpyr, mpyr, strict=True))
+        ]
+        if problems[search_level] is None:
+            raise ValueError("align(): no fixed voxels to compare (empty fixed_mask?)")
+        finest = max(i for i, p in enumerate(problems) if p is not None)
+
+        if mode == "translation":
+            coarse_mode = "translation"
+        elif mode == "rigid":
+            coarse_mode = "rigid"
+        else:
+            coarse_mode = cfg.coarse_model
+        final_mode = "affine" if mode == "auto" else mode
+
+        # coarse search around the initial map and the centre-aligned map: one window that
+        # covers both when they are close, else one window each
+        lvl = fpyr[search_level]
+        step = torch.tensor([lvl.spacing[i] for i in range(ndim)], dtype=torch.float64)
+        shift = (com_mm - centre) / step  # level voxels
+        reach = torch.tensor([cfg.translation_range * s for s in lvl.shape], dtype=torch.float64)
+        extra = None
+        if not bool((shift.abs() > 0.5 * reach).any()):
+            bases = [translation_h((com_mm - centre) / 2)]
+            extra = [int(math.ceil(abs(float(v)) / 2)) for v in shift]
+        else:
+            bases = [ident, com_base]
+        rotations = (
+            [torch.eye(ndim, dtype=torch.float64)]
+            if coarse_mode == "translation"
+            else rotation_set(ndim, cfg.rotation_range_deg[ndim], cfg.rotation_step_deg[ndim])
+        )
+        times["problems"] = time.perf_counter()
+        args = (fpyr[search_level], mpyr[search_level], sf, phys_to_moving, bases)
+        kw = dict(
+            centre=centre,
+            translation_range=cfg.translation_range,
+            min_overlap=cfg.min_overlap,
+            mind_radius=cfg.search_mind_radius,
+            channels=cfg.search_channels,
+            extra=extra,
+        )
+        cands = search(*args, rotations, keep=max(cfg.keep, cfg.scale_rotations), **kw)
+        if coarse_mode in ("similarity", "affine") and cfg.scales:
+            # second stage: scales around the best rotations
+            seen: list[int] = []
+            for c in cands:
+                if c.linear_index not in seen:
+                    seen.append(c.linear_index)
+            linears = [rotations[i] * s for i in seen[: cfg.scale_rotations] for s in cfg.scales]
+            cands = sorted(
+                cands + search(*args, linears, keep=cfg.keep, **kw), key=lambda c: c.score
+            )
+        cands = cands[: cfg.keep]
+        times["search"] = time.perf_counter()
+        starts = [ident, com_base] + [c.transform for c in cands]
+
+        def run(t: Tensor, c: float, levels: range, model: str, iters: int) -> tuple[Tensor, float]:
+            for i in levels:
+                if problems[i] is not None:
+                    t, c = refine(problems[i], t, model, iters, method=cfg.method)
+            return t, c
+
+        # screening: the cost of every start, a few steps of the coarse model on the coarsest
+        # level for the most promising; the best of these continue to the search level
+        # (coarse model, then the final model from final_from)
+        first = next(i for i, p in enumerate(problems) if p is not None)
+        initial = [evaluate(problems[first], s)[0][0] for s in starts]
+        screened = sorted(range(len(starts)), key=lambda k: initial[k])[: cfg.screened]
+        scored = [
+            run(starts[k], initial[k], range(first, first + 1), coarse_mode, cfg.coarse_iterations)
+            for k in screened
+        ]
+        order = sorted(range(len(scored)), key=lambda k: scored[k][1])[: cfg.finalists]
+        best_t, best_c = ident, math.inf
+        first_final = max(first, min(cfg.final_from, search_level))
+        for k in order:
+            t, c = run(*scored[k], range(first, search_level + 1), coarse_mode, cfg.iterations)
+            if final_mode != coarse_mode:
+                t, c = run(t, c, range(first_final, search_level + 1), final_mode, cfg.iterations)
+            if c < best_c:
+                best_t, best_c = t, c
+        transform = best_t
+        # the finer levels with the final model
+        for i in range(search_level + 1, len(problems)):
+            iters = cfg.iterations if i == finest else cfg.mid_iterations
+            transform, _ = run(transform, math.inf, range(i, i + 1), final_mode, iters)
+        times["refine"] = time.perf_counter()
+        before = evaluate(problems[finest], ident)[0][0]
+        after = evaluate(problems[finest], transform)[0][0]
+        used = final_mode
+        if mode == "auto":
+            fine = problems[finest]
+            pts = fine.points.double()
+            moved = pts @ transform[:ndim, :ndim].t().to(pts) + transform[:ndim, -1].to(pts)
+            step = torch.tensor(fine.spacing, dtype=torch.float64, device=pts.device)
+            motion = float(((moved - pts) / step).norm(dim=1).mean())
+            better = after < (1.0 - cfg.margin) * before and after < before - cfg.margin_abs
+            if not better or motion < cfg.min_motion:
+                transform, after, used = ident, before, "identity"
+
+    matrix = m0 @ torch.linalg.inv(s_f) @ transform @ s_f
+    runtime = time.perf_counter() - t0
+    keys = list(times)
+    logger.debug(
+        "align: %s, similarity %.4g -> %.4g, %s, total %.3f s",
+        used,
+        before,
+        after,
+        ", ".join(f"{b} {times[b] - times[a]:.3f} s" for a, b in zip(keys, keys[1:], strict=False)),
+        runtime,
+    )
+    return AlignResult(
+        matrix=matrix,
+        mode=used,
+        similarity_before=float(before),
+        similarity_after=float(after),
+        parameters=decompose(transform, centre),
+        runtime_s=runtime,
+    )

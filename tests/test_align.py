@@ -1,0 +1,304 @@
+"""Global alignment stage (pddreg.align): known maps recovered in 2D and 3D, contrast changes,
+masks, anisotropic voxels, non-overlapping initial maps, auto keeps identical images, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pddreg.align import AlignConfig, AlignResult, align
+from pddreg.align._features import point_mind
+from pddreg.align._geometry import about, decompose, rotation_matrix, rotation_vector
+from pddreg.features.mind import mind_ssc
+from pddreg.spatial import identity_grid
+
+
+class Scene:
+    """An analytic test scene in mm: an ellipsoidal body with Gaussian blobs of both signs,
+    dark background; :meth:`render` evaluates it on any grid, exactly."""
+
+    def __init__(self, extent_mm, seed=0, n=14, size=(0.03, 0.07)):
+        gen = torch.Generator().manual_seed(seed)
+        self.ndim = len(extent_mm)
+        self.extent = torch.tensor(extent_mm, dtype=torch.float64)
+        self.centres = (torch.rand(n, self.ndim, generator=gen, dtype=torch.float64) - 0.5) * 0.5
+        rand = torch.rand(n, self.ndim, generator=gen, dtype=torch.float64)
+        self.sigmas = size[0] + size[1] * rand
+        self.amps = (torch.rand(n, generator=gen, dtype=torch.float64) - 0.3) * 0.8
+
+    def __call__(self, mm):  # (N, ndim) -> (N,)
+        rel = mm / self.extent - 0.5
+        body = ((rel / 0.38).square().sum(1) < 1).double()
+        d = ((rel[:, None] - self.centres[None]) / self.sigmas[None]).square().sum(2)
+        return body * (0.35 + (self.amps[None] * torch.exp(-0.5 * d)).sum(1))
+
+    def render(self, shape, spacing, mm_map=None):
+        """``(1, 1, *shape)`` image whose voxel ``y`` shows the scene at ``inv(mm_map)(S y)``
+        (``mm_map``: fixed mm -> this image's mm; None: identity), averaged across the voxel
+        along axes coarser than 1.5 mm (a slice profile, as scanners do)."""
+        ndim = len(shape)
+        sp = torch.tensor(spacing, dtype=torch.float64)
+        base = identity_grid(shape, dtype=torch.float64).reshape(ndim, -1).t() * sp
+        subs = [torch.linspace(-0.33, 0.33, 3) * s if s > 1.5 else torch.zeros(1) for s in spacing]
+        offsets = torch.cartesian_prod(*subs).reshape(-1, ndim).double()
+        img = torch.zeros(base.shape[0], dtype=torch.float64)
+        for off in offsets:
+            pts = base + off
+            if mm_map is not None:
+                inv = torch.linalg.inv(mm_map)
+                pts = pts @ inv[:ndim, :ndim].t() + inv[:ndim, -1]
+            img += self(pts) / offsets.shape[0]
+        return (img.reshape(shape) / 1.2).clamp(0, 1).float()[None, None]
+
+
+def affine_mm(ndim, angles_deg, scales, shift_frac, extent_mm):
+    """Homogeneous fixed mm -> moving mm map about the field-of-view centre."""
+    ext = torch.tensor(extent_mm, dtype=torch.float64)
+    lin = rotation_matrix([math.radians(a) for a in angles_deg], ndim) @ torch.diag(
+        torch.tensor(scales, dtype=torch.float64)
+    )
+    return about(lin, ext / 2, torch.tensor(shift_frac, dtype=torch.float64) * ext)
+
+
+def index_map(mm, fixed_spacing, moving_spacing=None):
+    """fixed index -> moving index of a fixed mm -> moving mm map."""
+    sf = torch.diag(torch.tensor([*fixed_spacing, 1.0], dtype=torch.float64))
+    sm = torch.diag(torch.tensor([*(moving_spacing or fixed_spacing), 1.0], dtype=torch.float64))
+    return torch.linalg.inv(sm) @ mm @ sf
+
+
+def pair(scene, shape, angles, scales, shift, spacing=None, moving_spacing=None, moving_shape=None):
+    """Fixed, moving and the true index map of a known motion of ``scene``."""
+    ndim = len(shape)
+    spacing = spacing or (1.0,) * ndim
+    moving_spacing = moving_spacing or spacing
+    mm = affine_mm(ndim, angles, scales, shift, scene.extent.tolist())
+    fixed = scene.render(shape, spacing)
+    moving = scene.render(moving_shape or shape, moving_spacing, mm)
+    return fixed, moving, index_map(mm, spacing, moving_spacing)
+
+
+def epe(found: torch.Tensor, true: torch.Tensor, fixed: torch.Tensor, mask=None) -> float:
+    """Mean end-point error (voxels) over the fixed foreground."""
+    ndim = true.shape[0] - 1
+    fg = fixed[0, 0] > 0.05
+    if mask is not None:
+        fg &= mask
+    pts = torch.nonzero(fg).double().t()
+    diff = (found[:ndim, :ndim] - true[:ndim, :ndim]) @ pts + (found[:ndim, -1:] - true[:ndim, -1:])
+    return float(diff.norm(dim=0).mean())
+
+
+SCENE_2D = Scene((64.0, 80.0), seed=1)
+SCENE_3D = Scene((32.0, 32.0, 32.0), seed=2, n=18)
+EYE3 = torch.eye(3, dtype=torch.float64)
+EYE4 = torch.eye(4, dtype=torch.float64)
+
+
+FIXED_2D = SCENE_2D.render((64, 80), (1.0, 1.0))
+FIXED_3D = SCENE_3D.render((32, 32, 32), (1.0, 1.0, 1.0))
+
+
+def test_point_mind_matches_mind_ssc():
+    img = torch.rand(1, 1, 12, 14, 10)
+    ref = mind_ssc(img, radius=0, dilation=2)
+    pts = identity_grid((12, 14, 10)).reshape(3, -1).t()
+    inner = ((pts >= 2) & (pts <= torch.tensor([9.0, 11.0, 7.0]))).all(1)
+    got = point_mind(img, pts[inner], 2.0 * torch.eye(3))
+    assert torch.allclose(got, ref.reshape(12, -1).t()[inner], atol=1e-4)
+
+
+def test_rotation_parametrisation_round_trip():
+    w = torch.tensor([0.3, -0.2, 0.4], dtype=torch.float64)
+    rot = rotation_matrix(w, 3)
+    assert torch.allclose(rot @ rot.t(), EYE3, atol=1e-12)
+    assert torch.allclose(rotation_vector(rot), w, atol=1e-10)
+    zero = torch.zeros(3, dtype=torch.float64)
+    par = decompose(about(rot * 1.1, zero), zero)
+    assert par["scales"] == pytest.approx([1.1] * 3, abs=1e-9)
+    assert par["rotation_angle_deg"] == pytest.approx(math.degrees(float(w.norm())), abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["affine", "auto"])
+def test_2d_rotation_translation_scale(mode):
+    fixed, moving, true = pair(SCENE_2D, (64, 80), [25.0], [1.1, 1.1], [0.15, -0.12])
+    res = align(fixed, moving, mode=mode)
+    assert isinstance(res, AlignResult)
+    assert res.mode == "affine"
+    assert epe(EYE3, true, fixed) > 10
+    assert epe(res.matrix, true, fixed) < 0.5
+    assert res.similarity_after < res.similarity_before
+    assert res.matrix.dtype == torch.float64 and res.matrix.shape == (3, 3)
+    assert res.parameters["rotation_angle_deg"] == pytest.approx(25.0, abs=1.0)
+    assert res.parameters["scales"] == pytest.approx([1.1, 1.1], abs=0.03)
+
+
+def test_2d_rigid_stays_rigid():
+    fixed, moving, true = pair(SCENE_2D, (64, 80), [-30.0], [1.0, 1.0], [-0.1, 0.2])
+    res = align(fixed, moving, mode="rigid")
+    lin = res.matrix[:2, :2]
+    assert res.mode == "rigid"
+    assert torch.allclose(lin @ lin.t(), torch.eye(2, dtype=torch.float64), atol=1e-9)
+    assert epe(res.matrix, true, fixed) < 0.5
+
+
+def test_2d_translation_mode():
+    fixed, moving, true = pair(SCENE_2D, (64, 80), [0.0], [1.0, 1.0], [0.2, -0.2])
+    res = align(fixed, moving, mode="translation")
+    assert res.mode == "translation"
+    assert torch.equal(res.matrix[:2, :2], torch.eye(2, dtype=torch.float64))
+    assert epe(res.matrix, true, fixed) < 0.3
+
+
+def test_2d_non_monotonic_contrast():
+    fixed, moving, true = pair(SCENE_2D, (64, 80), [20.0], [0.9, 0.9], [0.1, 0.15])
+    moving = 0.5 - 0.5 * torch.cos(3 * math.pi * moving)  # dark -> dark, grey -> bright, ...
+    moving = moving + 0.02 * torch.randn(moving.shape, generator=torch.Generator().manual_seed(0))
+    res = align(fixed, moving.clamp(0, 1), mode="auto")
+    assert res.mode == "affine"
+    assert epe(res.matrix, true, fixed) < 1.0
+
+
+@pytest.mark.parametrize("mode", ["affine", "rigid"])
+def test_3d_rotation_translation(mode):
+    axis = torch.tensor([1.0, -0.5, 0.7])
+    angles = (axis / axis.norm() * 25.0).tolist()
+    scales = [1.08, 1.08, 1.08] if mode == "affine" else [1.0, 1.0, 1.0]
+    fixed, moving, true = pair(SCENE_3D, (32, 32, 32), angles, scales, [0.15, -0.1, 0.12])
+    res = align(fixed, moving, mode=mode)
+    assert res.mode == mode
+    assert epe(EYE4, true, fixed) > 5
+    assert epe(res.matrix, true, fixed) < 0.7
+    if mode == "rigid":
+        lin = res.matrix[:3, :3]
+        assert torch.allclose(lin @ lin.t(), EYE3, atol=1e-9)
+
+
+def test_identical_images_auto_identity():
+    init = EYE3.clone()
+    res = align(FIXED_2D, FIXED_2D.clone(), init=init)
+    assert res.mode == "identity"
+    assert torch.equal(res.matrix, init)
+    assert res.similarity_after == res.similarity_before
+    res3 = align(FIXED_3D, FIXED_3D.clone())
+    assert res3.mode == "identity"
+    assert torch.equal(res3.matrix, EYE4)
+    # affine mode on identical images stays at the identity too
+    res_aff = align(FIXED_2D, FIXED_2D.clone(), mode="affine")
+    assert epe(res_aff.matrix, EYE3, FIXED_2D) < 0.05
+
+
+def test_small_shift_auto_keeps_initial_map():
+    """A motion well inside the deformable stage's capture range (a fraction of a voxel) is
+    left to it: auto returns the initial map."""
+    fixed, moving, _ = pair(SCENE_2D, (64, 80), [0.0], [1.0, 1.0], [0.004, -0.003])
+    assert align(fixed, moving).mode == "identity"
+
+
+def test_anisotropic_spacing_rigid_in_mm():
+    """Voxels of 1 x 1 x 3 mm: a rigid motion in mm is not rigid in index space; the rigid
+    result must be orthogonal in mm and match the true map."""
+    spacing = (1.0, 1.0, 3.0)
+    scene = Scene((40.0, 40.0, 60.0), seed=4, n=14, size=(0.06, 0.08))
+    motion = ([12.0, 0.0, 8.0], [1.0] * 3, [0.1, -0.08, 0.05])
+    fixed, moving, true = pair(scene, (40, 40, 20), *motion, spacing)
+    res = align(fixed, moving, fixed_spacing=spacing, moving_spacing=spacing, mode="rigid")
+    s = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+    lin_mm = (s @ res.matrix @ torch.linalg.inv(s))[:3, :3]
+    lin = res.matrix[:3, :3]
+    assert torch.allclose(lin_mm @ lin_mm.t(), EYE3, atol=1e-9)
+    assert not torch.allclose(lin @ lin.t(), EYE3, atol=1e-2)  # not rigid in index space
+    pts = torch.nonzero(fixed[0, 0] > 0.05).double().t()
+    err = s @ (res.matrix - true)
+    err_mm = (err[:3, :3] @ pts + err[:3, 3:]).norm(dim=0)
+    assert float(err_mm.mean()) < 0.7
+    assert res.parameters["rotation_angle_deg"] == pytest.approx(math.hypot(12.0, 8.0), abs=1.0)
+
+
+def test_fixed_mask_ignores_occluder():
+    fixed, moving, true = pair(SCENE_2D, (64, 80), [15.0], [1.0, 1.0], [0.1, 0.1])
+    mask = torch.ones_like(fixed, dtype=torch.bool)
+    mask[..., :, 48:] = False
+    # a bright occluder in the moving image over the part of the scene the mask leaves out
+    corner = true @ torch.tensor([32.0, 66.0, 1.0], dtype=torch.float64)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(80), indexing="ij")
+    blob = ((yy - corner[0]).square() + (xx - corner[1]).square() < 14**2).float()
+    occluded = torch.maximum(moving, blob[None, None])
+    res = align(fixed, occluded, fixed_mask=mask, mode="affine")
+    assert epe(res.matrix, true, fixed, mask[0, 0]) < 0.6
+
+
+def test_moving_mask_excludes_corruption():
+    fixed, moving, true = pair(SCENE_2D, (64, 80), [-15.0], [1.0, 1.0], [-0.1, 0.1])
+    bad = torch.zeros_like(moving, dtype=torch.bool)
+    bad[..., :, :30] = True
+    noise = torch.rand(moving.shape, generator=torch.Generator().manual_seed(1))
+    corrupted = torch.where(bad, noise, moving)
+    res = align(fixed, corrupted, moving_mask=~bad, mode="affine")
+    assert epe(res.matrix, true, fixed) < 0.8
+
+
+def test_non_overlapping_init_recovered_by_centres():
+    """The initial map sends the fixed image far outside the moving one (unrelated world
+    origins, as for two CTs of different patients): the centre-aligned candidate recovers it."""
+    fixed, moving, true = pair(
+        SCENE_3D, (32, 32, 32), [0.0, 10.0, 0.0], [1.0] * 3, [0.05, 0.0, -0.05]
+    )
+    init = EYE4.clone()
+    init[:3, 3] = torch.tensor([90.0, -70.0, 120.0], dtype=torch.float64)
+    grid = identity_grid((32, 32, 32), dtype=torch.float64).reshape(3, -1)
+    mapped = init[:3, :3] @ grid + init[:3, 3:]
+    assert bool(((mapped < 0) | (mapped > 31)).any(0).all())  # no overlap at all
+    res = align(fixed, moving, init=init, mode="auto")
+    assert res.mode == "affine"
+    assert epe(res.matrix, true, fixed) < 0.7
+    assert res.parameters["translation_mm"][0] == pytest.approx(-90.0, abs=6.0)
+
+
+def test_grids_and_spacings_differ():
+    """Moving on its own grid (another size and voxel size) with the world map as init."""
+    moving_spacing = (1.25, 0.8)
+    fixed, moving, true = pair(
+        SCENE_2D, (64, 80), [10.0], [1.0, 1.0], [0.06, -0.05], (1.0, 1.0), moving_spacing, (56, 96)
+    )
+    init = index_map(EYE3, (1.0, 1.0), moving_spacing)  # the world map without the motion
+    res = align(fixed, moving, init=init, fixed_spacing=(1.0, 1.0), moving_spacing=moving_spacing)
+    assert res.mode == "affine"
+    assert epe(init, true, fixed) > 3
+    assert epe(res.matrix, true, fixed) < 0.5
+
+
+def test_float64_and_config():
+    fixed, moving, true = pair(SCENE_2D, (64, 80), [8.0], [1.0, 1.0], [0.05, 0.05])
+    res = align(fixed.double(), moving.double(), mode="rigid", config=AlignConfig(levels=2))
+    assert epe(res.matrix, true, fixed) < 0.6
+    assert res.runtime_s > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(fixed=torch.rand(1, 64, 80), moving=FIXED_2D), r"\(1, 1, \*S\)"),
+        (dict(fixed=FIXED_2D, moving=FIXED_3D), r"\(1, 1, \*Sm\)"),
+        (dict(fixed=FIXED_2D, moving=FIXED_2D, init=torch.eye(4)), r"\(3, 3\)"),
+        (dict(fixed=FIXED_2D, moving=FIXED_2D, mode="similarity"), "mode"),
+        (dict(fixed=FIXED_2D, moving=FIXED_2D, fixed_spacing=(1.0,)), "2 positive"),
+        (
+            dict(fixed=FIXED_2D, moving=FIXED_2D, fixed_mask=torch.ones(1, 1, 64, 81)),
+            r"\(1, 1, 64, 80\)",
+        ),
+        (
+            dict(fixed=FIXED_2D, moving=FIXED_2D, moving_mask=torch.ones(64, 80)),
+            r"\(1, 1, 64, 80\)",
+        ),
+        (
+            dict(fixed=FIXED_2D, moving=FIXED_2D, fixed_mask=torch.zeros(1, 1, 64, 80)),
+            "fixed_mask",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        align(**kwargs)
