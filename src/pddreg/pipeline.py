@@ -198,10 +198,6 @@ def run(
 
     align_result = None
     total = m_map
-    try:  # TEMPORARY until pddreg.align lands
-        import pddreg.align  # noqa: F401
-    except ImportError:
-        affine = "off"
     if affine != "off":
         from .align import align as global_align
 
