@@ -294,3 +294,8 @@ def test_torchrun_shares_the_pairs_and_writes_each_once(tmp_path):
     for r in rows:  # the process that wrote the folder is the one the summary names
         assert json.loads((out / r["name"] / "batch.json").read_text())["rank"] == int(r["rank"])
     assert res.stdout.count("5 registered") == 1  # rank 0 reports for all
+    # a rerun under torchrun: every pair is complete, every process agrees
+    (out / rows[3]["name"] / "disp.npy").unlink()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["status"] for r in summary(out)] == ["skipped"] * 3 + ["done", "skipped"]

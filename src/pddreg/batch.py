@@ -40,7 +40,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +191,7 @@ def _unique_names(specs: list[PairSpec]) -> None:
         seen[base] = seen.get(base, 0) + 1
 
 
-def _check_files(spec: PairSpec, source: str) -> None:
+def _check_files(spec: PairSpec) -> None:
     if spec.problem is not None:
         return
     for key in _FILES:
@@ -257,7 +257,7 @@ def _read_csv(path: Path) -> list[PairSpec]:
             problem=problem,
             **{k: files[k] for k in _FILES[2:]},
         )
-        _check_files(spec, str(path))
+        _check_files(spec)
         specs.append(spec)
     return specs
 
@@ -303,7 +303,7 @@ def _read_learn2reg(path: Path, split: str) -> list[PairSpec]:
             fixed_mask=beside(fixed, "masks"),
             moving_mask=beside(moving, "masks"),
         )
-        _check_files(spec, str(path))
+        _check_files(spec)
         specs.append(spec)
     return specs
 
@@ -725,6 +725,35 @@ def run_batch(
     return result
 
 
+def _prepare(
+    specs: list[PairSpec], out: Path, settings: dict[str, Any], rows: dict[int, dict[str, Any]]
+) -> list[int]:
+    """Rank 0, before any process writes: create ``out``, remove what a killed run left, and
+    find the pairs still to register (the complete ones go into ``rows`` as skipped)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"{out}: cannot create the output folder ({err.strerror})") from None
+    _remove_stale(out)
+    pending = []
+    for i, spec in enumerate(specs):
+        if spec.problem is not None:
+            continue
+        done = _complete(out / spec.name, settings, spec)
+        if done is not None:
+            rows[i] = _summary_row(spec, "skipped", done, spec.name, -1)
+        else:
+            pending.append(i)
+    logger.info(
+        "%d pairs: %d complete from an earlier run, %d to register, %d bad rows",
+        len(specs),
+        len(rows),
+        len(pending),
+        sum(1 for s in specs if s.problem is not None),
+    )
+    return pending
+
+
 def _run(
     specs: list[PairSpec],
     source: str,
@@ -738,28 +767,15 @@ def _run(
 
     rows: dict[int, dict[str, Any]] = {}
     pending: list[int] = []
+    problem = None
     if world.rank == 0:
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise InputError(f"{out}: cannot create the output folder ({err.strerror})") from None
-        _remove_stale(out)
-        for i, spec in enumerate(specs):
-            if spec.problem is not None:
-                continue
-            done = _complete(out / spec.name, settings, spec)
-            if done is not None:
-                rows[i] = _summary_row(spec, "skipped", done, spec.name, -1)
-            else:
-                pending.append(i)
-        logger.info(
-            "%d pairs: %d complete from an earlier run, %d to register, %d bad rows",
-            len(specs),
-            len(rows),
-            len(pending),
-            sum(1 for s in specs if s.problem is not None),
-        )
-    pending = world.broadcast(pending)
+            pending = _prepare(specs, out, settings, rows)
+        except InputError as err:  # told to every process, so that none waits for rank 0
+            problem = str(err)
+    pending, problem, rows = world.broadcast((pending, problem, rows))
+    if problem is not None:
+        raise InputError(problem)
     mine = pending[world.rank :: world.size]
     own: dict[int, dict[str, Any]] = {}
     internal = 0
@@ -908,7 +924,3 @@ def command(args: argparse.Namespace) -> int:
     if result.internal_errors:
         return 1
     return 2 if failed else 0
-
-
-def _spec_dict(spec: PairSpec) -> dict[str, Any]:  # pragma: no cover - debugging aid
-    return asdict(spec)

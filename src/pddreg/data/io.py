@@ -216,7 +216,7 @@ def _native_stderr_to_log(path: str) -> Iterator[None]:
     try:
         sys.stderr.flush()
         saved = os.dup(2)
-    except (OSError, ValueError):  # no usable descriptor 2 (embedded interpreters)
+    except (OSError, ValueError, AttributeError):  # no usable descriptor 2 (embedded use)
         yield
         return
     with tempfile.TemporaryFile(mode="w+b") as sink:
