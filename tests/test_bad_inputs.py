@@ -116,6 +116,13 @@ def _cases(tmp: Path) -> dict[str, Case]:
     c["one voxel"] = Case([str(tmp / "voxel.npy"), moving], "voxel.npy", "too small")
     np.save(tmp / "line.npy", _image((1, 48)))
     c["one voxel thick"] = Case([fixed, str(tmp / "line.npy")], "line.npy", "too small")
+    np.save(tmp / "thin.npy", _image((4, 48)))
+    c["too small for the model"] = Case(
+        [str(tmp / "thin.npy"), str(tmp / "thin.npy"), "--method", "pdd"],
+        "thin.npy",
+        "too small for the pdd model (feature stride 4): it needs at least 5 voxels",
+        {"method": "pdd"},
+    )
     big = _nii(tmp / "big.nii.gz", _image((96, 96, 96)))
     c["oversized"] = Case(
         [big, big, "--method", "mind", "--max-memory", "64M"],
@@ -225,6 +232,7 @@ CASES = [
     "constant",
     "one voxel",
     "one voxel thick",
+    "too small for the model",
     "oversized",
     "2D against 3D",
     "float labels",

@@ -299,3 +299,30 @@ def test_torchrun_shares_the_pairs_and_writes_each_once(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert [r["status"] for r in summary(out)] == ["skipped"] * 3 + ["done", "skipped"]
+
+
+def test_landmark_columns_are_accepted(tmp_path, caplog):
+    """Landmark columns pass through to register() where it takes them; this version's does
+    not, and the batch says so once and registers the pairs."""
+    import logging
+
+    from pddreg.api import register
+
+    rows = make_pairs(tmp_path / "data", 2, segs=False)
+    for i, r in enumerate(rows):
+        for side in ("fixed", "moving"):
+            path = tmp_path / "data" / f"{side}{i}.csv"
+            path.write_text("i,j\n10,12\n20,30\n")
+            r[f"{side}_landmarks"] = str(path)
+    table = write_table(tmp_path / "pairs.csv", rows)
+    with caplog.at_level(logging.INFO, logger="pddreg.batch"):
+        res = run_batch(table, tmp_path / "out", method="none", device="cpu", progress=False)
+    assert [r["status"] for r in res.rows] == ["done", "done"]
+    import inspect
+
+    if "fixed_landmarks" not in inspect.signature(register).parameters:
+        assert caplog.text.count("landmark columns are ignored") == 1
+    rows[1]["moving_landmarks"] = str(tmp_path / "data" / "none.csv")  # a missing file
+    res = run_batch(write_table(tmp_path / "p2.csv", rows), tmp_path / "o2", method="none")
+    assert [r["status"] for r in res.rows] == ["done", "failed"]
+    assert "none.csv: no such file (moving_landmarks)" in res.errors[0]

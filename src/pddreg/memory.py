@@ -267,7 +267,7 @@ def _pdd_parts(work_shape: tuple[int, ...], model: Any) -> dict[str, int]:
         return {"model": int(OTHER_MODEL_PER_VOXEL * _prod(work_shape) * FLOAT)}
     fshape = _ceil_div(work_shape, int(stride))
     if min(fshape) < 2:
-        need = 2 * int(stride)
+        need = int(stride) + 1
         raise InputError(
             f"the working grid {'x'.join(map(str, work_shape))} is too small for the pdd model "
             f"(feature stride {stride}): it needs at least {need} voxels along every axis"
