@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, RegistrationError
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,11 @@ __all__ = [
 ]
 
 METHODS = ("pdd", "mind", "none")
+
+#: Most distinct non-zero labels a label map may hold: whole-body and brain parcellations
+#: stay below it (TotalSegmentator 117, FreeSurfer aparc+aseg ~110, Schaefer 1000 parcels);
+#: more is an intensity image given as labels (and the per-label metrics would take minutes).
+MAX_LABELS = 1000
 
 
 @dataclass
@@ -178,6 +183,12 @@ def _label_array(
     x = x.astype(np.int64)
     if x.min() < 0:
         raise InputError(f"{label}: label map has negative labels")
+    count = len(np.unique(x))
+    if count > MAX_LABELS + 1:
+        raise InputError(
+            f"{label}: label map has {count - 1} distinct labels (at most {MAX_LABELS} are "
+            "supported; is this an intensity image?)"
+        )
     if tuple(x.shape) != tuple(shape):
         raise InputError(
             f"{label}: label map shape {tuple(x.shape)} differs from the image shape "
@@ -412,6 +423,7 @@ def register(
     fixed_mask: Any = None,
     moving_mask: Any = None,
     same_grid: bool = False,
+    max_memory: int | str | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (2D or 3D) and return the field and the warped images.
 
@@ -444,6 +456,9 @@ def register(
             voxels inside count in the similarity of the global and the deformable stage.
         same_grid: treat both arrays as one index grid and ignore the headers' geometry (data
             already resampled, e.g. Learn2Reg); the shapes must then agree.
+        max_memory: memory budget (bytes, or a size such as ``"4G"``): a registration whose
+            estimated peak (:func:`pddreg.memory.estimate_registration`) exceeds it is refused
+            before it allocates; None: the memory available on the device.
 
     Returns:
         :class:`RegistrationResult` (NumPy arrays on the CPU).
@@ -511,6 +526,19 @@ def register(
     )
     metric_spacing = spacing if spacing is not None else spacing_of(world_f)
     dev = _resolve_device(device, fixed, moving)
+    from .memory import check_registration
+
+    check_registration(
+        method,
+        shape_f,
+        spacing_of(world_f),
+        shape_m,
+        budget=max_memory,
+        device=dev,
+        model=model,
+        masks=fmask is not None or mmask is not None,
+        names=(f_name, m_name),
+    )
 
     f_t = _to_batch(normalise_intensity(f_arr), dev)
     m_t = _to_batch(normalise_intensity(m_arr), dev)
@@ -546,10 +574,16 @@ def register(
         torch.cuda.synchronize(dev)
     runtime = time.perf_counter() - start
     logger.info("%s registration of %s to %s: %.3f s", method, m_name, f_name, runtime)
-    if tuple(disp.shape) != (1, ndim, *shape_f) or not bool(torch.isfinite(disp).all()):
+    if tuple(disp.shape) != (1, ndim, *shape_f):
         raise ValueError(
-            f"register(): method {method!r} returned a field of shape {tuple(disp.shape)} "
-            f"(finite: {bool(torch.isfinite(disp).all())}), expected {(1, ndim, *shape_f)}"
+            f"register(): method {method!r} returned a field of shape {tuple(disp.shape)}, "
+            f"expected {(1, ndim, *shape_f)}"
+        )
+    if not bool(torch.isfinite(disp).all()):
+        bad = int((~torch.isfinite(disp)).sum())
+        raise RegistrationError(
+            f"{m_name}: the {method} registration to {f_name} produced a field with {bad} "
+            "NaN/Inf values; nothing is returned (check the model file, or try --method mind)"
         )
     with torch.no_grad():
         coords = map_coords(m_map, shape_f, disp)

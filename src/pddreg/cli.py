@@ -29,7 +29,7 @@ logger = logging.getLogger("pddreg")
 __all__ = ["atomic_output_dir", "main", "output_suffix", "read_points"]
 
 # Subcommands that live in other modules, each offering ``add_subcommand(subparsers)``.
-_EXTERNAL_COMMANDS = ("pddreg.train.command", "pddreg.data.command")
+_EXTERNAL_COMMANDS = ("pddreg.train.command", "pddreg.data.command", "pddreg.batch")
 
 # Files ``register`` may write; stale ones from an earlier run into the same OUT are removed.
 _REGISTER_OUTPUTS = (
@@ -132,6 +132,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
         fixed_mask=args.fixed_mask,
         moving_mask=args.moving_mask,
         same_grid=args.same_grid,
+        max_memory=args.max_memory,
     )
     with atomic_output_dir(args.output, _REGISTER_OUTPUTS) as tmp:
         _write_register_outputs(tmp, result, fixed, moving, args)
@@ -249,6 +250,13 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         help="instance optimisation after the network (pdd; default: the model's setting)",
     )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        default=None,
+        help="memory budget, e.g. 4G or 512M: a registration estimated to need more is refused "
+        "before it allocates (default: the memory available on the device)",
+    )
     p.set_defaults(func=_cmd_register)
 
 
@@ -335,7 +343,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     mapped = None
     if args.points is not None:
         pts, space, header = read_points(args.points, saved.ndim, args.points_space)
-        mapped = (map_points(saved, pts, space), space, header)
+        try:
+            mapped = (map_points(saved, pts, space), space, header)
+        except InputError as err:  # name the file rather than the argument
+            raise InputError(f"{args.points}: {str(err).removeprefix('points: ')}") from None
     if single:
         write_image(str(out), warped, like=like)
         print(f"wrote {out}")

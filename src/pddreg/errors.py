@@ -12,3 +12,13 @@ class InputError(PddregError, ValueError):
 
     The message names the file (or argument) and the problem, on one line.
     """
+
+
+class RegistrationError(PddregError):
+    """A registration that cannot give a valid result (e.g. a field with NaN from a broken
+    model); the message names the images and the problem."""
+
+
+class TrainingError(PddregError):
+    """Training stopped on a fault it cannot continue from (a non-finite loss or gradient);
+    the message says what happened and which checkpoint is kept."""

@@ -19,10 +19,12 @@ Writing is atomic: a temporary file in the target folder is renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,10 @@ _PILLOW = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _NUMPY = (".npy",)
 _ITK = (".mha", ".mhd", ".nrrd", ".nhdr", ".dcm")
 _KNOWN = _NIFTI + _PILLOW + _NUMPY + _ITK
+
+#: Fewest voxels along any axis of an image (:func:`check_image`): one voxel thick is a line or
+#: a plane, and a few voxels hold nothing to register.
+MIN_EXTENT = 4
 
 
 @dataclass
@@ -203,7 +209,35 @@ def _itk_affine(img: Any) -> np.ndarray | None:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # ITK's LPS to NIfTI's RAS world
 
 
+@contextlib.contextmanager
+def _native_stderr_to_log(path: str) -> Iterator[None]:
+    """Catch what C++ libraries (ITK, MetaIO, GDCM) print on file descriptor 2 while reading
+    ``path``, so that a bad file still ends in ONE line; the text goes to the debug log."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable descriptor 2 (embedded use)
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace").strip()
+            if text:
+                logger.debug("%s: the reader printed: %s", path, " ".join(text.split()))
+
+
 def _load_itk(path: str, labels: bool) -> tuple[np.ndarray, tuple, np.ndarray | None]:
+    with _native_stderr_to_log(path):
+        return _read_itk(path, labels)
+
+
+def _read_itk(path: str, labels: bool) -> tuple[np.ndarray, tuple, np.ndarray | None]:
     sitk = _import_sitk(path)
     if os.path.isdir(path):
         reader = sitk.ImageSeriesReader()
@@ -297,8 +331,9 @@ def _check_world(image: Image) -> None:
 def check_image(array: Any, name: str) -> None:
     """Raise :class:`InputError` unless ``array`` is a usable 2-D or 3-D image.
 
-    Checks: numeric, not empty, 2 or 3 axes, finite values, not constant. ``name`` (a file name
-    or argument) starts the message, e.g. ``"fixed.nii.gz: contains NaN or Inf values"``.
+    Checks: numeric, not empty, 2 or 3 axes, finite values, at least :data:`MIN_EXTENT`
+    voxels along every axis, not constant. ``name`` (a file name or argument) starts the
+    message, e.g. ``"fixed.nii.gz: contains NaN or Inf values"``.
     """
     try:
         import torch
@@ -323,6 +358,11 @@ def check_image(array: Any, name: str) -> None:
                 f"{name}: contains NaN or Inf values ({bad} of {arr.size} voxels); replace them, "
                 "e.g. by the background intensity"
             )
+    if min(arr.shape) < MIN_EXTENT:
+        raise InputError(
+            f"{name}: image is too small to register (shape {tuple(arr.shape)}): it needs at "
+            f"least {MIN_EXTENT} voxels along every axis"
+        )
     lo, hi = arr.min(), arr.max()
     if lo == hi:
         raise InputError(f"{name}: image is constant (every voxel is {lo.item():g})")

@@ -158,7 +158,10 @@ def write_registration(
 ) -> Path:
     """Write ``disp.npy`` and ``transform.json`` (the grids) into ``folder``."""
     folder = Path(folder)
-    np.save(folder / "disp.npy", np.ascontiguousarray(disp, dtype=np.float32))
+    tmp = folder / ".disp.npy.tmp"
+    with open(tmp, "wb") as f:  # a temporary name, then renamed: never a half-written field
+        np.save(f, np.ascontiguousarray(disp, dtype=np.float32))
+    os.replace(tmp, folder / "disp.npy")
     doc = {
         "format": "pddreg-registration",
         "version": FORMAT_VERSION,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .functional import (
+    batch_reduction,
     class_weights,
     diffusion,
     nonlocal_label_loss,
@@ -12,6 +13,7 @@ from .functional import (
 )
 
 __all__ = [
+    "batch_reduction",
     "class_weights",
     "diffusion",
     "nonlocal_label_loss",

@@ -7,7 +7,9 @@ size ``G`` inside a grid of size ``S`` puts point ``k`` at voxel ``(k + 0.5) * S
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from torch import Tensor
 from pddreg.spatial import diffusion
 
 __all__ = [
+    "batch_reduction",
     "class_weights",
     "diffusion",
     "nonlocal_label_loss",
@@ -52,14 +55,39 @@ def _area(x: Tensor, shape: Sequence[int]) -> Tensor:
     return pool(x, tuple(int(s) for s in shape))
 
 
+_BATCH_REDUCTION: contextvars.ContextVar[Callable[[Tensor], Tensor] | None] = (
+    contextvars.ContextVar("pddreg_batch_reduction", default=None)
+)
+
+
+@contextlib.contextmanager
+def batch_reduction(fn: Callable[[Tensor], Tensor] | None) -> Iterator[None]:
+    """Within the block, batch statistics of the losses (the class frequencies of
+    :func:`class_weights`) are passed through ``fn`` (None: unchanged).
+
+    Data-parallel training passes the mean over the processes, so that every process weights
+    its classes by the frequencies of the global batch, as one process with the whole batch
+    would (each process must then call the losses the same number of times).
+    """
+    token = _BATCH_REDUCTION.set(fn)
+    try:
+        yield
+    finally:
+        _BATCH_REDUCTION.reset(token)
+
+
 def class_weights(*onehots: Tensor) -> Tensor:
     """Weights ``(K,)`` inverse to the class frequencies in ``onehots`` (each ``(B, K, *S)``).
 
     Frequencies are clamped at :data:`MIN_FREQUENCY`; weights are scaled to sum to ``K``.
-    No gradient flows through them.
+    No gradient flows through them. Inside :func:`batch_reduction` the frequencies are those
+    of the global batch.
     """
     with torch.no_grad():
         freq = torch.stack([o.float().mean(dim=[0, *range(2, o.dim())]) for o in onehots]).mean(0)
+        reduce = _BATCH_REDUCTION.get()
+        if reduce is not None:
+            freq = reduce(freq)
         w = 1.0 / freq.clamp_min(MIN_FREQUENCY)
         return w * (w.numel() / w.sum())
 

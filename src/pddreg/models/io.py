@@ -116,6 +116,14 @@ def _from_payload(payload: Any, name: str, map_location: Any) -> nn.Module:
     except (TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{name}: model does not match its config ({first})") from None
+    bad = [
+        k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()
+    ]
+    if bad:
+        raise InputError(
+            f"{name}: the model's weights hold NaN/Inf values ({bad[0]}{', ...' if bad[1:] else ''}"
+            "; saved from a diverged training?)"
+        )
     if map_location is not None:
         model.to(map_location)
     return model.eval()

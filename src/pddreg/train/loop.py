@@ -1,10 +1,21 @@
 """Weakly supervised training of registration models on random inter-subject pairs.
 
-Reproducible: the model is built after ``torch.manual_seed(seed)``; pairs, crops and
-augmentations come from one ``torch.Generator`` seeded with ``seed + rank``, whose state is
-checkpointed with the model, the optimiser and the step, so ``resume=True`` continues exactly
-as an uninterrupted run would. Under ``torchrun`` (``WORLD_SIZE`` set) the model is wrapped in
-``DistributedDataParallel`` (gloo on CPU, nccl on CUDA); rank 0 logs and writes checkpoints.
+Reproducible: the model is built after ``torch.manual_seed(seed)``; the pairs, crops and
+augmentations of slot ``j`` of the global batch (``j = rank * batch + i`` for pair ``i`` of a
+process) come from their own ``torch.Generator`` seeded with ``seed + j``. The generators'
+states are checkpointed with the model, the optimiser and the step, so ``resume=True``
+continues exactly as an uninterrupted run would (the checkpoint is written to a temporary file
+and renamed: a run killed at any moment resumes from its last checkpoint).
+
+Under ``torchrun`` (``WORLD_SIZE`` set) the model is wrapped in ``DistributedDataParallel``
+(gloo on CPU, nccl on CUDA); rank 0 logs and writes checkpoints. Since each slot has its own
+generator and the label losses' class weights are computed over the global batch
+(:func:`pddreg.losses.batch_reduction`), N processes with ``batch`` pairs each train the same
+weights as one process with ``N * batch`` pairs and the same seed, to float rounding (models
+with batch normalisation excepted: its statistics stay per process).
+
+A non-finite loss or gradient stops training before the optimiser step with
+:class:`pddreg.errors.TrainingError`; the checkpoint on disk is the last good state.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pddreg.errors import InputError
+from pddreg.errors import InputError, TrainingError
 
 __all__ = ["TrainConfig", "augment_pair", "build_model", "train", "validate"]
 
@@ -195,14 +206,15 @@ def _batch(
     subjects: dict[int, tuple[Tensor, Tensor]],
     train_ids: list[int],
     config: TrainConfig,
-    gen: torch.Generator,
+    gens: list[torch.Generator],
 ) -> list[Tensor]:
     """``[fixed, moving, fixed_seg, moving_seg]``, each ``(batch, 1, *S)``: random pairs of
     different training subjects, or ``dataset.sample_pair(gen)`` when the dataset makes pairs;
-    with ``config.fields`` also the true fields ``(batch, ndim, *S)``."""
+    pair ``i`` from generator ``gens[i]``; with ``config.fields`` also the true fields
+    ``(batch, ndim, *S)``."""
     fixed, moving, fseg, mseg, fields = [], [], [], [], []
     n = len(train_ids)
-    for _ in range(config.batch):
+    for gen in gens:
         if config.fields:
             fi, mi, fl, ml, fd = dataset.sample_pair(gen, with_field=True)
             fi, mi, fl, ml, fd = _crop([fi, mi, fl, ml, fd], config.crop, gen)
@@ -274,7 +286,12 @@ class _LossModule(nn.Module):
 
 
 def _save_checkpoint(
-    path: str, model: nn.Module, opt: torch.optim.Optimizer, step: int, gen_states: list[Tensor]
+    path: str,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    gen_states: list[Tensor],
+    world: int = 1,
 ) -> None:
     from pddreg.models.io import atomic_save
 
@@ -285,7 +302,8 @@ def _save_checkpoint(
             "state_dict": model.state_dict(),
             "optimizer": opt.state_dict(),
             "step": step,
-            "generator_states": gen_states,
+            "generator_states": gen_states,  # one per slot of the global batch
+            "world_size": world,
             "torch_rng_state": torch.get_rng_state(),
         },
         path,
@@ -309,6 +327,29 @@ def _resolve_device(name: str | None, local_rank: int) -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
     return dev
+
+
+def _global_mean(world: int) -> Callable[[Tensor], Tensor]:
+    """The mean of a tensor over the processes (for statistics of the global batch)."""
+
+    def mean(t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / world
+
+    return mean
+
+
+def _bad_gradient(model: nn.Module) -> str | None:
+    """``"the gradient of <name> is not finite"`` for the first such parameter, else None."""
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return None
+    flags = torch.stack([torch.isfinite(g).all() for _, g in named])
+    if bool(flags.all()):  # one device sync per step
+        return None
+    name = next(n for (n, _), ok in zip(named, flags.tolist(), strict=True) if not ok)
+    return f"the gradient of {name} is not finite"
 
 
 # ---------------------------------------------------------------------- train
@@ -349,8 +390,10 @@ def train(
         model = build_model(config, dataset.ndim)
     model.to(device).train()
     opt = torch.optim.Adam(_param_groups(model, config), lr=config.lr)
-    gen = torch.Generator().manual_seed(config.seed + rank)
+    slots = [rank * config.batch + i for i in range(config.batch)]  # of the global batch
+    gens = [torch.Generator().manual_seed(config.seed + j) for j in slots]
     step = 0
+    last_saved: int | None = None
 
     if config.resume and config.checkpoint and Path(config.checkpoint).is_file():
         ck = _load_checkpoint(config.checkpoint)
@@ -361,8 +404,22 @@ def train(
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         step = int(ck["step"])
+        last_saved = step
         states = ck["generator_states"]
-        gen.set_state(states[rank % len(states)])
+        if len(states) == world * config.batch:
+            for gen, j in zip(gens, slots, strict=True):
+                gen.set_state(states[j])
+        else:  # another global batch (or an older checkpoint): fresh pairs from here
+            if rank == 0:
+                log.warning(
+                    "%s: holds %d sampler states for a global batch of %d; resuming with fresh "
+                    "random pairs (not exactly the uninterrupted run)",
+                    config.checkpoint,
+                    len(states),
+                    world * config.batch,
+                )
+            for gen, j in zip(gens, slots, strict=True):
+                gen.manual_seed(config.seed + j + 1_000_003 * step)
         torch.set_rng_state(ck["torch_rng_state"])
         if rank == 0:
             log.info("resumed from %s at step %d", config.checkpoint, step)
@@ -376,30 +433,65 @@ def train(
         )
 
     def checkpoint(at: int) -> None:
-        states = [gen.get_state()]
+        nonlocal last_saved
+        states = [gen.get_state() for gen in gens]
         if distributed:
-            states = [None] * world
-            dist.all_gather_object(states, gen.get_state())
+            per_rank: list[Any] = [None] * world
+            dist.all_gather_object(per_rank, states)
+            states = [s for part in per_rank for s in part]  # global slot order
         if rank == 0 and config.checkpoint:
-            _save_checkpoint(config.checkpoint, model, opt, at, states)
+            _save_checkpoint(config.checkpoint, model, opt, at, states, world)
+        last_saved = at
+
+    def stop(at: int, what: str) -> None:
+        kept = (
+            f"the checkpoint {config.checkpoint} (step {last_saved}) is the last good state "
+            "and is kept"
+            if config.checkpoint and last_saved is not None
+            else "no checkpoint was written before it"
+        )
+        raise TrainingError(
+            f"training stopped at step {at + 1} of {config.steps}: {what}; {kept}. Lower --lr, "
+            "check the training data for NaN/Inf or empty label maps, then rerun with --resume"
+        )
 
     bar = tqdm(
         total=config.steps,
         initial=step,
-        disable=not config.progress or rank != 0,
+        disable=True if (not config.progress or rank != 0) else None,  # None: on a terminal
         desc="train",
         dynamic_ncols=True,
     )
     dice = float("nan")
+    from pddreg.losses import batch_reduction
+
+    reduce_fn = _global_mean(world) if distributed else None
     while step < config.steps:
         fixed, moving, fseg, mseg, *field = (
-            t.to(device) for t in _batch(dataset, subjects, train_ids, config, gen)
+            t.to(device) for t in _batch(dataset, subjects, train_ids, config, gens)
         )
-        loss, logs = loss_module(fixed, moving, fseg, mseg, num_labels, *field)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"train(): loss became {float(loss)} at step {step}")
+        with batch_reduction(reduce_fn):
+            loss, logs = loss_module(fixed, moving, fseg, mseg, num_labels, *field)
+        # before backward (whose kernels may crash on NaN coordinates), on every process at once
+        finite = torch.isfinite(loss.detach()).reshape(1).float()
+        if distributed:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            bar.close()
+            value = float(loss.detach())
+            own = not math.isfinite(value)
+            stop(
+                step,
+                f"the loss is {value} (not finite)"
+                if own
+                else "another process's loss is not finite",
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        bad = _bad_gradient(model)  # gradients are averaged: every process sees the same
+        if bad is not None:
+            bar.close()
+            stop(step, bad)
         opt.step()
         step += 1
         if rank == 0 and val and config.val_every and step % config.val_every == 0:

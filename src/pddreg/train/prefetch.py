@@ -16,6 +16,8 @@ generator state resumes the sequence.
 When the trainer draws other random numbers from the same generator between pairs (e.g.
 ``TrainConfig.augment`` or ``crop``), the states never match: after a few such misses the
 prefetcher logs a warning and makes pairs in the caller's thread (still the same pairs).
+
+Several generators (the trainer keeps one per batch slot) each get their own queue.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: After this many misses without a hit since the last hit, stop speculating.
 MAX_MISSES = 4
+#: At most this many generators are followed at once (one per batch slot of a trainer).
+MAX_STREAMS = 64
 
 
 class Prefetcher:
@@ -83,8 +87,9 @@ class Prefetcher:
             )
         self._make = make
         self.depth = int(depth)
-        self._queue: collections.deque[tuple[torch.Tensor, int, cf.Future]] = collections.deque()
-        self._shadow: torch.Generator | None = None
+        # one queue and shadow generator per generator passed to next() (keyed by id): a
+        # trainer with one generator per batch slot gets each slot's pairs made ahead
+        self._streams: dict[int, _Stream] = {}
         self.hits = 0
         self.misses = 0
         self._misses_since_hit = 0
@@ -99,9 +104,14 @@ class Prefetcher:
             raise RuntimeError("Prefetcher: closed")
         if not self._speculate:
             return self._make(draw_seed(gen))
+        stream = self._streams.get(id(gen))
+        if stream is None:
+            if len(self._streams) >= MAX_STREAMS:
+                self._drop()
+            stream = self._streams[id(gen)] = _Stream()
         state = gen.get_state()
-        if not (self._queue and torch.equal(self._queue[0][0], state)):
-            if self._queue or self._shadow is not None:
+        if not (stream.queue and torch.equal(stream.queue[0][0], state)):
+            if stream.queue or stream.shadow is not None:
                 self.misses += 1
                 self._misses_since_hit += 1
                 if self._misses_since_hit >= MAX_MISSES:
@@ -113,18 +123,18 @@ class Prefetcher:
                     self._drop()
                     self._speculate = False
                     return self._make(draw_seed(gen))
-            self._drop()
-            self._shadow = torch.Generator()
-            self._shadow.set_state(state)
-            self._fill()
+            stream.drop()
+            stream.shadow = torch.Generator()
+            stream.shadow.set_state(state)
+            self._fill(stream)
         else:
             self.hits += 1
             self._misses_since_hit = 0
-        _, seed, future = self._queue.popleft()
+        _, seed, future = stream.queue.popleft()
         drawn = draw_seed(gen)
         if drawn != seed:  # cannot happen with equal states; kept as a guard
             raise RuntimeError("Prefetcher: seed mismatch for equal generator states")
-        self._fill()
+        self._fill(stream)
         return future.result()
 
     def close(self) -> None:
@@ -147,15 +157,28 @@ class Prefetcher:
             pass
 
     # -------------------------------------------------------------- internals
-    def _fill(self) -> None:
-        assert self._shadow is not None
-        while len(self._queue) < self.depth:
-            state = self._shadow.get_state()
-            seed = draw_seed(self._shadow)
-            self._queue.append((state, seed, self._pool.submit(self._make, seed)))
+    def _fill(self, stream: _Stream) -> None:
+        assert stream.shadow is not None
+        while len(stream.queue) < self.depth:
+            state = stream.shadow.get_state()
+            seed = draw_seed(stream.shadow)
+            stream.queue.append((state, seed, self._pool.submit(self._make, seed)))
 
     def _drop(self) -> None:
-        for _, _, fut in self._queue:
+        for stream in self._streams.values():
+            stream.drop()
+        self._streams.clear()
+
+
+class _Stream:
+    """The pairs made ahead for one generator: ``(state before the seed, seed, future)``."""
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[tuple[torch.Tensor, int, cf.Future]] = collections.deque()
+        self.shadow: torch.Generator | None = None
+
+    def drop(self) -> None:
+        for _, _, fut in self.queue:
             fut.cancel()
-        self._queue.clear()
-        self._shadow = None
+        self.queue.clear()
+        self.shadow = None
