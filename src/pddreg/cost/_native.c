@@ -1146,13 +1146,15 @@ void pdd_correlation(const float* f, const float* g, float* out, int C, const in
  * or the probabilities):
  *   T[c, k] = sum_l w[l, k] g[c, n(k, l)]       S[k] = sum_l w[l, k]        (rows r0 .. r1)
  *   U[c, m] += sum_{(k, l): n(k, l) = m} w[l, k] f[c, k]    W[m] += sum w[l, k]
- * Any of T, S, U, W may be NULL; T and S are written for the rows of the range, U and W
- * (C, N0, N1, N2) and (N0, N1, N2), phase-major like g, are accumulated (the caller gives each
- * range its own). */
+ * Any of T, S, U, W may be NULL; T and S are written for the rows of the range (channel
+ * stride ts of T: with Gt a multiple of 1024, as at 32^3, the channels' rows would lie a
+ * multiple of 4 kB apart, where each load after the store of the previous channel seems to
+ * depend on it and waits, 2.5x slower), U and W (C, N0, N1, N2) and (N0, N1, N2), phase-major
+ * like g, are accumulated (the caller gives each range its own). */
 void pdd_lattice_sums(const float* w, const float* f, const float* g, float* T, float* S,
                       float* U, float* W, int C, const int64_t* G, const int64_t* N,
                       const int64_t* a, const int64_t* b, const int64_t* nj, int64_t plen,
-                      int64_t r0, int64_t r1) {
+                      int64_t ts, int64_t r0, int64_t r1) {
     FTZ_BEGIN
     const int64_t Gt = G[0] * G[1] * G[2], Nt = N[0] * N[1] * N[2], G2 = G[2];
     const int64_t a2 = a[2], b2 = b[2];
@@ -1160,7 +1162,7 @@ void pdd_lattice_sums(const float* w, const float* f, const float* g, float* T, 
         for (int64_t k = 0; k < G2; ++k) {
             if (S) S[row * G2 + k] = 0.0f;
             if (T)
-                for (int c = 0; c < C; ++c) T[c * Gt + row * G2 + k] = 0.0f;
+                for (int c = 0; c < C; ++c) T[c * ts + row * G2 + k] = 0.0f;
         }
     }
     for (int64_t rs = r0, re; rs < r1; rs = re) {
@@ -1193,7 +1195,7 @@ void pdd_lattice_sums(const float* w, const float* f, const float* g, float* T, 
                             if (W) st8(W + m, ld8(W + m) + wv);
                             if (Tr)
                                 for (int c = 0; c < C; ++c) {
-                                    float* t = Tr + c * Gt + k;
+                                    float* t = Tr + c * ts + k;
                                     st8(t, ld8(t) + and8(keep, wv * ld8(g + c * Nt + m)));
                                 }
                             if (U)
@@ -1209,7 +1211,7 @@ void pdd_lattice_sums(const float* w, const float* f, const float* g, float* T, 
                             if (Sr) Sr[k] += wv;
                             if (W) W[m] += wv;
                             if (Tr)
-                                for (int c = 0; c < C; ++c) Tr[c * Gt + k] += wv * g[c * Nt + m];
+                                for (int c = 0; c < C; ++c) Tr[c * ts + k] += wv * g[c * Nt + m];
                             if (U)
                                 for (int c = 0; c < C; ++c) U[c * Nt + m] += wv * fr[c * Gt + k];
                         }

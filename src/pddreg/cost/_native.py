@@ -83,7 +83,7 @@ _SIGNATURES = {
     "pdd_correlation": [_p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l, _l, _i],
     "pdd_minconv_bwd": [_p, _p, _p, _p, _p, _l, _i, _i, _l, _l, _f, _f, _f, _p, _p],
     "pdd_meanfield_t": [_p, _p, _p, _p, _i, _p, _l, _l, _f, _f, _f, _p, _p],
-    "pdd_lattice_sums": [_p, _p, _p, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l, _l],
+    "pdd_lattice_sums": [_p, _p, _p, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l, _l, _l],
     "pdd_resample_t": [_p, _p, _l, _l, _l, _p, _p, _p, _p, _l, _l],
     "pdd_softmax_field": [_p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
     "pdd_softmax_bwd": [_p, _p, _p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
@@ -261,7 +261,7 @@ def _tasks(fn, tasks: list[tuple], work_floats: int) -> None:
 
 
 def _item_ptr(t: torch.Tensor | None, b: int) -> int | None:
-    return None if t is None else t.data_ptr() + b * t[0].numel() * t.element_size()
+    return None if t is None else t.data_ptr() + b * t.stride(0) * t.element_size()
 
 
 def _per_item(
@@ -436,8 +436,13 @@ def lattice_sums(
     G, N, A, Bs, NJ = _lattice_sizes(grid, pnodes, a, b, n)
     nt = math.prod(pnodes)
     out: dict[str, torch.Tensor] = {}
-    T = weights.new_empty(B, C, *grid) if "T" in want else None
-    S = weights.new_empty(B, 1, *grid) if "S" in want else None
+    gt = math.prod(grid)
+    ts = gt + 16 if gt % 1024 == 0 else gt  # channel stride of T: not a multiple of 4 kB
+    T = S = None
+    if "T" in want:
+        T = weights.new_empty(B, C, ts)[:, :, :gt].unflatten(2, grid)
+    if "S" in want:
+        S = weights.new_empty(B, 1, *grid)
     for key, t in (("T", T), ("S", S)):
         if t is not None:
             out[key] = t
@@ -459,7 +464,7 @@ def lattice_sums(
             vp = None if woff is None else w + 4 * woff
             if up is not None or vp is not None:
                 ctypes.memset(w, 0, 4 * work)
-            lib.pdd_lattice_sums(wp, fp, gp, tp, sp, up, vp, C, G, N, A, Bs, NJ, plen, r0, r1)
+            lib.pdd_lattice_sums(wp, fp, gp, tp, sp, up, vp, C, G, N, A, Bs, NJ, plen, ts, r0, r1)
 
         works = _run(call, ranges, work)
         if scatter:
