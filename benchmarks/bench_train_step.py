@@ -4,6 +4,7 @@
     python benchmarks/bench_train_step.py --only 3d        # or --only 2d
     python benchmarks/bench_train_step.py --repeat 2       # alternate the runs twice (noise)
     python benchmarks/bench_train_step.py --skip-torch-3d  # without the slow PyTorch 3D step
+    python benchmarks/bench_train_step.py --only 3d --skip-torch-3d --keep-first-round
     python benchmarks/bench_train_step.py --baseline /work/main/src   # also "today": another
                                                    # source tree's PyTorch path (PYTHONPATH)
 
@@ -83,7 +84,7 @@ def smooth_labels(shape, num_labels: int, seed: int):
     return (u * num_labels).long().clamp(max=num_labels - 1)
 
 
-def child_3d(threads: int, steps: int) -> dict:
+def child_3d(threads: int, steps: int, keep_first_round: bool) -> dict:
     import torch
 
     from pddreg.cost import (
@@ -96,6 +97,10 @@ def child_3d(threads: int, steps: int) -> dict:
     )
     from pddreg.losses import diffusion, nonlocal_label_loss
 
+    if keep_first_round:
+        from pddreg.cost import _autograd
+
+        _autograd.KEEP_FIRST_ROUND_BYTES = 1 << 62
     torch.set_num_threads(threads)
     native = _native.available()  # builds the kernels (once per source version) before timing
     torch.manual_seed(0)
@@ -183,6 +188,8 @@ def run_child(kind: str, native: bool, args, src: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--threads", str(args.threads)]
     cmd += ["--steps", str(args.steps if native or kind == "2d" else args.torch_steps)]
     cmd += ["--steps-2d", str(args.steps_2d), "--batch-2d", str(args.batch_2d)]
+    if args.keep_first_round:
+        cmd.append("--keep-first-round")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{res.stderr[-3000:]}")
@@ -205,10 +212,16 @@ def main(argv=None) -> int:
         metavar="SRC",
         help="also run the PyTorch path of the package in SRC (e.g. the main branch's src)",
     )
+    p.add_argument(
+        "--keep-first-round",
+        action="store_true",
+        help="native 3D: keep the first regularisation round for the backward (one more volume"
+        " alive) instead of recomputing it (_autograd.KEEP_FIRST_ROUND_BYTES)",
+    )
     p.add_argument("--child", choices=("3d", "2d"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "3d":
-        print(json.dumps(child_3d(args.threads, args.steps)))
+        print(json.dumps(child_3d(args.threads, args.steps, args.keep_first_round)))
         return 0
     if args.child == "2d":
         print(json.dumps(child_2d(args.threads, args.steps_2d, args.batch_2d)))

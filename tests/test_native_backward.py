@@ -227,9 +227,9 @@ def tie_free_cost(shape, alpha, scale=3.0):
 @pytest.fixture(params=["keep c1", "recompute c1"])
 def first_round_policy(request, monkeypatch):
     """Both backward variants of ``regularise``: small volumes keep the first round, large ones
-    (above CHECKPOINT_BYTES) recompute it."""
+    (above KEEP_FIRST_ROUND_BYTES) recompute it."""
     if request.param == "recompute c1":
-        monkeypatch.setattr(_autograd, "CHECKPOINT_BYTES", 0)
+        monkeypatch.setattr(_autograd, "KEEP_FIRST_ROUND_BYTES", 0)
     return request.param
 
 
