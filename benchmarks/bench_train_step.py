@@ -87,15 +87,17 @@ def smooth_labels(shape, num_labels: int, seed: int):
 def child_3d(threads: int, steps: int, keep_first_round: bool) -> dict:
     import torch
 
-    from pddreg.cost import (
-        DEFAULT_ALPHA,
-        _native,
-        correlation,
-        displacement_set,
-        probabilities_and_field,
-        regularise,
-    )
+    from pddreg.cost import DEFAULT_ALPHA, _native, correlation, displacement_set, regularise
     from pddreg.losses import diffusion, nonlocal_label_loss
+
+    try:
+        from pddreg.cost import probabilities_and_field
+    except ImportError:  # an older tree (--baseline): the two operators
+        from pddreg.cost import expected_displacement, probabilities
+
+        def probabilities_and_field(cost, disps):
+            prob = probabilities(cost)
+            return prob, expected_displacement(prob, disps)
 
     if keep_first_round:
         from pddreg.cost import _autograd
@@ -237,18 +239,22 @@ def main(argv=None) -> int:
             " backward"
         )
         for _ in range(args.repeat):
-            rows = [("native", run_child("3d", True, args))]
+            runs = [("native", True, None)]
             if not args.skip_torch_3d:
-                rows.append(("PyTorch", run_child("3d", False, args)))
+                runs.append(("PyTorch", False, None))
                 if args.baseline:
-                    rows.append(("baseline", run_child("3d", False, args, args.baseline)))
-            for name, r in rows:
+                    runs.append(("baseline", False, args.baseline))
+            rows = []
+            for name, native, src in runs:
+                r = run_child("3d", native, args, src)
+                rows.append((name, r))
                 if name == "native" and not r["native"]:
                     name = "native (unavailable: PyTorch)"
                 print(
                     f"   {name:>8}: step {r['wall_s']:.2f} s (first {r['first_s']:.2f} s,"
                     f" forward {r['forward_s']:.2f} s, CPU {r['cpu_s']:.2f} s),"
-                    f" peak RSS +{r['peak_mb']:.0f} MB  [load {r['load']:.1f}]"
+                    f" peak RSS +{r['peak_mb']:.0f} MB  [load {r['load']:.1f}]",
+                    flush=True,
                 )
             n = rows[0][1]
             for name, t in rows[1:]:
@@ -262,16 +268,17 @@ def main(argv=None) -> int:
             f" {args.batch_2d}, Adam steps (median of {args.steps_2d})"
         )
         for _ in range(args.repeat):
-            rows = [
-                ("native", run_child("2d", True, args)),
-                ("PyTorch", run_child("2d", False, args)),
-            ]
+            runs = [("native", True, None), ("PyTorch", False, None)]
             if args.baseline:
-                rows.append(("baseline", run_child("2d", False, args, args.baseline)))
-            for name, r in rows:
+                runs.append(("baseline", False, args.baseline))
+            rows = []
+            for name, native, src in runs:
+                r = run_child("2d", native, args, src)
+                rows.append((name, r))
                 print(
                     f"   {name:>8}: {r['pairs_per_s']:.1f} pairs/s ({r['step_s'] * 1e3:.0f} ms per"
-                    f" step, CPU {r['cpu_ms']:.0f} ms)  [load {r['load']:.1f}]"
+                    f" step, CPU {r['cpu_ms']:.0f} ms)  [load {r['load']:.1f}]",
+                    flush=True,
                 )
             n = rows[0][1]
             for name, t in rows[1:]:
