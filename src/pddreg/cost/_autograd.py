@@ -276,7 +276,7 @@ class _Regularise(torch.autograd.Function):
             y = _native.empty_like(d)
             _native.minconv(d, x, n, nd)
             _native.meanfield(x, d, None, y, taps, wd=a0, wm=a1)  # c1
-        else:  # kept by the forward (a second backward through this graph is refused)
+        else:  # kept by the forward (a second backward, retain_graph, recomputes it)
             y, ctx.c1 = ctx.c1, None
         _native.meanfield_t(g, None, None, x, taps)  # t1
         g_rc1, g_c1, _ = _native.minconv_backward(y, x, x, n, nd, a=g, wa=a3 * a5, wm=a4 * a5)

@@ -8,7 +8,7 @@ the sums in AVX registers (3D at 32^3 x 15^3: 1.7 s instead of 4.4 s on 2 cores,
 ``benchmarks/bench_cost.py``).  Large cost volumes are allocated on transparent huge pages
 (Linux ``madvise``), since the kernels read short runs from thousands of rows.  The source
 has no Python or torch headers: the system C compiler (``$CC``, else ``cc``) builds
-it in about a second, once per source version, into ``$PDDREG_CACHE_DIR`` (default
+it in a few seconds, once per source version, into ``$PDDREG_CACHE_DIR`` (default
 ``~/.cache/pddreg``, else a temporary folder); the calls go through ``ctypes``, which releases
 the GIL, so ``torch.get_num_threads()`` Python threads split each call.
 
