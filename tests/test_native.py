@@ -136,9 +136,9 @@ def test_non_contiguous_inputs_and_autograd_use_the_right_path(monkeypatch):
     torch.manual_seed(4)
     x = torch.rand(1, 10, 11, 121).permute(0, 3, 1, 2)  # (1, 121, 10, 11), not contiguous
     assert close(regularise(x), torch_path(monkeypatch, regularise, x))
-    xg = x.detach().clone().requires_grad_()  # autograd: the PyTorch path, gradients flow
+    xg = x.detach().clone().requires_grad_()  # autograd: the native backward, gradients flow
     regularise(xg).sum().backward()
-    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()  # values: test_native_backward
     xd = x.double()  # float64: the PyTorch path
     assert regularise(xd).dtype == torch.float64
 

@@ -77,7 +77,15 @@ def native_nodes(t: torch.Tensor) -> set[str]:
     return {n for n in node_names(t) if n.lstrip("_").split("Backward")[0] in _NATIVE_OPS}
 
 
-_NATIVE_OPS = {"Correlation", "ExpectedValues", "ProbField", "Minconv", "Meanfield", "Regularise"}
+_NATIVE_OPS = {
+    "Correlation",
+    "ExpectedValues",
+    "ProbField",
+    "Minconv",
+    "Meanfield",
+    "Regularise",
+    "Resample",
+}
 
 
 def compare(fn, inputs, *, rel=2e-5, weights=None, seed=0):
@@ -216,9 +224,18 @@ def tie_free_cost(shape, alpha, scale=3.0):
     raise AssertionError(f"no tie-free cost of shape {shape} in 200 seeds")
 
 
+@pytest.fixture(params=["keep c1", "recompute c1"])
+def first_round_policy(request, monkeypatch):
+    """Both backward variants of ``regularise``: small volumes keep the first round, large ones
+    (above KEEP_FIRST_ROUND_BYTES) recompute it."""
+    if request.param == "recompute c1":
+        monkeypatch.setattr(_autograd, "KEEP_FIRST_ROUND_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SMALL_CASES)
 @pytest.mark.parametrize("alpha", ALPHAS)
-def test_regularise_gradient_matches_torch(shape, alpha):
+def test_regularise_gradient_matches_torch(shape, alpha, first_round_policy):
     a = torch.tensor(alpha)
     x = tie_free_cost(shape, alpha)
     compare(regularise, [x, a], rel=2e-5)
@@ -260,7 +277,9 @@ def _regularise_composed(d, alpha):
 
 @pytest.mark.parametrize("shape,n", COST_CASES)
 @pytest.mark.parametrize("alpha", ALPHAS)
-def test_regularise_gradient_equals_composition_of_native_operators(shape, n, alpha):
+def test_regularise_gradient_equals_composition_of_native_operators(
+    shape, n, alpha, first_round_policy
+):
     """Large cases (with near-ties): the fused backward against autograd through the native
     min-convolution and mean-field (the same float32 filtered signals, so the same minima)."""
     torch.manual_seed(2)
@@ -318,7 +337,7 @@ def test_correlation_and_expected_values_gradients_match_torch(
     fn = lambda p, v: expected_values(v, p, radius, spacing, padding=padding)  # noqa: E731
     compare(fn, [prob, values], rel=2e-5)
     out = correlation(ff.requires_grad_(), fm.requires_grad_(), radius, spacing, padding=padding)
-    assert "_CorrelationBackward" in native_nodes(out)
+    assert {"_CorrelationBackward", "_ResampleBackward"} <= native_nodes(out)
     assert "_ExpectedValuesBackward" in native_nodes(fn(prob.requires_grad_(), values))
 
 

@@ -21,9 +21,17 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _native
+from ._lattice import CHECKPOINT_BYTES
+
+# The backward of ``regularise`` recomputes its first round c1 (two kernel passes) for volumes
+# above this many bytes and keeps it (one more volume alive from the forward to the backward)
+# up to it.  At the 3D scale of 32^3 points x 15^3 displacements (442 MB) keeping it saved
+# about a tenth of a training step and raised the peak from 4 to 5 volumes (1.7 -> 2.15 GB).
+KEEP_FIRST_ROUND_BYTES = CHECKPOINT_BYTES
 
 __all__ = [
     "correlation",
+    "resample_axis",
     "expected_values",
     "meanfield",
     "minconv",
@@ -40,62 +48,82 @@ class _Correlation(torch.autograd.Function):
     """cost[l, k] = sum_c (f[c, k] - g[c, a k + b j_l])^2 on a lattice ``g``."""
 
     @staticmethod
-    def forward(ctx, fixed, lattice, a, b, n):
+    def forward(ctx, fixed, lattice, a, b, n, plen):
         ctx.save_for_backward(fixed, lattice)
-        ctx.geom = (a, b, n)
-        return _native.correlation(fixed, lattice, a, b, n)
+        ctx.geom = (a, b, n, plen)
+        return _native.correlation(fixed, lattice, a, b, n, plen)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         fixed, lattice = ctx.saved_tensors
-        a, b, n = ctx.geom
+        a, b, n, plen = ctx.geom
         nodes = tuple(lattice.shape[2:])
         want = ("TS" if ctx.needs_input_grad[0] else "") + ("UW" if ctx.needs_input_grad[1] else "")
-        sums = _native.lattice_sums(_c(grad), fixed, lattice, nodes, a, b, n, want=want)
+        sums = _native.lattice_sums(_c(grad), fixed, lattice, nodes, a, b, n, plen, want=want)
         gf = gl = None
         if ctx.needs_input_grad[0]:  # 2 sum_l g_l (f - m_l)
             gf = (fixed * sums["S"]).sub_(sums["T"]).mul_(2.0)
         if ctx.needs_input_grad[1]:  # -2 sum_{k,l -> m} g (f - m)
             gl = (lattice * sums["W"]).sub_(sums["U"]).mul_(2.0)
-        return gf, gl, None, None, None
+        return gf, gl, None, None, None, None
 
 
-def correlation(fixed, lattice, a, b, n) -> torch.Tensor:
+def correlation(fixed, lattice, a, b, n, plen) -> torch.Tensor:
     """Differentiable ``_native.correlation`` (SSD) of (B, C, *G) fixed features and a
-    (B, C, *N) lattice of moving features."""
-    return _Correlation.apply(_c(fixed), _c(lattice), tuple(a), tuple(b), n)
+    (B, C, *N) lattice of moving features (last axis phase-major, see there)."""
+    return _Correlation.apply(_c(fixed), _c(lattice), tuple(a), tuple(b), n, plen)
+
+
+class _Resample(torch.autograd.Function):
+    """Linear resampling along one axis with fixed taps (``_lattice.linear_taps``)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, taps):
+        ctx.dim, ctx.taps, ctx.size = dim, taps, x.shape[dim]
+        return _native.resample_axis(x, dim, *taps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        return _native.resample_axis_t(grad, ctx.dim, ctx.size, *ctx.taps), None, None
+
+
+def resample_axis(x: torch.Tensor, dim: int, taps) -> torch.Tensor:
+    """Differentiable native linear resampling of ``x`` along ``dim`` (taps ``(i0, w0, i1,
+    w1)``)."""
+    return _Resample.apply(_c(x), dim, tuple(taps))
 
 
 class _ExpectedValues(torch.autograd.Function):
     """E[c, k] = sum_l prob[l, k] v[c, a k + b j_l] on a lattice ``v``."""
 
     @staticmethod
-    def forward(ctx, prob, lattice, a, b, n):
+    def forward(ctx, prob, lattice, a, b, n, plen):
         ctx.save_for_backward(prob, lattice)
-        ctx.geom = (a, b, n)
+        ctx.geom = (a, b, n, plen)
         nodes = tuple(lattice.shape[2:])
-        return _native.lattice_sums(prob, None, lattice, nodes, a, b, n, want="T")["T"]
+        return _native.lattice_sums(prob, None, lattice, nodes, a, b, n, plen, want="T")["T"]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         prob, lattice = ctx.saved_tensors
-        a, b, n = ctx.geom
+        a, b, n, plen = ctx.geom
         grad = _c(grad)
         gp = gl = None
         if ctx.needs_input_grad[0]:
-            gp = _native.correlation(grad, lattice, a, b, n, dot=True)
+            gp = _native.correlation(grad, lattice, a, b, n, plen, dot=True)
         if ctx.needs_input_grad[1]:
             nodes = tuple(lattice.shape[2:])
-            gl = _native.lattice_sums(prob, grad, None, nodes, a, b, n, want="U")["U"]
-        return gp, gl, None, None, None
+            gl = _native.lattice_sums(prob, grad, None, nodes, a, b, n, plen, want="U")["U"]
+        return gp, gl, None, None, None, None
 
 
-def expected_values(prob, lattice, a, b, n) -> torch.Tensor:
-    """Differentiable expected values (B, C, *G) of a (B, C, *N) lattice under (B, |L|, *G)
-    probabilities."""
-    return _ExpectedValues.apply(_c(prob), _c(lattice), tuple(a), tuple(b), n)
+def expected_values(prob, lattice, a, b, n, plen) -> torch.Tensor:
+    """Differentiable expected values (B, C, *G) of a (B, C, *N) lattice (last axis
+    phase-major) under (B, |L|, *G) probabilities."""
+    return _ExpectedValues.apply(_c(prob), _c(lattice), tuple(a), tuple(b), n, plen)
 
 
 class _ProbField(torch.autograd.Function):
@@ -206,7 +234,8 @@ class _Regularise(torch.autograd.Function):
 
     Backward, with g the incoming gradient (each line one native pass over the volume)::
 
-        X = MC(D); Y = c1 = a0 D + a1 MF(X)          recomputed (only D is saved)
+        X = MC(D); Y = c1 = a0 D + a1 MF(X)          recomputed (only D is saved; volumes up to
+                                                     KEEP_FIRST_ROUND_BYTES keep c1 instead)
         X = t1 = MF^T(g)
         X = gc1 = a5 (a3 g + a4 MC_c1^T(t1))         <t1, MC(c1)> = <g, R(c1)>, <g, c1>
         Y = u = MF^T(gc1)
@@ -216,9 +245,23 @@ class _Regularise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, d, alpha, n, taps, fused):
         a = tuple(float(v) for v in alpha.detach().tolist())
-        ctx.save_for_backward(d, alpha)
         ctx.a, ctx.n, ctx.taps = a, n, taps
-        return fused(d, a, n)
+        ctx.c1 = None
+        if d.numel() * d.element_size() > KEEP_FIRST_ROUND_BYTES:
+            ctx.save_for_backward(d, alpha)
+            return fused(d, a, n)
+        # small volumes: keep the first round (one volume) instead of recomputing it
+        nd = d.dim() - 2
+        c1 = _native.empty_like(d)
+        out = _native.empty_like(d)
+        _native.minconv(d, out, n, nd)
+        _native.meanfield(out, d, None, c1, taps, wd=a[0], wm=a[1])
+        _native.minconv(c1, out, n, nd)
+        dd = d if a[2] != 0.0 else None
+        _native.meanfield(out, dd, c1, out, taps, wd=a[2] * a[5], wc=a[3] * a[5], wm=a[4] * a[5])
+        ctx.c1 = c1
+        ctx.save_for_backward(d, alpha)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -229,9 +272,12 @@ class _Regularise(torch.autograd.Function):
         nd = d.dim() - 2
         g = _c(grad)
         x = _native.empty_like(d)
-        y = _native.empty_like(d)
-        _native.minconv(d, x, n, nd)
-        _native.meanfield(x, d, None, y, taps, wd=a0, wm=a1)  # c1
+        if ctx.c1 is None:
+            y = _native.empty_like(d)
+            _native.minconv(d, x, n, nd)
+            _native.meanfield(x, d, None, y, taps, wd=a0, wm=a1)  # c1
+        else:  # kept by the forward (a second backward, retain_graph, recomputes it)
+            y, ctx.c1 = ctx.c1, None
         _native.meanfield_t(g, None, None, x, taps)  # t1
         g_rc1, g_c1, _ = _native.minconv_backward(y, x, x, n, nd, a=g, wa=a3 * a5, wm=a4 * a5)
         _native.meanfield_t(x, None, None, y, taps)  # u

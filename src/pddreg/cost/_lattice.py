@@ -106,12 +106,16 @@ def resample_axis(x: torch.Tensor, dim: int, positions: torch.Tensor, padding: s
 
     ``padding="zeros"``: samples outside contribute 0 (as ``grid_sample``); ``"border"``: the
     coordinate is clamped to the edge.  Integer positions give an exact copy.  Float32 CPU
-    inference runs the native kernel.
+    tensors run the native kernel (under autograd with its native transpose).
     """
     size = x.shape[dim]
     taps = linear_taps(positions, size, padding)
     if _native.usable(x):
         return _native.resample_axis(x.contiguous(), dim, *taps)
+    if _native.supports(x):  # autograd: native backward
+        from . import _autograd  # (imports this module)
+
+        return _autograd.resample_axis(x, dim, taps)
     i0, w0, i1, w1 = taps
     shape = [1] * x.dim()
     shape[dim] = -1
@@ -235,6 +239,36 @@ def to_lattice(x: torch.Tensor, plan: TilePlan, padding: str) -> torch.Tensor:
     for ax in range(plan.ndim):
         x = resample_axis(x, 2 + ax, plan.lattice_positions(ax), padding)
     return x
+
+
+def phase_major(positions: torch.Tensor, a: int) -> tuple[torch.Tensor, int]:
+    """The positions (float64, 1D) of an axis of lattice nodes reordered phase-major for the
+    lattice step ``a`` (node ``a q + phi`` to ``phi * plen + q``, the layout of the native
+    kernels' last axis; nodes past the end continue the regular spacing of the first two).
+    Returns ``(positions of a * plen nodes, plen)``."""
+    n = positions.numel()
+    if a == 1:
+        return positions, n
+    plen = -(-n // a)
+    h = float(positions[1] - positions[0]) if n > 1 else 1.0
+    idx = torch.arange(a * plen, dtype=torch.float64).view(plen, a).t().reshape(-1)
+    return positions[0] + h * idx, plen
+
+
+def to_lattice_native(
+    x: torch.Tensor, plan: TilePlan, padding: str
+) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], int]:
+    """The plan's lattice of ``x`` with its last axis phase-major (see :func:`phase_major`):
+    ``(lattice (B, C, *N'), a, b, plen)``, ``a``, ``b`` the lattice steps per axis."""
+    a = tuple(lat.a for lat in plan.axes)
+    b = tuple(lat.b for lat in plan.axes)
+    plen = plan.nodes[-1]
+    for ax in range(plan.ndim):
+        pos = plan.lattice_positions(ax)
+        if ax == plan.ndim - 1:
+            pos, plen = phase_major(pos, a[-1])
+        x = resample_axis(x, 2 + ax, pos, padding)
+    return x, a, b, plen
 
 
 def windows(lat: torch.Tensor, plan: TilePlan) -> torch.Tensor:

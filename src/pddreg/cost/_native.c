@@ -110,6 +110,12 @@ static inline void fir_row(const float* const* rows, const float* taps, int nt, 
     for (; q + 32 <= Q; q += 32) fir_vec(rows, taps, nt, q, yi, 4, 1, e, at);
     for (; q + 16 <= Q; q += 16) fir_vec(rows, taps, nt, q, yi, 2, 1, e, at);
     for (; q + 8 <= Q; q += 8) fir_vec(rows, taps, nt, q, yi, 1, 1, e, at);
+    /* the tail as one vector overlapping the last block (outputs recomputed, not accumulated),
+     * unless the epilogue reads the output row itself (c aliasing y) */
+    if (q < Q && Q >= 8 && !(e && e->c && e->c + at == yi)) {
+        fir_vec(rows, taps, nt, Q - 8, yi, 1, 1, e, at);
+        q = Q;
+    }
     for (; q < Q; ++q) {
         float acc = 0.0f;
         for (int t = 0; t < nt; ++t) acc += taps[t] * rows[t][q];
@@ -176,15 +182,50 @@ static int fir_column(const float* taps, int nt, int pad, int n, int o, int j, i
     return m;
 }
 
+/* The transposed filter of fir_mid / fir_last (o inputs of the forward, n outputs): its taps
+ * and the two edge columns of M, computed once per kernel call. */
+struct tfir {
+    const float* taps;
+    int nt, pad, o, n, m0, m1;
+    int i0[64], i1[64];
+    float w0[64], w1[64];
+};
+
+static void tfir_init(struct tfir* t, const float* taps, int nt, int pad, int o, int n) {
+    t->taps = taps;
+    t->nt = nt;
+    t->pad = pad;
+    t->o = o;
+    t->n = n;
+    t->m0 = fir_column(taps, nt, pad, n, o, 0, t->i0, t->w0);
+    t->m1 = n > 1 ? fir_column(taps, nt, pad, n, o, n - 1, t->i1, t->w1) : 0;
+}
+
+/* Column j of M (idx, w) for the transposed filter t; returns the count. */
+static inline int tfir_column(const struct tfir* t, int j, int* idx, float* w) {
+    if (j == 0 || j == t->n - 1) {
+        const int m = j == 0 ? t->m0 : t->m1;
+        const int* si = j == 0 ? t->i0 : t->i1;
+        const float* sw = j == 0 ? t->w0 : t->w1;
+        for (int k = 0; k < m; ++k) {
+            idx[k] = si[k];
+            w[k] = sw[k];
+        }
+        return m;
+    }
+    return fir_column(t->taps, t->nt, t->pad, t->n, t->o, j, idx, w); /* interior: O(nt) */
+}
+
 /* y (P, n, Q) = M^T x for x (P, o, Q): the transpose (the gradient) of fir_mid along the middle
  * axis, M as in fir_column; then the epilogue ``e`` (or NULL). */
-static void fir_mid_t(const float* RESTRICT x, float* y, int64_t P, int o, int n, int64_t Q,
-                      const float* RESTRICT taps, int nt, int pad, const struct epilogue* e) {
+static void fir_mid_t(const float* RESTRICT x, float* y, int64_t P, int64_t Q,
+                      const struct tfir* tf, const struct epilogue* e) {
     const float* rows[64];
     float w[64];
     int idx[64];
+    const int o = tf->o, n = tf->n;
     for (int j = 0; j < n; ++j) {
-        const int m = fir_column(taps, nt, pad, n, o, j, idx, w);
+        const int m = tfir_column(tf, j, idx, w);
         for (int64_t p = 0; p < P; ++p) {
             for (int t = 0; t < m; ++t) rows[t] = x + (p * o + idx[t]) * Q;
             fir_row(rows, w, m, Q, y + (p * n + j) * Q, e, (p * n + j) * Q);
@@ -235,6 +276,19 @@ static void fir_last(const float* RESTRICT x, float* RESTRICT y, int64_t P, int 
                 st8(yp + i, a0 + b0);
                 st8(yp + i + 8, a1 + b1);
             }
+            /* the tail: 8-wide blocks, the last one overlapping (outputs recomputed) */
+            for (int i8 = i; i < o && o >= 8; i8 = i) {
+                i = i8 + 8 <= o ? i8 : o - 8;
+                v8f a0 = splat8(0.f), b0 = a0;
+                int t = 0;
+                for (; t + 1 < nt; t += 2) {
+                    a0 += splat8(taps[t]) * ld8(xq + i + t);
+                    b0 += splat8(taps[t + 1]) * ld8(xq + i + t + 1);
+                }
+                for (; t < nt; ++t) a0 += splat8(taps[t]) * ld8(xq + i + t);
+                st8(yp + i, a0 + b0);
+                i += 8;
+            }
             for (; i < o; ++i) {
                 float acc = 0;
                 for (int t = 0; t < nt; ++t) acc += taps[t] * xq[i + t];
@@ -250,16 +304,19 @@ static void fir_last(const float* RESTRICT x, float* RESTRICT y, int64_t P, int 
 /* y (P, n) = M^T x for x (P, o) along the last axis: the transpose of fir_last (M as in
  * fir_column).  Outputs 1 .. n - 2 are a FIR with the reversed taps on x zero-padded by
  * nt - 1 - pad (vectorised over the outputs, rows padded 32 at a time into xpad:
- * 32 * FLT_LEN(o, n, nt) floats); outputs 0 and n - 1 are dot products with the edge columns. */
-static void fir_last_t(const float* RESTRICT x, float* RESTRICT y, int64_t P, int o, int n,
-                       const float* RESTRICT taps, int nt, int pad, float* RESTRICT xpad) {
-    float rt[64], w0[64], w1[64];
-    int i0[64], i1[64];
-    for (int t = 0; t < nt; ++t) rt[t] = taps[nt - 1 - t];
-    const int lead = nt - 1 - pad, len = FLT_LEN(o, n, nt);
-    const int m0 = fir_column(taps, nt, pad, n, o, 0, i0, w0);
-    const int m1 = n > 1 ? fir_column(taps, nt, pad, n, o, n - 1, i1, w1) : 0;
-    memset(xpad, 0, sizeof(float) * 32 * (size_t)len);
+ * 32 * FLT_LEN(o, n, nt) floats, zeroed by the caller: only the data slots are written, so the
+ * zeros stay for later calls of the same sizes); outputs 0 and n - 1 are dot products with the
+ * edge columns. */
+static void fir_last_t(const float* RESTRICT x, float* RESTRICT y, int64_t P,
+                       const struct tfir* tf, float* RESTRICT xpad) {
+    float rt[64];
+    const int nt = tf->nt, o = tf->o, n = tf->n, m0 = tf->m0, m1 = tf->m1;
+    const int* i0 = tf->i0;
+    const int* i1 = tf->i1;
+    const float* w0 = tf->w0;
+    const float* w1 = tf->w1;
+    for (int t = 0; t < nt; ++t) rt[t] = tf->taps[nt - 1 - t];
+    const int lead = nt - 1 - tf->pad, len = FLT_LEN(o, n, nt);
     for (int64_t p0 = 0; p0 < P; p0 += 32) {
         const int64_t pb = P - p0 < 32 ? P - p0 : 32;
         for (int64_t p = 0; p < pb; ++p)
@@ -286,6 +343,18 @@ static void fir_last_t(const float* RESTRICT x, float* RESTRICT y, int64_t P, in
                 }
                 st8(yp + i, a0 + b0);
                 st8(yp + i + 8, a1 + b1);
+            }
+            for (int i8 = i; i < n && n >= 8; i8 = i) { /* as in fir_last */
+                i = i8 + 8 <= n ? i8 : n - 8;
+                v8f a0 = splat8(0.f), b0 = a0;
+                int t = 0;
+                for (; t + 1 < nt; t += 2) {
+                    a0 += splat8(rt[t]) * ld8(xq + i + t);
+                    b0 += splat8(rt[t + 1]) * ld8(xq + i + t + 1);
+                }
+                for (; t < nt; ++t) a0 += splat8(rt[t]) * ld8(xq + i + t);
+                st8(yp + i, a0 + b0);
+                i += 8;
             }
             for (; i < n; ++i) {
                 float acc = 0;
@@ -532,6 +601,8 @@ void pdd_minconv_bwd(const float* x, const float* gy, const float* a, const floa
     float* buf[5];
     for (int i = 0; i < 5; ++i) buf[i] = work + i * Lp * MB_W;
     float* xb = work + 5 * Lp * MB_W; /* the block of x, kept for the dot products */
+    struct tfir tf;
+    tfir_init(&tf, taps, 9, 5, n + 2, n);
     double d0 = 0.0, d1 = 0.0, d2 = 0.0;
     for (int64_t kb = k0; kb < k1; kb += MB_W) {
         const int64_t w = (k1 - kb) < MB_W ? (k1 - kb) : MB_W;
@@ -572,7 +643,7 @@ void pdd_minconv_bwd(const float* x, const float* gy, const float* a, const floa
             int64_t P = 1, Q = MB_W;
             for (int c = 0; c < ax; ++c) P *= n;
             for (int c = ax + 1; c < nd; ++c) Q *= n + 2;
-            fir_mid_t(ga, gb, P, n + 2, n, Q, taps, 9, 5, NULL);
+            fir_mid_t(ga, gb, P, Q, &tf, NULL);
             float* t = ga;
             ga = gb;
             gb = t;
@@ -647,8 +718,11 @@ void pdd_meanfield_t(const float* x, const float* d, const float* c, float* out,
     for (int a = 0; a < nd; ++a) G *= g[a];
     float *A = work, *B = work + G, *xpad = work + 2 * G;
     const int gl = g[nd - 1];
+    memset(xpad, 0, sizeof(float) * 32 * FLT_LEN(gl, gl, 13));
+    struct tfir tf[3];
+    for (int a = 0; a < nd; ++a) tfir_init(&tf[a], taps, 13, 6, g[a], g[a]);
     for (int64_t r = r0; r < r1; ++r) {
-        fir_last_t(x + r * G, A, G / gl, gl, gl, taps, 13, 6, xpad);
+        fir_last_t(x + r * G, A, G / gl, &tf[nd - 1], xpad);
         float *cur = A, *nxt = B;
         float* o = out + r * G;
         const struct epilogue e = {d ? d + r * G : NULL, c ? c + r * G : NULL, wd, wc, wm};
@@ -665,7 +739,7 @@ void pdd_meanfield_t(const float* x, const float* d, const float* c, float* out,
         for (int a = 0; a < nd - 1; ++a) {
             Q /= g[a];
             const int last = a == nd - 2;
-            fir_mid_t(cur, last ? o : nxt, P, g[a], g[a], Q, taps, 13, 6, last ? &e : NULL);
+            fir_mid_t(cur, last ? o : nxt, P, Q, &tf[a], last ? &e : NULL);
             P *= g[a];
             float* t = cur;
             cur = nxt;
@@ -933,13 +1007,22 @@ void pdd_resample(const float* x, float* y, int64_t n, int64_t Q, int64_t o, con
     FTZ_END
 }
 
+/* The lattices of the correlation kernels store their last axis phase-major: for the lattice
+ * step a2 of that axis, natural node a2 q + phi (phi < a2) lies at phi * plen + q of its row
+ * (rows of a2 * plen floats; a2 = 1: the natural order).  Then the nodes a2 k + o of the points
+ * k of a row are contiguous in k for every offset o = b2 j: at lat_off(o) + k. */
+static inline int64_t lat_off(int64_t o, int64_t a2, int64_t plen) {
+    return (o % a2) * plen + o / a2;
+}
+
 /* SSD correlation on a lattice, rows [r0, r1) of the control grid of one batch item.
  *   out[l, k] = sum_c (f[c, k] - g[c, a * k + b * j])**2   (per axis: node a_ax k_ax + b_ax j_ax)
  * f: (C, G0, G1, G2) fixed features at the control points; g: (C, N0, N1, N2) moving features
- * resampled onto the lattice; out: (L, G0, G1, G2) with L = nj0 nj1 nj2 (C order).  Lower
- * dimensions use leading axes of size 1 (G = N = nj = 1).  A "row" is one (k0, k1) (r0, r1
- * count rows); 8 points of a row per vector.  With ``dot``: out[l, k] = sum_c f[c, k] g[c, n]
- * instead (the gradient of expected values w.r.t. the probabilities). */
+ * resampled onto the lattice, the last axis phase-major (N2 = a2 * plen, see lat_off); out:
+ * (L, G0, G1, G2) with L = nj0 nj1 nj2 (C order).  Lower dimensions use leading axes of size 1
+ * (G = N = nj = 1).  A "row" is one (k0, k1) (r0, r1 count rows); 8 points of a row per vector.
+ * With ``dot``: out[l, k] = sum_c f[c, k] g[c, n] instead (the gradient of expected values
+ * w.r.t. the probabilities). */
 static inline v8f term8(v8f f, v8f g, const int dot) {
     const v8f d = f - g;
     return dot ? f * g : d * d;
@@ -952,9 +1035,10 @@ static inline float term1(float f, float g, const int dot) {
 
 static inline __attribute__((always_inline)) void correlation_impl(
     const float* f, const float* g, float* out, int C, const int64_t* G, const int64_t* N,
-    const int64_t* a, const int64_t* b, const int64_t* nj, int64_t r0, int64_t r1, const int dot) {
+    const int64_t* a, const int64_t* b, const int64_t* nj, int64_t plen, int64_t r0, int64_t r1,
+    const int dot) {
     const int64_t Gt = G[0] * G[1] * G[2], Nt = N[0] * N[1] * N[2], G2 = G[2];
-    const int64_t a2 = a[2];
+    const int64_t a2 = a[2], b2 = b[2];
     for (int64_t rs = r0, re; rs < r1; rs = re) {
         /* the rows of one plane k0: its lattice planes stay in cache over j1, k1 and j2 */
         const int64_t k0 = rs / G[1];
@@ -969,70 +1053,74 @@ static inline __attribute__((always_inline)) void correlation_impl(
                     const float* gr = g + (z * N[1] + y) * N[2];
                     const int64_t l0 = (j0 * nj[1] + j1) * nj[2];
                     int64_t j2 = 0;
-                    if (a2 == 1) {
-                        /* 4 displacements x 16 points: 8 independent accumulators */
-                        for (; j2 + 4 <= nj[2]; j2 += 4) {
-                            const float* gx = gr + b[2] * j2;
-                            const int64_t gs = b[2];
-                            float* o = out + (l0 + j2) * Gt + row * G2;
-                            int64_t k = 0;
-                            for (; k + 16 <= G2; k += 16) {
-                                v8f s[8];
-                                for (int u = 0; u < 8; ++u) s[u] = splat8(0.0f);
-                                for (int c = 0; c < C; ++c) {
-                                    const float *fc = fr + c * Gt + k, *gc = gx + c * Nt + k;
-                                    const v8f f0 = ld8(fc), f1 = ld8(fc + 8);
-                                    for (int u = 0; u < 4; ++u) {
-                                        s[2 * u] += term8(f0, ld8(gc + u * gs), dot);
-                                        s[2 * u + 1] += term8(f1, ld8(gc + u * gs + 8), dot);
-                                    }
-                                }
+                    /* 4 displacements x 16 points: 8 independent accumulators */
+                    for (; j2 + 4 <= nj[2]; j2 += 4) {
+                        const float* gx[4];
+                        for (int u = 0; u < 4; ++u) gx[u] = gr + lat_off(b2 * (j2 + u), a2, plen);
+                        float* o = out + (l0 + j2) * Gt + row * G2;
+                        int64_t k = 0;
+                        for (; k + 16 <= G2; k += 16) {
+                            v8f s[8];
+                            for (int u = 0; u < 8; ++u) s[u] = splat8(0.0f);
+                            for (int c = 0; c < C; ++c) {
+                                const float* fc = fr + c * Gt + k;
+                                const v8f f0 = ld8(fc), f1 = ld8(fc + 8);
                                 for (int u = 0; u < 4; ++u) {
-                                    st8(o + u * Gt + k, s[2 * u]);
-                                    st8(o + u * Gt + k + 8, s[2 * u + 1]);
+                                    const float* gc = gx[u] + c * Nt + k;
+                                    s[2 * u] += term8(f0, ld8(gc), dot);
+                                    s[2 * u + 1] += term8(f1, ld8(gc + 8), dot);
                                 }
                             }
-                            for (; k < G2; ++k) {
-                                for (int u = 0; u < 4; ++u) {
-                                    float acc = 0.0f;
-                                    for (int c = 0; c < C; ++c) {
-                                        acc += term1(fr[c * Gt + k], gx[c * Nt + k + u * gs],
-                                                     dot);
-                                    }
-                                    o[u * Gt + k] = acc;
-                                }
+                            for (int u = 0; u < 4; ++u) {
+                                st8(o + u * Gt + k, s[2 * u]);
+                                st8(o + u * Gt + k + 8, s[2 * u + 1]);
+                            }
+                        }
+                        /* 8-wide, the last block overlapping (outputs recomputed) */
+                        for (int64_t k8 = k; k < G2 && G2 >= 8; k8 = k) {
+                            k = k8 + 8 <= G2 ? k8 : G2 - 8;
+                            v8f s4[4];
+                            for (int u = 0; u < 4; ++u) s4[u] = splat8(0.0f);
+                            for (int c = 0; c < C; ++c) {
+                                const v8f f0 = ld8(fr + c * Gt + k);
+                                for (int u = 0; u < 4; ++u)
+                                    s4[u] += term8(f0, ld8(gx[u] + c * Nt + k), dot);
+                            }
+                            for (int u = 0; u < 4; ++u) st8(o + u * Gt + k, s4[u]);
+                            k += 8;
+                        }
+                        for (; k < G2; ++k) {
+                            for (int u = 0; u < 4; ++u) {
+                                float acc = 0.0f;
+                                for (int c = 0; c < C; ++c)
+                                    acc += term1(fr[c * Gt + k], gx[u][c * Nt + k], dot);
+                                o[u * Gt + k] = acc;
                             }
                         }
                     }
                     for (; j2 < nj[2]; ++j2) {
-                        const float* gx = gr + b[2] * j2;
+                        const float* gx = gr + lat_off(b2 * j2, a2, plen);
                         float* o = out + (l0 + j2) * Gt + row * G2;
                         int64_t k = 0;
-                        if (a2 == 1) {
-                            for (; k + 8 <= G2; k += 8) {
-                                v8f s0 = splat8(0.0f), s1 = s0;
-                                int c = 0;
-                                for (; c + 2 <= C; c += 2) {
-                                    s0 += term8(ld8(fr + c * Gt + k), ld8(gx + c * Nt + k), dot);
-                                    s1 += term8(ld8(fr + (c + 1) * Gt + k),
-                                                ld8(gx + (c + 1) * Nt + k), dot);
-                                }
-                                for (; c < C; ++c) {
-                                    s0 += term8(ld8(fr + c * Gt + k), ld8(gx + c * Nt + k), dot);
-                                }
-                                st8(o + k, s0 + s1);
+                        for (int64_t k8 = 0; k < G2 && G2 >= 8; k8 = k) {
+                            k = k8 + 8 <= G2 ? k8 : G2 - 8; /* the last block overlapping */
+                            v8f s0 = splat8(0.0f), s1 = s0;
+                            int c = 0;
+                            for (; c + 2 <= C; c += 2) {
+                                s0 += term8(ld8(fr + c * Gt + k), ld8(gx + c * Nt + k), dot);
+                                s1 += term8(ld8(fr + (c + 1) * Gt + k),
+                                            ld8(gx + (c + 1) * Nt + k), dot);
                             }
+                            for (; c < C; ++c)
+                                s0 += term8(ld8(fr + c * Gt + k), ld8(gx + c * Nt + k), dot);
+                            st8(o + k, s0 + s1);
+                            k += 8;
                         }
-                        /* the rest (all of a strided row): channel by channel, so that
-                         * each pass reads one row of f and of g */
-                        const int64_t k0 = k;
-                        for (k = k0; k < G2; ++k) o[k] = 0.0f;
-                        for (int c = 0; c < C; ++c) {
-                            const float* fc = fr + c * Gt;
-                            const float* gc = gx + c * Nt;
-                            for (k = k0; k < G2; ++k) {
-                                o[k] += term1(fc[k], gc[a2 * k], dot);
-                            }
+                        for (; k < G2; ++k) {
+                            float acc = 0.0f;
+                            for (int c = 0; c < C; ++c)
+                                acc += term1(fr[c * Gt + k], gx[c * Nt + k], dot);
+                            o[k] = acc;
                         }
                     }
                 }
@@ -1043,26 +1131,30 @@ static inline __attribute__((always_inline)) void correlation_impl(
 
 void pdd_correlation(const float* f, const float* g, float* out, int C, const int64_t* G,
                      const int64_t* N, const int64_t* a, const int64_t* b, const int64_t* nj,
-                     int64_t r0, int64_t r1, int dot) {
+                     int64_t plen, int64_t r0, int64_t r1, int dot) {
     FTZ_BEGIN
     if (dot)
-        correlation_impl(f, g, out, C, G, N, a, b, nj, r0, r1, 1);
+        correlation_impl(f, g, out, C, G, N, a, b, nj, plen, r0, r1, 1);
     else
-        correlation_impl(f, g, out, C, G, N, a, b, nj, r0, r1, 0);
+        correlation_impl(f, g, out, C, G, N, a, b, nj, plen, r0, r1, 0);
     FTZ_END
 }
 
 /* The lattice sums behind the correlation's gradient and the expected values, rows [r0, r1) of
- * the control grid of one batch item (node n(k, l) = a k + b j_l per axis, sizes as
- * pdd_correlation; w: (L, G0, G1, G2) weights, e.g. the cost gradient or the probabilities):
+ * the control grid of one batch item (node n(k, l) = a k + b j_l per axis, sizes and the
+ * phase-major last axis as pdd_correlation; w: (L, G0, G1, G2) weights, e.g. the cost gradient
+ * or the probabilities):
  *   T[c, k] = sum_l w[l, k] g[c, n(k, l)]       S[k] = sum_l w[l, k]        (rows r0 .. r1)
  *   U[c, m] += sum_{(k, l): n(k, l) = m} w[l, k] f[c, k]    W[m] += sum w[l, k]
- * Any of T, S, U, W may be NULL; T and S are written for the rows of the range, U and W
- * (C, N0, N1, N2) and (N0, N1, N2) are accumulated (the caller gives each range its own). */
+ * Any of T, S, U, W may be NULL; T and S are written for the rows of the range (channel
+ * stride ts of T: with Gt a multiple of 1024, as at 32^3, the channels' rows would lie a
+ * multiple of 4 kB apart, where each load after the store of the previous channel seems to
+ * depend on it and waits, 2.5x slower), U and W (C, N0, N1, N2) and (N0, N1, N2), phase-major
+ * like g, are accumulated (the caller gives each range its own). */
 void pdd_lattice_sums(const float* w, const float* f, const float* g, float* T, float* S,
                       float* U, float* W, int C, const int64_t* G, const int64_t* N,
-                      const int64_t* a, const int64_t* b, const int64_t* nj, int64_t r0,
-                      int64_t r1) {
+                      const int64_t* a, const int64_t* b, const int64_t* nj, int64_t plen,
+                      int64_t ts, int64_t r0, int64_t r1) {
     FTZ_BEGIN
     const int64_t Gt = G[0] * G[1] * G[2], Nt = N[0] * N[1] * N[2], G2 = G[2];
     const int64_t a2 = a[2], b2 = b[2];
@@ -1070,7 +1162,7 @@ void pdd_lattice_sums(const float* w, const float* f, const float* g, float* T, 
         for (int64_t k = 0; k < G2; ++k) {
             if (S) S[row * G2 + k] = 0.0f;
             if (T)
-                for (int c = 0; c < C; ++c) T[c * Gt + row * G2 + k] = 0.0f;
+                for (int c = 0; c < C; ++c) T[c * ts + row * G2 + k] = 0.0f;
         }
     }
     for (int64_t rs = r0, re; rs < r1; rs = re) {
@@ -1089,38 +1181,72 @@ void pdd_lattice_sums(const float* w, const float* f, const float* g, float* T, 
                     float* Sr = S ? S + row * G2 : NULL;
                     for (int64_t j2 = 0; j2 < nj[2]; ++j2) {
                         const float* wl = w + (l0 + j2) * Gt + row * G2;
-                        const int64_t m0 = base + b2 * j2; /* node of k2 = 0 */
+                        const int64_t m0 = base + lat_off(b2 * j2, a2, plen); /* node of k2 = 0 */
                         int64_t k = 0;
-                        if (a2 == 1) {
-                            for (; k + 8 <= G2; k += 8) {
-                                const v8f wv = ld8(wl + k);
-                                const int64_t m = m0 + k;
-                                if (Sr) st8(Sr + k, ld8(Sr + k) + wv);
-                                if (W) st8(W + m, ld8(W + m) + wv);
-                                if (Tr)
-                                    for (int c = 0; c < C; ++c) {
-                                        float* t = Tr + c * Gt + k;
-                                        st8(t, ld8(t) + wv * ld8(g + c * Nt + m));
-                                    }
-                                if (U)
-                                    for (int c = 0; c < C; ++c) {
-                                        float* u = U + c * Nt + m;
-                                        st8(u, ld8(u) + wv * ld8(fr + c * Gt + k));
-                                    }
-                            }
+                        for (int64_t k8 = 0; k < G2 && G2 >= 8; k8 = k) {
+                            /* the last block overlaps the previous one: its lanes below k8 add
+                             * exact zeros (masked products) */
+                            k = k8 + 8 <= G2 ? k8 : G2 - 8;
+                            v8i keep = {0, 1, 2, 3, 4, 5, 6, 7};
+                            keep = keep >= (v8i){0, 0, 0, 0, 0, 0, 0, 0} + (int32_t)(k8 - k);
+                            const v8f wv = and8(keep, ld8(wl + k));
+                            const int64_t m = m0 + k;
+                            if (Sr) st8(Sr + k, ld8(Sr + k) + wv);
+                            if (W) st8(W + m, ld8(W + m) + wv);
+                            if (Tr)
+                                for (int c = 0; c < C; ++c) {
+                                    float* t = Tr + c * ts + k;
+                                    st8(t, ld8(t) + and8(keep, wv * ld8(g + c * Nt + m)));
+                                }
+                            if (U)
+                                for (int c = 0; c < C; ++c) {
+                                    float* u = U + c * Nt + m;
+                                    st8(u, ld8(u) + and8(keep, wv * ld8(fr + c * Gt + k)));
+                                }
+                            k += 8;
                         }
                         for (; k < G2; ++k) {
                             const float wv = wl[k];
-                            const int64_t m = m0 + a2 * k;
+                            const int64_t m = m0 + k;
                             if (Sr) Sr[k] += wv;
                             if (W) W[m] += wv;
                             if (Tr)
-                                for (int c = 0; c < C; ++c) Tr[c * Gt + k] += wv * g[c * Nt + m];
+                                for (int c = 0; c < C; ++c) Tr[c * ts + k] += wv * g[c * Nt + m];
                             if (U)
                                 for (int c = 0; c < C; ++c) U[c * Nt + m] += wv * fr[c * Gt + k];
                         }
                     }
                 }
+            }
+        }
+    }
+    FTZ_END
+}
+
+/* Transpose (gradient) of pdd_resample, rows [p0, p1):
+ *   x[p, j, q] = sum over the taps (i, t) with i_t[i] = j of w_t[i] y[p, i, q]. */
+void pdd_resample_t(const float* y, float* x, int64_t n, int64_t Q, int64_t o, const int64_t* i0,
+                    const float* w0, const int64_t* i1, const float* w1, int64_t p0, int64_t p1) {
+    FTZ_BEGIN
+    for (int64_t p = p0; p < p1; ++p) {
+        const float* yp = y + p * o * Q;
+        float* xp = x + p * n * Q;
+        memset(xp, 0, sizeof(float) * n * Q);
+        if (Q == 1) {
+            for (int64_t i = 0; i < o; ++i) {
+                xp[i0[i]] += w0[i] * yp[i];
+                xp[i1[i]] += w1[i] * yp[i];
+            }
+            continue;
+        }
+        for (int64_t i = 0; i < o; ++i) {
+            const float a = w0[i], c = w1[i];
+            const float* RESTRICT yi = yp + i * Q;
+            float* RESTRICT xa = xp + i0[i] * Q;
+            for (int64_t q = 0; q < Q; ++q) xa[q] += a * yi[q];
+            if (c != 0.0f) {
+                float* RESTRICT xb = xp + i1[i] * Q;
+                for (int64_t q = 0; q < Q; ++q) xb[q] += c * yi[q];
             }
         }
     }

@@ -8,7 +8,7 @@ the sums in AVX registers (3D at 32^3 x 15^3: 1.7 s instead of 4.4 s on 2 cores,
 ``benchmarks/bench_cost.py``).  Large cost volumes are allocated on transparent huge pages
 (Linux ``madvise``), since the kernels read short runs from thousands of rows.  The source
 has no Python or torch headers: the system C compiler (``$CC``, else ``cc``) builds
-it in about a second, once per source version, into ``$PDDREG_CACHE_DIR`` (default
+it in a few seconds, once per source version, into ``$PDDREG_CACHE_DIR`` (default
 ``~/.cache/pddreg``, else a temporary folder); the calls go through ``ctypes``, which releases
 the GIL, so ``torch.get_num_threads()`` Python threads split each call.
 
@@ -51,6 +51,7 @@ __all__ = [
     "minconv_backward",
     "probabilities",
     "resample_axis",
+    "resample_axis_t",
     "soft_field",
     "softmax_backward",
     "softmax_field",
@@ -79,10 +80,11 @@ _SIGNATURES = {
     "pdd_hugepages": [_p, _l],
     "pdd_softmax_neg": [_p, _p, _l, _l, _l, _l, _p],
     "pdd_resample": [_p, _p, _l, _l, _l, _p, _p, _p, _p, _l, _l],
-    "pdd_correlation": [_p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l, _i],
+    "pdd_correlation": [_p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l, _l, _i],
     "pdd_minconv_bwd": [_p, _p, _p, _p, _p, _l, _i, _i, _l, _l, _f, _f, _f, _p, _p],
     "pdd_meanfield_t": [_p, _p, _p, _p, _i, _p, _l, _l, _f, _f, _f, _p, _p],
-    "pdd_lattice_sums": [_p, _p, _p, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l],
+    "pdd_lattice_sums": [_p, _p, _p, _p, _p, _p, _p, _i, _p, _p, _p, _p, _p, _l, _l, _l, _l],
+    "pdd_resample_t": [_p, _p, _l, _l, _l, _p, _p, _p, _p, _l, _l],
     "pdd_softmax_field": [_p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
     "pdd_softmax_bwd": [_p, _p, _p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
 }
@@ -215,20 +217,24 @@ def empty_like(t: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.T
     return out
 
 
-def _run(fn, ranges: list[tuple[int, int]], work_floats: int) -> list[torch.Tensor]:
-    """fn(lo, hi, work_ptr) over the ranges, one Python thread each (ctypes drops the GIL);
-    returns the work buffers (one per range, in order)."""
+def _executor() -> ThreadPoolExecutor:
     global _pool
-    works = [torch.empty(work_floats, dtype=torch.float32) for _ in ranges]
-    if len(ranges) == 1:
-        fn(*ranges[0], works[0].data_ptr())
-        return works
     pid = os.getpid()
     if _pool is None or _pool[0] != pid:
         with _lock:
             if _pool is None or _pool[0] != pid:
                 _pool = (pid, ThreadPoolExecutor(max(2, os.cpu_count() or 2), "pddreg-native"))
-    pool = _pool[1]
+    return _pool[1]
+
+
+def _run(fn, ranges: list[tuple[int, int]], work_floats: int) -> list[torch.Tensor]:
+    """fn(lo, hi, work_ptr) over the ranges, one Python thread each (ctypes drops the GIL);
+    returns the work buffers (one per range, in order)."""
+    works = [torch.empty(work_floats, dtype=torch.float32) for _ in ranges]
+    if len(ranges) == 1:
+        fn(*ranges[0], works[0].data_ptr())
+        return works
+    pool = _executor()
     futures = [
         pool.submit(fn, lo, hi, w.data_ptr()) for (lo, hi), w in zip(ranges, works, strict=True)
     ]
@@ -237,25 +243,50 @@ def _run(fn, ranges: list[tuple[int, int]], work_floats: int) -> list[torch.Tens
     return works
 
 
+def _tasks(fn, tasks: list[tuple], work_floats: int) -> None:
+    """``fn(*task, work_ptr)`` for every task, on up to torch.get_num_threads() Python threads
+    (ctypes drops the GIL), each with its own work buffer and every n-th task."""
+    nw = max(1, min(torch.get_num_threads(), len(tasks)))
+    works = [torch.empty(work_floats, dtype=torch.float32) for _ in range(nw)]
+
+    def worker(i: int) -> None:
+        for t in tasks[i::nw]:
+            fn(*t, works[i].data_ptr())
+
+    if nw == 1:
+        worker(0)
+        return
+    for f in [_executor().submit(worker, i) for i in range(nw)]:
+        f.result()
+
+
 def _item_ptr(t: torch.Tensor | None, b: int) -> int | None:
-    return None if t is None else t.data_ptr() + b * t[0].numel() * t.element_size()
+    return None if t is None else t.data_ptr() + b * t.stride(0) * t.element_size()
 
 
 def _per_item(
     tensors: list[torch.Tensor | None], fn, ranges: list[tuple[int, int]], work: int
 ) -> None:
-    """For each batch item b: ``fn(*pointers of item b, lo, hi, work)`` over ``ranges``
-    (``tensors``: contiguous float32 with the batch axis first, or None: a NULL pointer)."""
+    """``fn(*pointers of item b, lo, hi, work)`` for every batch item b and range (``tensors``:
+    contiguous float32 with the batch axis first, or None: a NULL pointer).  Small items (one
+    range each) run in parallel with each other."""
     batch = next(t for t in tensors if t is not None).shape[0]
-    for b in range(batch):
-        ptrs = [_item_ptr(t, b) for t in tensors]
-        _run(lambda lo, hi, w, ptrs=ptrs: fn(*ptrs, lo, hi, w), ranges, work)
+    tasks = [
+        (*[_item_ptr(t, b) for t in tensors], lo, hi) for b in range(batch) for lo, hi in ranges
+    ]
+    _tasks(fn, tasks, work)
 
 
-def _split(total: int, align: int) -> list[tuple[int, int]]:
-    """``[0, total)`` in up to torch.get_num_threads() ranges, boundaries on ``align``."""
-    parts = max(1, min(torch.get_num_threads(), -(-total // align)))
+# Least work (elements times their cost) of one range: smaller calls are not split (2D cost
+# volumes of a few 10k floats ran slower on two threads than on one).
+_MIN_PART = 1 << 16
+
+
+def _split(total: int, align: int, unit: int = 1) -> list[tuple[int, int]]:
+    """``[0, total)`` in up to torch.get_num_threads() ranges, boundaries on ``align``, each of at
+    least ``_MIN_PART`` work (``unit``: the work of one of the ``total``)."""
     blocks = -(-total // align)
+    parts = max(1, min(torch.get_num_threads(), blocks, total * unit // _MIN_PART))
     edges = [min(total, (blocks * i // parts) * align) for i in range(parts + 1)]
     return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
@@ -273,7 +304,7 @@ def minconv(src: torch.Tensor, dst: torch.Tensor, n: int, nd: int) -> None:
     def call(s: int, d: int, k0: int, k1: int, w: int) -> None:
         lib.pdd_minconv(s, d, K, n, nd, k0, k1, w)
 
-    _per_item([src, dst], call, _split(K, _MC_W), 2 * (n + 2) ** nd * _MC_W)
+    _per_item([src, dst], call, _split(K, _MC_W, 8 * n**nd), 2 * (n + 2) ** nd * _MC_W)
 
 
 def meanfield(
@@ -306,7 +337,7 @@ def meanfield(
     def call(r0: int, r1: int, w: int) -> None:
         lib.pdd_meanfield(*ptr, nd, g, r0, r1, wd, wc, wm, t32.data_ptr(), w)
 
-    _run(call, _split(rows, 1), 2 * G + 32 * (grid[-1] + 28))
+    _run(call, _split(rows, 1, 8 * G), 2 * G + 32 * (grid[-1] + 28))
 
 
 def _lattice_sizes(grid, nodes, a, b, n):
@@ -323,9 +354,10 @@ def _lattice_sizes(grid, nodes, a, b, n):
     )
 
 
-def _row_ranges(G) -> list[tuple[int, int]]:
-    """Ranges of control-grid rows (k0, k1) per thread: whole planes k0 where there are enough."""
-    return _split(G[0] * G[1], G[1] if G[0] >= 2 * torch.get_num_threads() else 1)
+def _row_ranges(G, work: int) -> list[tuple[int, int]]:
+    """Ranges of control-grid rows (k0, k1) per thread: whole planes k0 where there are enough
+    (``work``: of one row)."""
+    return _split(G[0] * G[1], G[1] if G[0] >= 2 * torch.get_num_threads() else 1, work)
 
 
 def correlation(
@@ -334,6 +366,7 @@ def correlation(
     a: tuple[int, ...],
     b: tuple[int, ...],
     n: int,
+    plen: int,
     *,
     dot: bool = False,
 ) -> torch.Tensor:
@@ -342,7 +375,8 @@ def correlation(
     Args:
         fixed: (B, C, *G) contiguous float32 fixed features at the control points.
         lattice: (B, C, *N) contiguous float32 moving features on the lattice (per axis node
-            ``a * k + b * j`` for point ``k``, displacement index ``j`` in ``0..n-1``).
+            ``a * k + b * j`` for point ``k``, displacement index ``j`` in ``0..n-1``), the
+            last axis phase-major (``_lattice.phase_major``: ``N[-1] = a[-1] * plen``).
         a, b: lattice steps per axis; n: displacements per axis (``2 r + 1``).
         dot: ``sum_c fixed[:, c, k] * lattice[:, c, a * k + b * j_l]`` instead.
 
@@ -351,15 +385,16 @@ def correlation(
     """
     B, C = fixed.shape[:2]
     grid = tuple(fixed.shape[2:])
-    G, N, A, Bs, NJ = _lattice_sizes(grid, tuple(lattice.shape[2:]), a, b, n)
+    lat = lattice
+    G, N, A, Bs, NJ = _lattice_sizes(grid, tuple(lat.shape[2:]), a, b, n)
     out = empty_like(fixed, (B, n ** len(grid), *grid))
     lib = _library()
     mode = int(dot)
 
     def call(fp: int, gp: int, op: int, r0: int, r1: int, w: int) -> None:
-        lib.pdd_correlation(fp, gp, op, C, G, N, A, Bs, NJ, r0, r1, mode)
+        lib.pdd_correlation(fp, gp, op, C, G, N, A, Bs, NJ, plen, r0, r1, mode)
 
-    _per_item([fixed, lattice, out], call, _row_ranges(G), 1)
+    _per_item([fixed, lat, out], call, _row_ranges(G, G[2] * NJ[0] * NJ[1] * NJ[2] * C), 1)
     return out
 
 
@@ -371,6 +406,7 @@ def lattice_sums(
     a: tuple[int, ...],
     b: tuple[int, ...],
     n: int,
+    plen: int,
     *,
     want: str,
 ) -> dict[str, torch.Tensor]:
@@ -384,30 +420,38 @@ def lattice_sums(
     Args:
         weights: (B, n**nd, *G) contiguous float32.
         fixed: (B, C, *G) contiguous float32 (needed for U).
-        lattice: (B, C, *N) contiguous float32 (needed for T).
+        lattice: (B, C, *N) contiguous float32 (needed for T), the last axis phase-major as
+            in :func:`correlation` (``N[-1] = a[-1] * plen``).
         nodes: N, the lattice size.
         want: which of "TSUW" to compute.
 
     Returns:
-        {"T": (B, C, *G), "S": (B, 1, *G), "U": (B, C, *N), "W": (B, 1, *N)} for those wanted.
+        {"T": (B, C, *G), "S": (B, 1, *G), "U": (B, C, *N), "W": (B, 1, *N)} for those wanted
+        (U and W phase-major like the lattice).
     """
     B = weights.shape[0]
     grid = tuple(weights.shape[2:])
     C = (fixed if fixed is not None else lattice).shape[1]
-    G, N, A, Bs, NJ = _lattice_sizes(grid, nodes, a, b, n)
-    nt = math.prod(nodes)
+    pnodes = tuple(nodes)
+    G, N, A, Bs, NJ = _lattice_sizes(grid, pnodes, a, b, n)
+    nt = math.prod(pnodes)
     out: dict[str, torch.Tensor] = {}
-    T = weights.new_empty(B, C, *grid) if "T" in want else None
-    S = weights.new_empty(B, 1, *grid) if "S" in want else None
+    gt = math.prod(grid)
+    ts = gt + 16 if gt % 1024 == 0 else gt  # channel stride of T: not a multiple of 4 kB
+    T = S = None
+    if "T" in want:
+        T = weights.new_empty(B, C, ts)[:, :, :gt].unflatten(2, grid)
+    if "S" in want:
+        S = weights.new_empty(B, 1, *grid)
     for key, t in (("T", T), ("S", S)):
         if t is not None:
             out[key] = t
     scatter = "U" in want or "W" in want
     if scatter:
-        out["U"] = weights.new_zeros(B, C, *nodes)
-        out["W"] = weights.new_zeros(B, 1, *nodes)
+        out["U"] = weights.new_zeros(B, C, *pnodes)
+        out["W"] = weights.new_zeros(B, 1, *pnodes)
     lib = _library()
-    ranges = _row_ranges(G)
+    ranges = _row_ranges(G, 2 * G[2] * NJ[0] * NJ[1] * NJ[2] * C)
     work = (C + 1) * nt if scatter else 1
     uoff = 0 if "U" in want else None
     woff = C * nt if "W" in want else None
@@ -420,13 +464,13 @@ def lattice_sums(
             vp = None if woff is None else w + 4 * woff
             if up is not None or vp is not None:
                 ctypes.memset(w, 0, 4 * work)
-            lib.pdd_lattice_sums(wp, fp, gp, tp, sp, up, vp, C, G, N, A, Bs, NJ, r0, r1)
+            lib.pdd_lattice_sums(wp, fp, gp, tp, sp, up, vp, C, G, N, A, Bs, NJ, plen, ts, r0, r1)
 
         works = _run(call, ranges, work)
         if scatter:
             total = works[0] if len(works) == 1 else torch.stack(works).sum(0)
-            out["U"][bi] = total[: C * nt].view(C, *nodes)
-            out["W"][bi] = total[C * nt :].view(1, *nodes)
+            out["U"][bi] = total[: C * nt].view(C, *pnodes)
+            out["W"][bi] = total[C * nt :].view(1, *pnodes)
     return {k: v for k, v in out.items() if k in want}
 
 
@@ -454,7 +498,35 @@ def resample_axis(
     def call(p0: int, p1: int, w: int) -> None:
         lib.pdd_resample(x.data_ptr(), out.data_ptr(), size, Q, o, *ptrs, p0, p1)
 
-    _run(call, _split(P, 1), 1)
+    _run(call, _split(P, 1, 2 * o * Q), 1)
+    return out
+
+
+def resample_axis_t(
+    y: torch.Tensor,
+    dim: int,
+    size: int,
+    i0: torch.Tensor,
+    w0: torch.Tensor,
+    i1: torch.Tensor,
+    w1: torch.Tensor,
+) -> torch.Tensor:
+    """The transpose (gradient) of :func:`resample_axis`: ``y`` (.., o, ..) along ``dim`` back
+    onto an axis of ``size`` (taps as there)."""
+    idx = [t.to(torch.int64).contiguous() for t in (i0, i1)]
+    wts = [t.to(torch.float32).contiguous() for t in (w0, w1)]
+    o = y.shape[dim]
+    P = math.prod(y.shape[:dim])
+    Q = math.prod(y.shape[dim + 1 :])
+    y = y.contiguous()
+    out = empty_like(y, (*y.shape[:dim], size, *y.shape[dim + 1 :]))
+    lib = _library()
+    ptrs = (idx[0].data_ptr(), wts[0].data_ptr(), idx[1].data_ptr(), wts[1].data_ptr())
+
+    def call(p0: int, p1: int, w: int) -> None:
+        lib.pdd_resample_t(y.data_ptr(), out.data_ptr(), size, Q, o, *ptrs, p0, p1)
+
+    _run(call, _split(P, 1, 2 * o * Q), 1)
     return out
 
 
@@ -468,7 +540,7 @@ def probabilities(cost: torch.Tensor) -> torch.Tensor:
     def call(c: int, o: int, k0: int, k1: int, w: int) -> None:
         lib.pdd_softmax_neg(c, o, nl, K, k0, k1, w)
 
-    _per_item([cost, out], call, _split(K, _SF_T), 2 * _SF_T)
+    _per_item([cost, out], call, _split(K, _SF_T, 4 * nl), 2 * _SF_T)
     return out
 
 
@@ -489,7 +561,7 @@ def soft_field(cost: torch.Tensor, disp: torch.Tensor, out: torch.Tensor) -> Non
     def call(c: int, o: int, k0: int, k1: int, w: int) -> None:
         lib.pdd_soft_field(c, d32.data_ptr(), o, nl, K, nd, k0, k1, w)
 
-    _per_item([cost, out], call, _split(K, _SF_T), 5 * _SF_T)
+    _per_item([cost, out], call, _split(K, _SF_T, 4 * nl), 5 * _SF_T)
 
 
 def minconv_backward(
@@ -516,18 +588,18 @@ def minconv_backward(
     """
     K = x[0, 0].numel()
     lib = _library()
-    ranges = _split(K, _MB_W)
-    dots = [(ctypes.c_double * 3)() for _ in range(x.shape[0] * len(ranges))]
-    slot = {r: i for i, r in enumerate(ranges)}
+    ranges = _split(K, _MB_W, 24 * n**nd)
+    tasks = [
+        (len(ranges) * bi + i, *[_item_ptr(t, bi) for t in (x, gy, a, b, out)], k0, k1)
+        for bi in range(x.shape[0])
+        for i, (k0, k1) in enumerate(ranges)
+    ]
+    dots = [(ctypes.c_double * 3)() for _ in tasks]
 
-    for bi in range(x.shape[0]):
-        ptrs = [_item_ptr(t, bi) for t in (x, gy, a, b, out)]
+    def call(i: int, xp, gp, ap, bp, op, k0: int, k1: int, w: int) -> None:
+        lib.pdd_minconv_bwd(xp, gp, ap, bp, op, K, n, nd, k0, k1, wa, wb, wm, dots[i], w)
 
-        def call(k0: int, k1: int, w: int, ptrs=ptrs, bi=bi) -> None:
-            d = dots[bi * len(ranges) + slot[(k0, k1)]]
-            lib.pdd_minconv_bwd(*ptrs, K, n, nd, k0, k1, wa, wb, wm, d, w)
-
-        _run(call, ranges, (5 * (n + 2) ** nd + n**nd) * _MB_W)
+    _tasks(call, tasks, (5 * (n + 2) ** nd + n**nd) * _MB_W)
     return tuple(float(sum(d[i] for d in dots)) for i in range(3))  # type: ignore[return-value]
 
 
@@ -555,7 +627,7 @@ def meanfield_t(
     def call(r0: int, r1: int, w: int) -> None:
         lib.pdd_meanfield_t(*ptr, nd, g, r0, r1, wd, wc, wm, t32.data_ptr(), w)
 
-    _run(call, _split(rows, 1), 2 * G + 32 * (2 * grid[-1] + 2 * len(taps) + 16))
+    _run(call, _split(rows, 1, 8 * G), 2 * G + 32 * (2 * grid[-1] + 2 * len(taps) + 16))
 
 
 def softmax_field(
@@ -582,7 +654,7 @@ def softmax_field(
     def call(c: int, o: int, fo: int, k0: int, k1: int, w: int) -> None:
         lib.pdd_softmax_field(c, dp, o, fo, nl, K, nd, k0, k1, w)
 
-    _per_item([cost, p, f], call, _split(K, _SF_T), 5 * _SF_T)
+    _per_item([cost, p, f], call, _split(K, _SF_T, 4 * nl), 5 * _SF_T)
     return p, f
 
 
@@ -614,4 +686,4 @@ def softmax_backward(
     def call(p: int, c: int, g: int, gf: int, o: int, k0: int, k1: int, w: int) -> None:
         lib.pdd_softmax_bwd(p, c, g, gf, dp, o, nl, K, nd, k0, k1, w)
 
-    _per_item([prob, cost, dprob, gfield, out], call, _split(K, _SF_T), 4 * _SF_T)
+    _per_item([prob, cost, dprob, gfield, out], call, _split(K, _SF_T, 4 * nl), 4 * _SF_T)

@@ -30,6 +30,7 @@ from ._lattice import (
     run_chunks,
     tiles_view,
     to_lattice,
+    to_lattice_native,
     wants_checkpoint,
     windows,
 )
@@ -156,14 +157,13 @@ def _correlation_tiled(
     nd = plan.ndim
     B, C = fixed.shape[:2]
     grad = torch.is_grad_enabled() and (fixed.requires_grad or moving.requires_grad)
-    g = to_lattice(moving, plan, padding)  # (B, C, *N)
-    if nd <= 3 and _native.supports(fixed, g):
-        a = tuple(lat.a for lat in plan.axes)
-        b = tuple(lat.b for lat in plan.axes)
+    if nd <= 3 and _native.supports(fixed, moving):
+        g, a, b, plen = to_lattice_native(moving, plan, padding)
         n = 2 * plan.radius + 1
         if grad:  # native backward
-            return _autograd.correlation(fixed, g, a, b, n)
-        return _native.correlation(fixed.contiguous(), g.contiguous(), a, b, n)
+            return _autograd.correlation(fixed, g, a, b, n, plen)
+        return _native.correlation(fixed.contiguous(), g.contiguous(), a, b, n, plen)
+    g = to_lattice(moving, plan, padding)  # (B, C, *N)
     ones_g = torch.ones_like(g[:, :1])
     g_aug = torch.cat([-2.0 * g, (g * g).sum(1, keepdim=True), ones_g], 1)
     f = pad_grid(fixed, plan)
@@ -252,10 +252,11 @@ def _sample_shifted(
 
 def _product_lattice(
     x: torch.Tensor, grid: tuple[int, ...], radius: int, spacing: float, padding: str, mem: int
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor, int] | None:
     """``x`` (B, C, *S) resampled (separable linear interpolation, exactly what trilinear
     sampling does) at every ``p_k + d_j`` per axis: a lattice of ``G * (2r + 1)`` nodes per axis
-    with node ``(2r + 1) k + j``; None when it would exceed ``mem`` bytes."""
+    with node ``(2r + 1) k + j`` (the last axis phase-major: ``j * G + k``, plen ``G``); None
+    when it would exceed ``mem`` bytes."""
     B, C = x.shape[:2]
     size = tuple(x.shape[2:])
     n = 2 * radius + 1
@@ -265,9 +266,12 @@ def _product_lattice(
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64) * spacing
     for ax, (g, s) in enumerate(zip(grid, size, strict=True)):
         p = (torch.arange(g, dtype=torch.float64) + 0.5) * (s / g) - 0.5
-        pos = (p[:, None] + offsets[None, :]).reshape(-1)
+        if ax == len(grid) - 1:
+            pos = (offsets[:, None] + p[None, :]).reshape(-1)  # phase-major
+        else:
+            pos = (p[:, None] + offsets[None, :]).reshape(-1)
         lat = resample_axis(lat, 2 + ax, pos, padding)
-    return lat
+    return lat, grid[-1]
 
 
 def _correlation_product(
@@ -277,12 +281,14 @@ def _correlation_product(
     (lattice steps ``a = 2r + 1``, ``b = 1``); None when that lattice would exceed ``mem``."""
     nd = fixed.dim() - 2
     n = 2 * radius + 1
-    lat = _product_lattice(moving, tuple(fixed.shape[2:]), radius, spacing, padding, mem)
-    if lat is None:
+    res = _product_lattice(moving, tuple(fixed.shape[2:]), radius, spacing, padding, mem)
+    if res is None:
         return None
+    lat, plen = res
+    a, b = (n,) * nd, (1,) * nd
     if torch.is_grad_enabled() and (fixed.requires_grad or lat.requires_grad):
-        return _autograd.correlation(fixed, lat, (n,) * nd, (1,) * nd, n)
-    return _native.correlation(fixed.contiguous(), lat.contiguous(), (n,) * nd, (1,) * nd, n)
+        return _autograd.correlation(fixed, lat, a, b, n, plen)
+    return _native.correlation(fixed.contiguous(), lat.contiguous(), a, b, n, plen)
 
 
 def _correlation_direct(
@@ -354,13 +360,11 @@ def expected_values(
     n = 2 * radius + 1
     if 1 <= nd <= 3 and _native.supports(prob, values):
         if plan is not None:
-            v = to_lattice(values, plan, padding)
-            a = tuple(lat.a for lat in plan.axes)
-            b = tuple(lat.b for lat in plan.axes)
-            return _autograd.expected_values(prob, v, a, b, n)
-        v = _product_lattice(values, grid, radius, spacing, padding, mem)
-        if v is not None:
-            return _autograd.expected_values(prob, v, (n,) * nd, (1,) * nd, n)
+            v, a, b, plen = to_lattice_native(values, plan, padding)
+            return _autograd.expected_values(prob, v, a, b, n, plen)
+        res = _product_lattice(values, grid, radius, spacing, padding, mem)
+        if res is not None:
+            return _autograd.expected_values(prob, res[0], (n,) * nd, (1,) * nd, n, res[1])
     if plan is None:
         disps = displacement_set(radius, spacing, nd, device=prob.device, dtype=prob.dtype)
         per_disp = 3 * B * C * math.prod(grid) * prob.element_size()

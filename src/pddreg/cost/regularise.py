@@ -14,8 +14,9 @@ The lecture's 2D formulation (reproduced exactly, in any dimension):
 
 Cost volumes are ``(B, |L|, *G)``; the min-convolution works on chunks of control points
 (columns), the mean-field on chunks of displacements (rows), so each chunk stays in cache.
-Float32 CPU inference runs the same operators in the native kernels of ``_native.c`` where
-they are available (see ``_native.py``).
+Float32 CPU tensors run the same operators in the native kernels of ``_native.c`` where
+they are available (see ``_native.py``), under autograd with native backward kernels
+(``_autograd.py``); float64 (``gradcheck``) and CUDA keep this PyTorch formulation.
 """
 
 from __future__ import annotations

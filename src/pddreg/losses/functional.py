@@ -39,13 +39,15 @@ def one_hot(seg: Tensor, num_labels: int, dtype: torch.dtype = torch.float32) ->
             f"one_hot(): 'seg' must have shape (B, 1, *spatial), got {tuple(seg.shape)}"
         )
     seg = seg.long()
-    if seg.numel() and (int(seg.min()) < 0 or int(seg.max()) >= num_labels):
-        raise ValueError(
-            f"one_hot(): labels must lie in [0, {num_labels - 1}], "
-            f"got [{int(seg.min())}, {int(seg.max())}]"
-        )
-    oh = F.one_hot(seg[:, 0], num_labels)  # (B, *S, K)
-    return oh.movedim(-1, 1).to(dtype)
+    if seg.numel():
+        lo, hi = (int(v) for v in torch.aminmax(seg))
+        if lo < 0 or hi >= num_labels:
+            raise ValueError(
+                f"one_hot(): labels must lie in [0, {num_labels - 1}], got [{lo}, {hi}]"
+            )
+    # scatter straight into (B, K, *S) of dtype (F.one_hot makes an int64 (B, *S, K) first)
+    out = torch.zeros(seg.shape[0], num_labels, *seg.shape[2:], dtype=dtype, device=seg.device)
+    return out.scatter_(1, seg, 1)
 
 
 def _area(x: Tensor, shape: Sequence[int]) -> Tensor:
