@@ -116,12 +116,16 @@ def _cases(tmp: Path) -> dict[str, Case]:
     c["one voxel"] = Case([str(tmp / "voxel.npy"), moving], "voxel.npy", "too small")
     np.save(tmp / "line.npy", _image((1, 48)))
     c["one voxel thick"] = Case([fixed, str(tmp / "line.npy")], "line.npy", "too small")
+    from pddreg.models import PDDNet, PDDNetConfig, save_model
+
+    coarse = tmp / "stride4.pt"  # a model whose features are 4x coarser than the image
+    save_model(PDDNet(PDDNetConfig(ndim=2)), coarse)
     np.save(tmp / "thin.npy", _image((4, 48)))
     c["too small for the model"] = Case(
-        [str(tmp / "thin.npy"), str(tmp / "thin.npy"), "--method", "pdd"],
+        [str(tmp / "thin.npy"), str(tmp / "thin.npy"), "--method", "pdd", "--model", str(coarse)],
         "thin.npy",
         "too small for the pdd model (feature stride 4): it needs at least 5 voxels",
-        {"method": "pdd"},
+        {"method": "pdd", "model": str(coarse)},
     )
     big = _nii(tmp / "big.nii.gz", _image((96, 96, 96)))
     c["oversized"] = Case(

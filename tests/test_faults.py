@@ -187,7 +187,8 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
             Poisoned(bad=4), TrainConfig(**conf, checkpoint=str(ckpt), checkpoint_every=2), _tiny()
         )
     text = str(err.value)
-    assert "training stopped at step 4 of 6: the loss is nan (not finite)" in text
+    assert "training stopped at step 4 of 6: the " in text
+    assert "the loss is nan (not finite)" in text or "is not finite" in text  # loss or gradient
     assert f"{ckpt} (step 2) is the last good state and is kept" in text and "--resume" in text
     ck = torch.load(ckpt, weights_only=True)
     assert ck["step"] == 2

@@ -273,9 +273,16 @@ def _pdd_parts(work_shape: tuple[int, ...], model: Any) -> dict[str, int]:
             f"(feature stride {stride}): it needs at least {need} voxels along every axis"
         )
     fmap = int(channels) * _prod(fshape) * FLOAT
-    levels = [(int(cfg.radius), int(cfg.grid_stride))]
-    if int(getattr(cfg, "levels", 1)) == 2:
-        levels.append((int(cfg.radius2), int(cfg.grid_stride2)))
+    specs = getattr(cfg, "level_specs", None)
+    if specs:  # the levels of discrete_register on the feature map (pooled, then a grid stride)
+        levels = [
+            (int(sp.get("radius", 3)), int(sp.get("pool", 1)) * int(sp.get("grid_stride", 1)))
+            for sp in specs
+        ]
+    else:
+        levels = [(int(cfg.radius), int(cfg.grid_stride))]
+        if int(getattr(cfg, "levels", 1)) == 2:
+            levels.append((int(cfg.radius2), int(cfg.grid_stride2)))
     volumes = [(2 * r + 1) ** ndim * _prod(_ceil_div(fshape, g)) * FLOAT for r, g in levels]
     return {
         "features": int(PDD_FEATURE_MAPS * fmap),

@@ -115,11 +115,31 @@ def capture(levels: Sequence[LevelConfig]) -> float:
     return float(sum(lv.pool * lv.spacing * lv.radius for lv in levels))
 
 
-def default_levels(ndim: int) -> tuple[LevelConfig, ...]:
-    """The default :class:`LevelConfig` sequence for 2D or 3D (without the capture level)."""
+#: The first level searches at most this fraction of the longest extent of the feature map
+#: (with at least :data:`MIN_RADIUS` steps): on small images a +-24 px search over noise-only
+#: regions drifted (a 40x48 disk with 5 % noise against itself: Dice 1.0 -> 0.25 at radius 12,
+#: 0.99 at radius 5).
+FIRST_LEVEL_FRACTION = 0.2
+MIN_RADIUS = 4
+
+
+def default_levels(
+    ndim: int, feature_shape: Sequence[int] | None = None
+) -> tuple[LevelConfig, ...]:
+    """The default :class:`LevelConfig` sequence for 2D or 3D (without the capture level); with
+    ``feature_shape`` the first level's radius is limited to :data:`FIRST_LEVEL_FRACTION` of
+    the longest extent."""
     if ndim not in DEFAULT_LEVELS:
         raise ValueError(f"default_levels(): ndim must be 2 or 3, got {ndim}")
-    return DEFAULT_LEVELS[ndim]
+    levels = DEFAULT_LEVELS[ndim]
+    if feature_shape is None:
+        return levels
+    first = levels[0]
+    reach = FIRST_LEVEL_FRACTION * max(int(s) for s in feature_shape) / (first.pool * first.spacing)
+    radius = max(MIN_RADIUS, min(first.radius, math.ceil(reach)))
+    if radius == first.radius:
+        return levels
+    return (replace(first, radius=radius), *levels[1:])
 
 
 def capture_level(
@@ -219,7 +239,9 @@ class MindConfig:
         return replace(
             self,
             feature_stride=stride,
-            levels=tuple(self.levels) if self.levels is not None else default_levels(ndim),
+            levels=tuple(self.levels)
+            if self.levels is not None
+            else default_levels(ndim, [-(-s // stride) for s in shape] if shape else None),
             cost_scale=DEFAULT_COST_SCALE if self.cost_scale is None else self.cost_scale,
             instance=self.instance if self.instance is not None else default_instance(ndim, voxels),
         )
