@@ -51,7 +51,8 @@ class RegistrationResult:
             in the fixed image's index frame (the identity for images on one grid; see
             :mod:`pddreg.spatial.world`). The global stage is composed in.
         warped: the moving image warped onto the fixed grid ``(*S)``, in the moving image's own
-            intensity units (linear interpolation; 0 outside the moving image).
+            intensity units (linear interpolation; outside the moving image its minimum, e.g.
+            air in CT).
         warped_seg: the moving label map warped onto the fixed grid ``(*S)`` int64 (nearest), or
             None without ``moving_seg``.
         metrics: with both label maps: Dice per label and mean (before and after), HD95 in mm,
@@ -588,7 +589,8 @@ def register(
     with torch.no_grad():
         coords = map_coords(m_map, shape_f, disp)
         warped_t = sample(_to_batch(m_arr, dev), coords, padding="border")
-        warped = (warped_t * pipeline.inside_domain(coords, shape_m))[0, 0].cpu().numpy()
+        warped = pipeline.outside_value(warped_t, coords, shape_m, float(m_arr.min()))
+        warped = warped[0, 0].cpu().numpy()
         warped_seg = mseg_before = None
         if mseg is not None:
             labels = torch.from_numpy(mseg)[None, None].to(dev)
@@ -690,7 +692,8 @@ def apply_registration(
         device: where to resample (default: CPU, or CUDA when available).
 
     Returns:
-        ``(*S_f)`` on the fixed grid: float32 (images, linear, 0 outside the image) or int64.
+        ``(*S_f)`` on the fixed grid: float32 (images, linear, the image's minimum outside it)
+        or int64 (0 outside).
         For the moving image itself this is exactly ``register``'s ``warped`` (labels: its
         ``warped_seg``).
     """
@@ -717,7 +720,8 @@ def apply_registration(
             lab = torch.from_numpy(arr)[None, None].to(dev)
             return sample_labels(lab, coords, "zeros")[0, 0].cpu().numpy()
         out = sample(_to_batch(arr, dev), coords, padding="border")
-        return (out * pipeline.inside_domain(coords, arr.shape))[0, 0].cpu().numpy()
+        out = pipeline.outside_value(out, coords, arr.shape, float(arr.min()))
+        return out[0, 0].cpu().numpy()
 
 
 def map_points(registration: Any, points: Any, space: str = "voxel") -> np.ndarray:

@@ -38,6 +38,7 @@ __all__ = [
     "DeformableFn",
     "PipelineResult",
     "inside_domain",
+    "outside_value",
     "resample",
     "run",
     "work_budget",
@@ -105,19 +106,46 @@ def inside_domain(coords: Tensor, shape: Sequence[int]) -> Tensor:
     return ok.unsqueeze(1).to(coords.dtype)
 
 
+def outside_value(samples: Tensor, coords: Tensor, shape: Sequence[int], value: float) -> Tensor:
+    """``samples`` ``(B, C, *T)`` taken at ``coords`` ``(B, ndim, *T)`` with ``value`` where the
+    coordinates leave a grid of ``shape`` (:func:`inside_domain`)."""
+    inside = inside_domain(coords, shape)
+    return samples * inside + (1.0 - inside) * value
+
+
 def resample(
     image: Tensor,
     coords: Tensor,
-    sigma: Sequence[float] | None = None,
+    pitch: Sequence[float] | None = None,
     padding: str = "border",
 ) -> Tensor:
-    """Sample ``image`` ``(1, C, *S)`` at voxel coordinates ``(1, ndim, *T)`` after a Gaussian
-    prefilter of ``sigma`` voxels per axis of ``image`` (anti-aliasing; None: none)."""
+    """Sample ``image`` ``(1, C, *S)`` at voxel coordinates ``(1, ndim, *T)``, anti-aliased for
+    samples ``pitch`` voxels apart along each axis of ``image`` (None or <= 1: plain linear).
+
+    Anti-aliasing: an integer box pooling by ``floor(pitch)`` per axis first (cheap on large
+    volumes), then a Gaussian of ``0.5 * sqrt(r^2 - 1)`` pooled voxels for the remaining
+    factor ``r``; the coordinates follow the pooled grid (pooled voxel ``j`` is the mean of
+    voxels ``j k .. j k + k - 1``, centred at ``j k + (k - 1) / 2``).
+    """
+    import torch.nn.functional as F
+
     from .spatial import sample
     from .spatial.filter import gaussian_smooth
 
-    if sigma is not None and any(s > 0 for s in sigma):
-        image = gaussian_smooth(image, sigma)
+    ndim = image.dim() - 2
+    if pitch is not None:
+        k = [max(1, int(math.floor(p + 1e-6))) for p in pitch]
+        if any(v > 1 for v in k):
+            pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[ndim - 1]
+            image = pool(image, kernel_size=k, stride=k, ceil_mode=True, count_include_pad=False)
+            kt = torch.tensor(k, dtype=coords.dtype, device=coords.device).view(
+                1, ndim, *[1] * ndim
+            )
+            coords = (coords - (kt - 1) / 2) / kt
+        rest = [p / kk for p, kk in zip(pitch, k, strict=True)]
+        sigma = [0.5 * math.sqrt(r * r - 1.0) if r > 1.05 else 0.0 for r in rest]
+        if any(v > 0 for v in sigma):
+            image = gaussian_smooth(image, sigma)
     return sample(
         image,
         coords.to(image.dtype) if image.is_floating_point() else coords,
@@ -168,7 +196,6 @@ def run(
             align them).
     """
     from .spatial import apply_matrix, map_coords, resize_field, working_grid, working_to_fixed
-    from .spatial.filter import antialias_sigma
     from .spatial.world import overlap_fraction
 
     if affine not in AFFINE_MODES:
@@ -247,13 +274,10 @@ def run(
         mmask_w = moving_mask
     else:
         coords_f = map_coords(to_fixed, work_shape, device=dev)  # working -> fixed voxels
-        fixed_w = resample(fixed, coords_f, antialias_sigma(fixed_spacing, work_spacing))
+        pitch_f = [w / f for w, f in zip(work_spacing, fixed_spacing, strict=True)]
+        fixed_w = resample(fixed, coords_f, pitch_f)
         coords_m = apply_matrix(torch.as_tensor(total), coords_f)
-        sig_m = [
-            0.5 * math.sqrt(r * r - 1.0) if r > 1.05 else 0.0
-            for r in _moving_pitch(total @ to_fixed)
-        ]
-        moving_w = resample(moving, coords_m, sig_m)
+        moving_w = resample(moving, coords_m, _moving_pitch(total @ to_fixed))
         fmask_w = None
         if fixed_mask is not None:
             fmask_w = resample(fixed_mask.to(fixed.dtype), coords_f, padding="zeros").clamp(0, 1)
