@@ -402,6 +402,10 @@ def read_labels(path: str | os.PathLike) -> Image:
     return img
 
 
+#: Images with more voxels get their percentiles from an even subsample of this size.
+PERCENTILE_SAMPLES = 1 << 20
+
+
 def normalise_intensity(array: Any, low: float = 0.5, high: float = 99.5) -> Any:
     """Map intensities to ``[0, 1]`` by clipping at the ``low`` and ``high`` percentiles.
 
@@ -430,6 +434,8 @@ def normalise_intensity(array: Any, low: float = 0.5, high: float = 99.5) -> Any
     values = arr if finite.all() else arr[finite]
     if values.size == 0:
         return np.zeros(arr.shape, dtype=np.float32)
+    if values.size > PERCENTILE_SAMPLES:  # percentiles of an even subsample: same to ~1e-3
+        values = values.ravel()[:: values.size // PERCENTILE_SAMPLES]
     lo, hi = np.percentile(values, [low, high])
     if not hi > lo:  # e.g. mostly background: fall back to the full range
         lo, hi = float(values.min()), float(values.max())
