@@ -120,7 +120,6 @@ def _real_sources(ndim: int, data: Path) -> list[tuple[str, np.ndarray]]:
     out: list[tuple[str, np.ndarray]] = []
     brain = data / "mr_brain_2subjects" / "brain1_image.nii.gz"
     ct = data / "ct_chest_2subjects" / "lung1_image.nii.gz"
-    vfa = data / "mr_abdomen_vfa_4d" / "vfa_4d.nii.gz"
     if ndim == 2:
         if brain.is_file():
             out.append(("brain MR", np.asarray(nib.load(brain).dataobj, np.float32)[:, :, 12]))
@@ -136,9 +135,9 @@ def _real_sources(ndim: int, data: Path) -> list[tuple[str, np.ndarray]]:
     if brain.is_file():
         v = np.asarray(nib.load(brain).dataobj, np.float32)
         out.append(("brain MR", zoom(v, (0.78 / 3, 0.78 / 3, 6.5 / 3), order=1)))
-    if vfa.is_file():
-        v = np.asarray(nib.load(vfa).dataobj, np.float32)[..., 2]
-        out.append(("abdomen MR", zoom(v, (4.69 / 3, 4.69 / 3, 5.0 / 3), order=1)))
+    if ct.is_file():  # (the abdominal MR is in the 3D training split)
+        v = np.asarray(nib.load(ct).dataobj, np.float32)
+        out.append(("chest CT", zoom(v, (0.57 / 3, 0.57 / 3, 5.0 / 3), order=1)))
     return out
 
 

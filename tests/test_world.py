@@ -406,3 +406,34 @@ def test_two_chest_cts_register_from_the_files(tmp_path):
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+def test_affine_files_map_points_like_the_global_stage(tmp_path):
+    """affine.txt (RAS world map) and affine.tfm (ITK, LPS) say the same thing, and SimpleITK
+    reads the .tfm as the map from fixed to moving physical points."""
+    sitk = pytest.importorskip("SimpleITK")
+    from scipy.ndimage import affine_transform
+
+    af = np.diag([2.0, 2.0, 3.0, 1.0])
+    af[:3, 3] = [-30.0, -35.0, -20.0]
+    fixed = _sample_grid((32, 36, 16), af)
+    rot = _rotation(8.0)  # the moving image: the object rotated by 8 degrees about z
+    centre = np.array([16.0, 18.0, 8.0])
+    moving = affine_transform(fixed, rot, offset=centre - rot @ centre, order=1, mode="nearest")
+    nib.save(nib.Nifti1Image(fixed, af), tmp_path / "f.nii.gz")
+    nib.save(nib.Nifti1Image(moving.astype(np.float32), af), tmp_path / "m.nii.gz")
+    out = tmp_path / "reg"
+    argv = ["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o", str(out)]
+    assert main([*argv, "--affine", "rigid"]) == 0
+    world = np.loadtxt(out / "affine.txt")
+    tx = sitk.ReadTransform(str(out / "affine.tfm"))
+    flip = np.diag([-1.0, -1.0, 1.0])
+    for p in ([0.0, 0.0, 0.0], [10.0, -5.0, 4.0]):
+        ras = world[:3, :3] @ p + world[:3, 3]
+        lps = np.array(tx.TransformPoint(tuple(flip @ p)))
+        np.testing.assert_allclose(flip @ lps, ras, atol=1e-6)
+    meta = json.loads((out / "metrics.json").read_text())
+    assert (
+        meta["affine_mode"] in ("rigid", "identity")
+        and meta["global"]["mode"] == meta["affine_mode"]
+    )
