@@ -92,6 +92,9 @@ def test_register_png_pair_writes_documented_files(png_pair, tmp_path, capsys):
         "transform.json",
         "warped.png",
         "warped_seg.png",
+        "uncertainty.npy",
+        "uncertainty.png",
+        "warped_prob.npy",
         *stage,
     }
     disp = np.load(out / "disp.npy")

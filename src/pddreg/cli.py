@@ -43,6 +43,11 @@ _REGISTER_OUTPUTS = (
     "warped.*",
     "warped_seg.*",
     "metrics.json",
+    "uncertainty.npy",
+    "uncertainty.nii.gz",
+    "uncertainty.png",
+    "warped_prob.npy",
+    "warped_prob.nii.gz",
 )
 
 
@@ -132,20 +137,44 @@ def _cmd_register(args: argparse.Namespace) -> int:
         fixed_mask=args.fixed_mask,
         moving_mask=args.moving_mask,
         same_grid=args.same_grid,
+        uncertainty=bool(args.uncertainty) and args.method != "none",
     )
+    extra = _landmark_metrics(args, result, moving)
     with atomic_output_dir(args.output, _REGISTER_OUTPUTS) as tmp:
-        _write_register_outputs(tmp, result, fixed, moving, args)
+        _write_register_outputs(tmp, result, fixed, moving, args, extra)
     summary = f"{result.method}: {result.runtime_s:.2f} s"
     if result.affine_mode != "off":
         summary += f", global stage {result.affine_mode}"
     if result.metrics is not None and result.metrics.get("mean_dice") is not None:
         before = result.metrics.get("mean_dice_before")
         summary += f", mean Dice {before:.3f} -> {result.metrics['mean_dice']:.3f}"
+    if "tre_mm" in extra:
+        summary += f", TRE {extra['tre_before_mm']:.2f} -> {extra['tre_mm']:.2f} mm"
     print(f"{summary}; wrote {args.output}")
     return 0
 
 
-def _write_register_outputs(tmp: Path, result: Any, fixed: Any, moving: Any, args: Any) -> None:
+def _landmark_metrics(args: argparse.Namespace, result: Any, moving: Any) -> dict[str, Any]:
+    """TRE entries of metrics.json for ``--fixed-landmarks`` / ``--moving-landmarks``."""
+    if args.fixed_landmarks is None and args.moving_landmarks is None:
+        return {}
+    if args.fixed_landmarks is None or args.moving_landmarks is None:
+        raise InputError("--fixed-landmarks and --moving-landmarks: give both files")
+    from .report.landmarks import landmark_errors, landmark_summary, read_landmarks
+
+    n = result.disp.shape[0]
+    pf, sf = read_landmarks(args.fixed_landmarks, n, args.landmarks_space)
+    pm, sm = read_landmarks(args.moving_landmarks, n, args.landmarks_space)
+    before, after = landmark_errors(result, pf, pm, sf, sm, moving.shape)
+    doc = landmark_summary(before, after)
+    doc["tre"].update({"fixed_landmarks": args.fixed_landmarks, "fixed_space": sf})
+    doc["tre"].update({"moving_landmarks": args.moving_landmarks, "moving_space": sm})
+    return doc
+
+
+def _write_register_outputs(
+    tmp: Path, result: Any, fixed: Any, moving: Any, args: Any, extra: dict | None = None
+) -> None:
     """Every file of ``pddreg register`` (see :mod:`pddreg.data.transforms`) into ``tmp``."""
     from .data.io import write_image
     from .data.learn2reg import write_displacement
@@ -200,6 +229,11 @@ def _write_register_outputs(tmp: Path, result: Any, fixed: Any, moving: Any, arg
 
         d = torch.from_numpy(np.ascontiguousarray(result.disp))[None]
         doc.update({"sdlogj": float(sdlogj(d)), "folding_fraction": float(folding_fraction(d))})
+    if getattr(result, "uncertainty", None) is not None:
+        from .report.uncertainty import write_uncertainty_outputs
+
+        doc.update(write_uncertainty_outputs(tmp, result, fixed))
+    doc.update(extra or {})
     (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
@@ -212,7 +246,10 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
         "stage, then the deformable method) and write into OUT: disp.npy (fixed voxels), "
         "disp_mm.npy, disp.nii.gz (3D, Learn2Reg layout), disp_itk.nii.gz (ITK/ANTs "
         "displacement field), affine.txt and affine.tfm (global stage), transform.json (for "
-        "pddreg apply), warped.*, warped_seg.* (with --moving-seg) and metrics.json. Nothing is "
+        "pddreg apply), warped.*, warped_seg.* (with --moving-seg), uncertainty.npy (+ .nii.gz for "
+        "NIfTI; the expected spread of the displacement per voxel, from the displacement "
+        "probabilities) with its picture uncertainty.png, warped_prob.npy (+ .nii.gz; soft "
+        "label transfer, with --moving-seg) and metrics.json (TRE with landmarks). Nothing is "
         "written unless the whole registration succeeds.",
     )
     p.add_argument("fixed", help="fixed image (.nii/.nii.gz, .png/.jpg, .npy, .mha/.nrrd)")
@@ -248,6 +285,26 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="instance optimisation after the network (pdd; default: the model's setting)",
+    )
+    p.add_argument(
+        "--uncertainty",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write uncertainty.* and uncertainty.png (and warped_prob.* with --moving-seg) "
+        "from the displacement probabilities (mind, pdd; default: on, a few %% of the run time)",
+    )
+    p.add_argument(
+        "--fixed-landmarks",
+        metavar="F.csv",
+        help="fixed landmarks, one point per row (header i,j,k = voxels, x,y,z = mm): TRE "
+        "before and after in metrics.json",
+    )
+    p.add_argument("--moving-landmarks", metavar="M.csv", help="the corresponding moving landmarks")
+    p.add_argument(
+        "--landmarks-space",
+        choices=("auto", "voxel", "mm"),
+        default="auto",
+        help="units of the landmark files (default: by their header, voxel without one)",
     )
     p.set_defaults(func=_cmd_register)
 

@@ -18,6 +18,7 @@ from .regularise import (
     minconv_exact,
     regularise,
 )
+from .spread import prob_variance, soft_variance
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -30,8 +31,10 @@ __all__ = [
     "meanfield",
     "minconv",
     "minconv_exact",
+    "prob_variance",
     "probabilities",
     "regularise",
     "soft_field",
+    "soft_variance",
     "valid_weights",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from torch import Tensor
 from pddreg.features.mind import _box_filter
 
 from .instance import feature_optimise, instance_optimise
+
+if TYPE_CHECKING:
+    from .uncertainty import Posterior
 
 __all__ = ["InstanceConfig", "LevelConfig", "discrete_register", "pool_features"]
 
@@ -248,6 +252,7 @@ def discrete_register(
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
     init: Tensor | None = None,
+    posterior: Posterior | None = None,
 ) -> Tensor:
     """Multi-level discrete registration with any feature extractor.
 
@@ -292,6 +297,9 @@ def discrete_register(
             same way.
         init: ``(B, ndim, *S)`` field in image voxels to start from (None: zero); with
             ``levels`` empty only the instance optimisation runs on it.
+        posterior: a :class:`pddreg.optim.uncertainty.Posterior` that records every level's
+            displacement probabilities (their variance on the image grid, the last level's
+            probabilities) for the uncertainty outputs; None: nothing recorded.
 
     Returns:
         ``(B, ndim, *S)`` dense displacement in voxels of the image grid.
@@ -377,6 +385,8 @@ def discrete_register(
                 c.add_(_prior_term(level.radius, ndim, level_prior * level.radius, c))
             if level.stay:
                 c[:, c.shape[1] // 2].sub_(level.stay)  # the centre of the C-order lattice
+            if posterior is not None:
+                posterior.add_level(c, level.radius, level.spacing, pshape, padded, shape)
             field = soft_field(c, level.radius, level.spacing, max_memory=max_memory)
             del c
             for _ in range(level.field_smooth):
