@@ -626,8 +626,6 @@ def register(
             res.affine,
         )
     return RegistrationResult(
-        uncertainty=unc,
-        warped_prob=wprob,
         disp=disp_np,
         warped=warped,
         warped_seg=warped_seg,
@@ -641,6 +639,8 @@ def register(
         affine=world_affine,
         affine_mode=res.align.mode if res.align is not None else "off",
         details=details,
+        uncertainty=unc,
+        warped_prob=wprob,
     )
 
 

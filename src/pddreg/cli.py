@@ -29,7 +29,7 @@ logger = logging.getLogger("pddreg")
 __all__ = ["atomic_output_dir", "main", "output_suffix", "read_points"]
 
 # Subcommands that live in other modules, each offering ``add_subcommand(subparsers)``.
-_EXTERNAL_COMMANDS = ("pddreg.train.command", "pddreg.data.command")
+_EXTERNAL_COMMANDS = ("pddreg.train.command", "pddreg.data.command", "pddreg.report.segment")
 
 # Files ``register`` may write; stale ones from an earlier run into the same OUT are removed.
 _REGISTER_OUTPUTS = (
@@ -468,11 +468,18 @@ def _cmd_track(args: argparse.Namespace) -> int:
         mode=args.mode,
         model=args.model,
         device=args.device,
+        cycle=args.cycle,
+        segment_model=args.segment_model,
+        combine=args.combine,
+        animation=args.animation,
     )
-    print(
+    line = (
         f"tracked {len(summary['frames'])} frames ({args.method}, {args.mode}) "
-        f"in {summary['runtime_s']:.1f} s; wrote {args.output}"
+        f"in {summary['runtime_s']:.1f} s, {summary['fps']:.1f} frames/s"
     )
+    if summary.get("mean_cycle_error_px") is not None:
+        line += f", mean cycle error {summary['mean_cycle_error_px']:.2f} px"
+    print(f"{line}; wrote {args.output}")
     return 0
 
 
@@ -481,19 +488,56 @@ def _add_track(sub: Any, common: argparse.ArgumentParser) -> None:
         "track",
         parents=[common],
         help="propagate the first frame's segmentation through a 2D+t sequence",
-        description="Propagate FIRST_SEG (the labels of the first frame) through the frames and "
-        "write OUT/seg_TTTT.* and OUT/disp_TTTT.npy per frame, OUT/summary.json and "
-        "OUT/track.png. Mode "
+        description="Propagate FIRST_SEG (the labels of the first frame: a label image, or "
+        "a polygon file .json) through the frames and write OUT/seg_TTTT.* and "
+        "OUT/disp_TTTT.npy per frame, OUT/summary.json (per frame: label sizes, cycle error, "
+        "times; frames per second), OUT/track.png, the overlay animation OUT/track.gif and "
+        "the per-frame curves OUT/curves.png. Mode "
         "'anchored' (default) registers every frame to the first one, starting from the "
         "previous frame's field; 'sequential' registers each frame to the one before and "
-        "composes the fields.",
+        "composes the fields; 'direct' registers every frame to the first one from scratch. "
+        "The cycle error (pixels) tracks back t -> 0 -> t, a consistency "
+        "measure that needs no ground truth.",
     )
     p.add_argument("frames", nargs="+", help="frames in time order (first = reference)")
     p.add_argument("--seg", required=True, metavar="FIRST_SEG", help="labels of the first frame")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--method", choices=("pdd", "mind", "none"), default="mind")
-    p.add_argument("--mode", choices=("anchored", "sequential"), default="anchored")
+    p.add_argument(
+        "--mode",
+        choices=("anchored", "sequential", "direct"),
+        default="anchored",
+        help="anchored (default): each frame to frame 0 from the previous field; sequential: "
+        "each frame to the one before, fields composed; direct: each frame to frame 0 from "
+        "scratch (no chain, no drift; motion since frame 0 within about +-14 px in 2D)",
+    )
     p.add_argument("--model", metavar="PATH", help="saved model for pdd (default: shipped)")
+    p.add_argument(
+        "--cycle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the cycle error t -> 0 -> t per frame (tracks the sequence backwards "
+        "too: twice the time; default: on)",
+    )
+    p.add_argument(
+        "--segment-model",
+        metavar="M",
+        help="a joint segmentation and motion model (pddreg train --joint): its segmentation "
+        "of every frame is combined with the propagated labels",
+    )
+    p.add_argument(
+        "--combine",
+        type=float,
+        default=0.5,
+        help="weight of --segment-model's probabilities against the propagated labels "
+        "(default 0.5)",
+    )
+    p.add_argument(
+        "--animation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write OUT/track.gif (default: on)",
+    )
     p.set_defaults(func=_cmd_track)
 
 

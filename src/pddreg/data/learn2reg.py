@@ -17,6 +17,11 @@ images are present: test images are often distributed separately); ``train`` = t
 training subjects, with ``training_paired_images`` as pairs when the task lists them, else all
 ordered pairs; ``all`` = all ordered pairs of all subjects.
 
+Landmarks: tasks with keypoints (NLST, LungCT, ...) hold ``keypoints*/<image name>.csv``
+(``keypointsTr``, ``keypoints01Tr``, ...), one point per row in voxel coordinates of the image's
+array axes, row ``n`` of a fixed file corresponding to row ``n`` of its moving image's file;
+:meth:`Learn2RegDataset.landmarks` reads them and ``pddreg evaluate`` reports the TRE.
+
 Displacement fields on disk (the challenge's submission format): ``disp_FFFF_MMMM.nii.gz`` with
 ``FFFF``/``MMMM`` the case numbers of the fixed and moving image, array shape
 ``(*spatial, 3)`` (``(*spatial, 2)`` for 2D), in voxels, with the Learn2Reg meaning "fixed voxel
