@@ -8,10 +8,11 @@ Runs ``pddreg track`` (:func:`pddreg.report.track.track_files`) on the frames wi
 first-frame segmentation drawn in ``benchmarks/data/echo_a4c_lv.json`` (LV blood pool and
 myocardium), for every method and mode, with the cycle error (frame t registered back onto
 frame 0 and forth: t -> 0 -> t; pixels, no ground truth needed). Each run writes
-``OUT/<method>_<mode>/`` (``track.gif`` the overlay animation, ``curves.png`` the per-frame
-curves, ``summary.json``, the label maps and fields). Prints per run the frames per second of
-the forward tracking (384x512 frames) and the cycle error (mean over the labels; mean, median and
-last frame), then one table of the cycle error every ``--every`` frames.
+``OUT/<method>_<mode>/`` (``track.gif`` the overlay animation, ``montage.png`` 8 of its frames,
+``curves.png`` the per-frame curves, ``summary.json``, the label maps and fields). Prints per
+run the frames per second of the forward tracking (384x512 frames; also per CPU second, the
+steadier figure on a shared machine) and the cycle error (mean over the labels; mean, median
+and last frame), then one table of the cycle error every ``--every`` frames.
 """
 
 from __future__ import annotations
@@ -24,6 +25,21 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+
+
+def _montage(folder: Path, count: int = 8) -> None:
+    """``montage.png``: ``count`` evenly spaced frames of ``track.gif`` at half size."""
+    from PIL import Image
+
+    gif = Image.open(folder / "track.gif")
+    picks = np.linspace(0, gif.n_frames - 1, count).round().astype(int)
+    tiles = []
+    for t in picks:
+        gif.seek(int(t))
+        im = gif.convert("RGB")
+        tiles.append(np.asarray(im.resize((im.width // 2, im.height // 2))))
+    rows = [np.concatenate(tiles[i : i + 4], 1) for i in range(0, len(tiles), 4)]
+    Image.fromarray(np.concatenate(rows, 0)).save(folder / "montage.png")
 
 
 def main() -> None:
@@ -72,6 +88,7 @@ def main() -> None:
                 ]
             )
             runs[(method, mode)] = summary
+            _montage(out / f"{method}_{mode}")
             shape = "x".join(map(str, summary["frame_shape"]))
             cpu_fps = (len(frames) - 1) / max(summary["cpu_s"], 1e-9)
             line = (

@@ -9,10 +9,13 @@ mean Dice over frames 1..T-1 against the ground-truth masks of:
 
 - ``copy previous``: the ground-truth segmentation of frame t-1 as that of frame t (the
   lecture's baseline); ``copy first``: frame 0's for every frame (no motion at all);
-- ``track anchored`` / ``track sequential``: ``pddreg track`` from frame 0's labels only
+- ``track anchored`` / ``sequential`` / ``direct``: ``pddreg track`` from frame 0's labels only
   (:func:`pddreg.report.track.track_sequence`);
 - ``one step``: frame t registered to frame t-1 and the ground truth of frame t-1 warped with it
-  (the same information as ``copy previous``, plus the registration).
+  (the same information as ``copy previous``, plus the registration);
+- with ``--joint-steps``: a joint segmentation and motion model trained on other sequences (4
+  labelled frames), its segmentation of every frame alone, and combined with ``track``
+  (``--segment-model``).
 
 Prints one Markdown table (mean +- standard deviation over the seeds) and the frames per second.
 """
@@ -31,7 +34,14 @@ def _dice(a: np.ndarray, b: np.ndarray, lab: int) -> float:
     return float(2 * (x & y).sum() / s) if s else float("nan")
 
 
-def run_seed(seed: int, frames: int, shape: tuple[int, int], methods: list[str]) -> dict:
+def run_seed(
+    seed: int,
+    frames: int,
+    shape: tuple[int, int],
+    methods: list[str],
+    joint=None,
+    combine: tuple[float, ...] = (0.5,),
+) -> dict:
     import torch
 
     from pddreg.data.io import normalise_intensity
@@ -52,7 +62,7 @@ def run_seed(seed: int, frames: int, shape: tuple[int, int], methods: list[str])
     score("copy first", [truth[0]] * frames)
     fps = {}
     for method in methods:
-        for mode in ("anchored", "sequential"):
+        for mode in ("anchored", "sequential", "direct"):
             res = track_sequence(images, truth[0], method=method, mode=mode, progress=False)
             score(f"track {mode} ({method})", res.segs)
             if mode == "anchored":
@@ -66,6 +76,21 @@ def run_seed(seed: int, frames: int, shape: tuple[int, int], methods: list[str])
             prev = torch.from_numpy(truth[t - 1])[None, None]
             segs.append(warp_labels(prev, d)[0, 0].numpy())
         score(f"one step ({method})", segs)
+    if joint is not None:
+
+        def segment(frame):
+            return joint.segment(frame)
+
+        seg_alone = []
+        for t in range(frames):
+            f = torch.from_numpy(normalise_intensity(images[t]))[None, None]
+            seg_alone.append(segment(f).argmax(1)[0].numpy())
+        score("joint model's segmentation alone", seg_alone)
+        for w in combine:
+            res = track_sequence(
+                images, truth[0], method=methods[0], segmenter=segment, combine=w, progress=False
+            )
+            score(f"track anchored ({methods[0]}) + joint segmentation (weight {w})", res.segs)
     return {"scores": out, "fps": fps}
 
 
@@ -76,6 +101,21 @@ def main() -> None:
     p.add_argument("--shape", default="96x112")
     p.add_argument("--method", action="append", default=[], choices=("mind", "pdd"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--joint-steps",
+        type=int,
+        default=0,
+        help="also train a joint segmentation and motion model for this many steps on 4 "
+        "labelled frames (frame 0 of 4 other sequences) and 44 unlabelled ones, and combine "
+        "its segmentation of every frame with the propagated labels (0: skip)",
+    )
+    p.add_argument(
+        "--combine",
+        type=float,
+        action="append",
+        default=[],
+        help="weights of the joint segmentation in the combination (default 0.5)",
+    )
     args = p.parse_args()
 
     import torch
@@ -85,8 +125,19 @@ def main() -> None:
     methods = args.method or ["mind"]
     runs = []
     t0 = time.perf_counter()
+    joint = None
+    if args.joint_steps:
+        from pddreg.data.sequence import SequenceDataset
+        from pddreg.train.joint import JointTrainConfig, train_joint
+
+        train_set = SequenceDataset(range(100, 104), args.frames, shape)
+        cfg = JointTrainConfig(labelled=4, steps=args.joint_steps, progress=False)
+        joint = train_joint(train_set, cfg)
+        print(f"joint model trained in {time.perf_counter() - t0:.0f} s", flush=True)
     for seed in range(args.seeds):
-        runs.append(run_seed(seed, args.frames, shape, methods))
+        runs.append(
+            run_seed(seed, args.frames, shape, methods, joint, tuple(args.combine or [0.5]))
+        )
         line = ", ".join(f"{k}: {v[1]:.3f}/{v[2]:.3f}" for k, v in runs[-1]["scores"].items())
         print(f"seed {seed} (heart/instrument) {line}", flush=True)
     names = list(runs[0]["scores"])

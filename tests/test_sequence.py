@@ -11,7 +11,7 @@ import torch
 from PIL import Image as PILImage
 
 from pddreg.data.polygons import rasterise_polygons, read_polygons
-from pddreg.data.sequence import SEQUENCE_LABELS, make_sequence
+from pddreg.data.sequence import SEQUENCE_LABELS, SequenceDataset, make_sequence
 from pddreg.errors import InputError
 from pddreg.report.track import signal_mask, track_sequence, tracking_register_fn
 
@@ -36,6 +36,9 @@ def test_sequence_phantom_moves_as_documented():
     assert max(pool) > 1.2 * min(pool)  # the heart beats (its dark blood pool changes)
     with pytest.raises(InputError):
         make_sequence(1)
+    ds = SequenceDataset([3, 4], frames=8, shape=(64, 72))
+    assert len(ds) == 16 and ds.indices("train")[:2] == [0, 8] and ds.num_labels == 3
+    assert np.array_equal(ds.subject(2).image, images[2]) and len(ds.pairs("train")) == 2 * 56
 
 
 def test_one_step_registration_beats_copying_the_previous_frame():

@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["SEQUENCE_LABELS", "SequenceConfig", "make_sequence"]
+__all__ = ["SEQUENCE_LABELS", "SequenceConfig", "SequenceDataset", "make_sequence"]
 
 #: Label names of :func:`make_sequence`, indexed by value.
 SEQUENCE_LABELS: tuple[str, ...] = ("background", "heart", "instrument")
@@ -151,3 +152,54 @@ def make_sequence(
         images[t] = np.clip(image, 0.0, 1.0)
         labels[t] = lab
     return images, labels
+
+
+class SequenceDataset:
+    """The frames of several sequence phantoms as subjects of one dataset (for training a joint
+    segmentation and motion model, :func:`pddreg.train.joint.train_joint`): subject ``k`` is
+    frame ``k % frames`` of the sequence of seed ``seeds[k // frames]``; every subject is in
+    the ``train`` split (pairs: all ordered pairs of frames of one sequence).
+
+    A minimal :class:`pddreg.data.RegistrationDataset`-like object: ``ndim``, ``num_labels``,
+    ``label_names``, ``indices``, ``pairs``, ``subject``.
+    """
+
+    def __init__(
+        self,
+        seeds: Sequence[int],
+        frames: int = 12,
+        shape: Sequence[int] = (96, 112),
+        config: SequenceConfig | None = None,
+    ) -> None:
+        self.ndim = 2
+        self.label_names = SEQUENCE_LABELS
+        self.num_labels = len(SEQUENCE_LABELS)
+        self._frames = int(frames)
+        self._data = [make_sequence(frames, shape, int(s), config) for s in seeds]
+        self._seeds = [int(s) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self._data) * self._frames
+
+    def indices(self, split: str = "all") -> list[int]:
+        """Every frame (``train``, ``all``): the first frame of every sequence first, so that
+        "the first N subjects" (the labelled ones of :func:`pddreg.train.joint.train_joint`)
+        are spread over the sequences."""
+        if split not in ("train", "all"):
+            return []
+        firsts = [s * self._frames for s in range(len(self._data))]
+        return firsts + [i for i in range(len(self)) if i % self._frames]
+
+    def pairs(self, split: str = "all") -> list[tuple[int, int]]:
+        out = []
+        for s in range(len(self._data)) if split in ("train", "all") else []:
+            ids = range(s * self._frames, (s + 1) * self._frames)
+            out += [(i, j) for i in ids for j in ids if i != j]
+        return out
+
+    def subject(self, i: int) -> Any:
+        from .datasets import Subject
+
+        s, t = divmod(int(i), self._frames)
+        images, labels = self._data[s]
+        return Subject(images[t], labels[t], (1.0, 1.0), f"sequence{self._seeds[s]}_{t:03d}")
