@@ -92,6 +92,9 @@ def test_register_png_pair_writes_documented_files(png_pair, tmp_path, capsys):
         "transform.json",
         "warped.png",
         "warped_seg.png",
+        "uncertainty.npy",
+        "uncertainty.png",
+        "warped_prob.npy",
         *stage,
     }
     disp = np.load(out / "disp.npy")
@@ -291,10 +294,11 @@ def test_track_command(tmp_path, capsys):
     assert names == sorted(
         [f"seg_{t:04d}.png" for t in range(4)]
         + [f"disp_{t:04d}.npy" for t in range(4)]
-        + ["summary.json", "track.png"]
+        + ["summary.json", "track.png", "track.gif", "curves.png"]
     )
     summary = json.loads((out / "summary.json").read_text())
     assert [f["frame"] for f in summary["frames"]] == [0, 1, 2, 3]
+    assert summary["fps"] > 0 and summary["frames"][2]["cycle_error_px"] == 0.0  # none: 0
     assert summary["frames"][3]["file"] == frames[3]
     capsys.readouterr()
     # a frame of another shape: one line, nothing written

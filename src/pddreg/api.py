@@ -68,6 +68,12 @@ class RegistrationResult:
         affine_mode: ``"off"`` or what the global stage used (``"identity"`` when ``auto`` kept
             the headers' alignment, ``"translation"``, ``"rigid"``, ``"affine"``).
         details: global-stage similarities and parameters, working grid, times per stage.
+        uncertainty: with ``uncertainty=True`` (``mind``, ``pdd``): ``(*S)`` float32, per fixed
+            voxel the expected spread of the displacement in fixed voxels, from the
+            displacement probabilities (:mod:`pddreg.optim.uncertainty`); else None.
+        warped_prob: with ``uncertainty=True`` and ``moving_seg``: ``(K, *S)`` float32
+            per-label probabilities of the moving labels on the fixed grid (soft label
+            transfer, channel ``k`` = label ``k``); else None.
     """
 
     disp: np.ndarray
@@ -83,6 +89,8 @@ class RegistrationResult:
     affine: np.ndarray | None = None
     affine_mode: str = "off"
     details: dict[str, Any] = field(default_factory=dict)
+    uncertainty: np.ndarray | None = None
+    warped_prob: np.ndarray | None = None
 
     @property
     def disp_mm(self) -> np.ndarray:
@@ -294,7 +302,9 @@ def make_register_fn(
     disp (1, ndim, *S)`` for ``method``, on one grid (no world coordinates, no global stage).
 
     Inputs are float32 tensors in [0, 1] on ``device``; masks ``(1, 1, *S)`` in [0, 1] (only
-    voxels inside count in the similarity; the moving mask lies on the moving image). The model
+    voxels inside count in the similarity; the moving mask lies on the moving image). A keyword
+    ``posterior`` (a :class:`pddreg.optim.uncertainty.Posterior`) records the displacement
+    probabilities (``mind``, ``pdd``; ``none`` records nothing). The model
     (``pdd``) is loaded once here, so the function is cheap to call for many pairs (sequences,
     evaluation).
 
@@ -317,6 +327,7 @@ def make_register_fn(
             moving: torch.Tensor,
             fixed_mask: Any = None,
             moving_mask: Any = None,
+            posterior: Any = None,
         ) -> torch.Tensor:
             return torch.zeros((fixed.shape[0], ndim, *fixed.shape[2:]), device=fixed.device)
 
@@ -331,10 +342,16 @@ def make_register_fn(
             moving: torch.Tensor,
             fixed_mask: torch.Tensor | None = None,
             moving_mask: torch.Tensor | None = None,
+            posterior: Any = None,
         ) -> torch.Tensor:
             with torch.no_grad():
                 return register_mind(
-                    fixed, moving, mind_config, fixed_mask=fixed_mask, moving_mask=moving_mask
+                    fixed,
+                    moving,
+                    mind_config,
+                    fixed_mask=fixed_mask,
+                    moving_mask=moving_mask,
+                    posterior=posterior,
                 )
 
         return mind_fn
@@ -346,11 +363,17 @@ def make_register_fn(
         moving: torch.Tensor,
         fixed_mask: torch.Tensor | None = None,
         moving_mask: torch.Tensor | None = None,
+        posterior: Any = None,
     ) -> torch.Tensor:
         masks = {}
         if fixed_mask is not None or moving_mask is not None:
             masks = {"fixed_mask": fixed_mask, "moving_mask": moving_mask}
-        return net.register(fixed, moving, **kwargs, **masks).detach()
+        if posterior is None:
+            return net.register(fixed, moving, **kwargs, **masks).detach()
+        from .optim.uncertainty import record_forward
+
+        with record_forward(net, posterior, tuple(fixed.shape[2:])):
+            return net.register(fixed, moving, **kwargs, **masks).detach()
 
     return pdd_fn
 
@@ -425,6 +448,7 @@ def register(
     moving_mask: Any = None,
     same_grid: bool = False,
     max_memory: int | str | None = None,
+    uncertainty: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` (2D or 3D) and return the field and the warped images.
 
@@ -460,6 +484,9 @@ def register(
         max_memory: memory budget (bytes, or a size such as ``"4G"``): a registration whose
             estimated peak (:func:`pddreg.memory.estimate_registration`) exceeds it is refused
             before it allocates; None: the memory available on the device.
+        uncertainty: also return the registration uncertainty (``result.uncertainty``) and,
+            with ``moving_seg``, the soft label transfer (``result.warped_prob``), made from the
+            displacement probabilities of ``mind`` or ``pdd`` (:mod:`pddreg.optim.uncertainty`).
 
     Returns:
         :class:`RegistrationResult` (NumPy arrays on the CPU).
@@ -544,6 +571,11 @@ def register(
     f_t = _to_batch(normalise_intensity(f_arr), dev)
     m_t = _to_batch(normalise_intensity(m_arr), dev)
     deformable = None
+    posterior = None
+    if uncertainty and method != "none":
+        from .optim.uncertainty import Posterior
+
+        posterior = Posterior(keep_prob=mseg is not None)
     if method != "none":
         # In 3D the global stage takes the large motion: the capture search (a second run of
         # the levels) is kept for 2D and for registrations without a global stage.
@@ -553,9 +585,10 @@ def register(
         )
 
         def deformable(fw, mw, fmw, mmw):  # noqa: ANN001, ANN202 - pipeline.DeformableFn
+            extra = {} if posterior is None else {"posterior": posterior}
             if fmw is None and mmw is None:
-                return fn(fw, mw)
-            return fn(fw, mw, fixed_mask=fmw, moving_mask=mmw)
+                return fn(fw, mw, **extra)
+            return fn(fw, mw, fixed_mask=fmw, moving_mask=mmw, **extra)
 
     start = time.perf_counter()
     res = pipeline.run(
@@ -617,6 +650,17 @@ def register(
             "parameters": _jsonable(res.align.parameters),
             "matrix_voxels": res.affine.tolist() if res.affine is not None else None,
         }
+    unc = wprob = None
+    if posterior is not None and posterior.variance is not None:
+        from .optim.uncertainty import posterior_outputs
+
+        unc, wprob = posterior_outputs(
+            posterior,
+            disp,
+            None if mseg is None else torch.from_numpy(mseg)[None, None].to(dev),
+            m_map,
+            res.affine,
+        )
     return RegistrationResult(
         disp=disp_np,
         warped=warped,
@@ -631,6 +675,8 @@ def register(
         affine=world_affine,
         affine_mode=res.align.mode if res.align is not None else "off",
         details=details,
+        uncertainty=unc,
+        warped_prob=wprob,
     )
 
 

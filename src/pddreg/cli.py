@@ -29,7 +29,12 @@ logger = logging.getLogger("pddreg")
 __all__ = ["atomic_output_dir", "main", "output_suffix", "read_points"]
 
 # Subcommands that live in other modules, each offering ``add_subcommand(subparsers)``.
-_EXTERNAL_COMMANDS = ("pddreg.train.command", "pddreg.data.command", "pddreg.batch")
+_EXTERNAL_COMMANDS = (
+    "pddreg.train.command",
+    "pddreg.data.command",
+    "pddreg.batch",
+    "pddreg.report.segment",
+)
 
 # Files ``register`` may write; stale ones from an earlier run into the same OUT are removed.
 _REGISTER_OUTPUTS = (
@@ -43,6 +48,11 @@ _REGISTER_OUTPUTS = (
     "warped.*",
     "warped_seg.*",
     "metrics.json",
+    "uncertainty.npy",
+    "uncertainty.nii.gz",
+    "uncertainty.png",
+    "warped_prob.npy",
+    "warped_prob.nii.gz",
 )
 
 
@@ -133,20 +143,44 @@ def _cmd_register(args: argparse.Namespace) -> int:
         moving_mask=args.moving_mask,
         same_grid=args.same_grid,
         max_memory=args.max_memory,
+        uncertainty=bool(args.uncertainty) and args.method != "none",
     )
+    extra = _landmark_metrics(args, result, moving)
     with atomic_output_dir(args.output, _REGISTER_OUTPUTS) as tmp:
-        _write_register_outputs(tmp, result, fixed, moving, args)
+        _write_register_outputs(tmp, result, fixed, moving, args, extra)
     summary = f"{result.method}: {result.runtime_s:.2f} s"
     if result.affine_mode != "off":
         summary += f", global stage {result.affine_mode}"
     if result.metrics is not None and result.metrics.get("mean_dice") is not None:
         before = result.metrics.get("mean_dice_before")
         summary += f", mean Dice {before:.3f} -> {result.metrics['mean_dice']:.3f}"
+    if "tre_mm" in extra:
+        summary += f", TRE {extra['tre_before_mm']:.2f} -> {extra['tre_mm']:.2f} mm"
     print(f"{summary}; wrote {args.output}")
     return 0
 
 
-def _write_register_outputs(tmp: Path, result: Any, fixed: Any, moving: Any, args: Any) -> None:
+def _landmark_metrics(args: argparse.Namespace, result: Any, moving: Any) -> dict[str, Any]:
+    """TRE entries of metrics.json for ``--fixed-landmarks`` / ``--moving-landmarks``."""
+    if args.fixed_landmarks is None and args.moving_landmarks is None:
+        return {}
+    if args.fixed_landmarks is None or args.moving_landmarks is None:
+        raise InputError("--fixed-landmarks and --moving-landmarks: give both files")
+    from .report.landmarks import landmark_errors, landmark_summary, read_landmarks
+
+    n = result.disp.shape[0]
+    pf, sf = read_landmarks(args.fixed_landmarks, n, args.landmarks_space)
+    pm, sm = read_landmarks(args.moving_landmarks, n, args.landmarks_space)
+    before, after = landmark_errors(result, pf, pm, sf, sm, moving.shape)
+    doc = landmark_summary(before, after)
+    doc["tre"].update({"fixed_landmarks": args.fixed_landmarks, "fixed_space": sf})
+    doc["tre"].update({"moving_landmarks": args.moving_landmarks, "moving_space": sm})
+    return doc
+
+
+def _write_register_outputs(
+    tmp: Path, result: Any, fixed: Any, moving: Any, args: Any, extra: dict | None = None
+) -> None:
     """Every file of ``pddreg register`` (see :mod:`pddreg.data.transforms`) into ``tmp``."""
     from .data.io import write_image
     from .data.learn2reg import write_displacement
@@ -201,6 +235,11 @@ def _write_register_outputs(tmp: Path, result: Any, fixed: Any, moving: Any, arg
 
         d = torch.from_numpy(np.ascontiguousarray(result.disp))[None]
         doc.update({"sdlogj": float(sdlogj(d)), "folding_fraction": float(folding_fraction(d))})
+    if getattr(result, "uncertainty", None) is not None:
+        from .report.uncertainty import write_uncertainty_outputs
+
+        doc.update(write_uncertainty_outputs(tmp, result, fixed))
+    doc.update(extra or {})
     (tmp / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
@@ -213,7 +252,10 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
         "stage, then the deformable method) and write into OUT: disp.npy (fixed voxels), "
         "disp_mm.npy, disp.nii.gz (3D, Learn2Reg layout), disp_itk.nii.gz (ITK/ANTs "
         "displacement field), affine.txt and affine.tfm (global stage), transform.json (for "
-        "pddreg apply), warped.*, warped_seg.* (with --moving-seg) and metrics.json. Nothing is "
+        "pddreg apply), warped.*, warped_seg.* (with --moving-seg), uncertainty.npy (+ .nii.gz for "
+        "NIfTI; the expected spread of the displacement per voxel, from the displacement "
+        "probabilities) with its picture uncertainty.png, warped_prob.npy (+ .nii.gz; soft "
+        "label transfer, with --moving-seg) and metrics.json (TRE with landmarks). Nothing is "
         "written unless the whole registration succeeds.",
     )
     p.add_argument("fixed", help="fixed image (.nii/.nii.gz, .png/.jpg, .npy, .mha/.nrrd)")
@@ -256,6 +298,26 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
         default=None,
         help="memory budget, e.g. 4G or 512M: a registration estimated to need more is refused "
         "before it allocates (default: the memory available on the device)",
+    )
+    p.add_argument(
+        "--uncertainty",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write uncertainty.* and uncertainty.png (and warped_prob.* with --moving-seg) "
+        "from the displacement probabilities (mind, pdd; default: on, a few %% of the run time)",
+    )
+    p.add_argument(
+        "--fixed-landmarks",
+        metavar="F.csv",
+        help="fixed landmarks, one point per row (header i,j,k = voxels, x,y,z = mm): TRE "
+        "before and after in metrics.json",
+    )
+    p.add_argument("--moving-landmarks", metavar="M.csv", help="the corresponding moving landmarks")
+    p.add_argument(
+        "--landmarks-space",
+        choices=("auto", "voxel", "mm"),
+        default="auto",
+        help="units of the landmark files (default: by their header, voxel without one)",
     )
     p.set_defaults(func=_cmd_register)
 
@@ -422,11 +484,18 @@ def _cmd_track(args: argparse.Namespace) -> int:
         mode=args.mode,
         model=args.model,
         device=args.device,
+        cycle=args.cycle,
+        segment_model=args.segment_model,
+        combine=args.combine,
+        animation=args.animation,
     )
-    print(
+    line = (
         f"tracked {len(summary['frames'])} frames ({args.method}, {args.mode}) "
-        f"in {summary['runtime_s']:.1f} s; wrote {args.output}"
+        f"in {summary['runtime_s']:.1f} s, {summary['fps']:.1f} frames/s"
     )
+    if summary.get("mean_cycle_error_px") is not None:
+        line += f", mean cycle error {summary['mean_cycle_error_px']:.2f} px"
+    print(f"{line}; wrote {args.output}")
     return 0
 
 
@@ -435,19 +504,56 @@ def _add_track(sub: Any, common: argparse.ArgumentParser) -> None:
         "track",
         parents=[common],
         help="propagate the first frame's segmentation through a 2D+t sequence",
-        description="Propagate FIRST_SEG (the labels of the first frame) through the frames and "
-        "write OUT/seg_TTTT.* and OUT/disp_TTTT.npy per frame, OUT/summary.json and "
-        "OUT/track.png. Mode "
+        description="Propagate FIRST_SEG (the labels of the first frame: a label image, or "
+        "a polygon file .json) through the frames and write OUT/seg_TTTT.* and "
+        "OUT/disp_TTTT.npy per frame, OUT/summary.json (per frame: label sizes, cycle error, "
+        "times; frames per second), OUT/track.png, the overlay animation OUT/track.gif and "
+        "the per-frame curves OUT/curves.png. Mode "
         "'anchored' (default) registers every frame to the first one, starting from the "
         "previous frame's field; 'sequential' registers each frame to the one before and "
-        "composes the fields.",
+        "composes the fields; 'direct' registers every frame to the first one from scratch. "
+        "The cycle error (pixels) tracks back t -> 0 -> t, a consistency "
+        "measure that needs no ground truth.",
     )
     p.add_argument("frames", nargs="+", help="frames in time order (first = reference)")
     p.add_argument("--seg", required=True, metavar="FIRST_SEG", help="labels of the first frame")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--method", choices=("pdd", "mind", "none"), default="mind")
-    p.add_argument("--mode", choices=("anchored", "sequential"), default="anchored")
+    p.add_argument(
+        "--mode",
+        choices=("anchored", "sequential", "direct"),
+        default="anchored",
+        help="anchored (default): each frame to frame 0 from the previous field; sequential: "
+        "each frame to the one before, fields composed; direct: each frame to frame 0 from "
+        "scratch (no chain, no drift; motion since frame 0 within about +-14 px in 2D)",
+    )
     p.add_argument("--model", metavar="PATH", help="saved model for pdd (default: shipped)")
+    p.add_argument(
+        "--cycle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the cycle error t -> 0 -> t per frame (tracks the sequence backwards "
+        "too: twice the time; default: on)",
+    )
+    p.add_argument(
+        "--segment-model",
+        metavar="M",
+        help="a joint segmentation and motion model (pddreg train --joint): its segmentation "
+        "of every frame is combined with the propagated labels",
+    )
+    p.add_argument(
+        "--combine",
+        type=float,
+        default=0.5,
+        help="weight of --segment-model's probabilities against the propagated labels "
+        "(default 0.5)",
+    )
+    p.add_argument(
+        "--animation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write OUT/track.gif (default: on)",
+    )
     p.set_defaults(func=_cmd_track)
 
 

@@ -23,6 +23,7 @@ from .regularise import (
     minconv_exact,
     regularise,
 )
+from .spread import prob_variance, soft_variance
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -35,9 +36,11 @@ __all__ = [
     "meanfield",
     "minconv",
     "minconv_exact",
+    "prob_variance",
     "probabilities",
     "probabilities_and_field",
     "regularise",
     "soft_field",
+    "soft_variance",
     "valid_weights",
 ]

@@ -207,6 +207,12 @@ class RegistrationDataset:
             return list(self._pairs[split])
         return _all_pairs(self._splits[split])
 
+    def landmarks(self, i: int) -> np.ndarray | None:
+        """Landmarks of subject ``i`` as ``(N, ndim)`` float64 voxel coordinates (array axis
+        order), row ``n`` corresponding to row ``n`` of the other subjects' files; None where
+        the dataset has none (the default; Learn2Reg tasks read their ``keypoints*`` folders)."""
+        return None
+
     def sample_pair(self, gen, split: str = "train"):
         """A random ``(fixed, moving)`` pair of ``pairs(split)`` (uniform) as tensors.
 

@@ -17,6 +17,11 @@ images are present: test images are often distributed separately); ``train`` = t
 training subjects, with ``training_paired_images`` as pairs when the task lists them, else all
 ordered pairs; ``all`` = all ordered pairs of all subjects.
 
+Landmarks: tasks with keypoints (NLST, LungCT, ...) hold ``keypoints*/<image name>.csv``
+(``keypointsTr``, ``keypoints01Tr``, ...), one point per row in voxel coordinates of the image's
+array axes, row ``n`` of a fixed file corresponding to row ``n`` of its moving image's file;
+:meth:`Learn2RegDataset.landmarks` reads them and ``pddreg evaluate`` reports the TRE.
+
 Displacement fields on disk (the challenge's submission format): ``disp_FFFF_MMMM.nii.gz`` with
 ``FFFF``/``MMMM`` the case numbers of the fixed and moving image, array shape
 ``(*spatial, 3)`` (``(*spatial, 2)`` for 2D), in voxels, with the Learn2Reg meaning "fixed voxel
@@ -51,6 +56,7 @@ __all__ = [
     "case_id",
     "displacement_filename",
     "read_displacement",
+    "read_keypoints",
     "write_displacement",
 ]
 
@@ -137,6 +143,31 @@ def read_displacement(path: str | os.PathLike) -> np.ndarray:
             f"{p}: expected a displacement field of shape (*spatial, ndim), got {data.shape}"
         )
     return np.ascontiguousarray(np.moveaxis(data, -1, 0))
+
+
+def read_keypoints(path: str | os.PathLike, ndim: int) -> np.ndarray:
+    """A Learn2Reg keypoint file: one point per row (comma or white space separated), the first
+    ``ndim`` numbers in voxel coordinates; a header row is skipped. Returns ``(N, ndim)``."""
+    p = Path(path)
+    rows = []
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p}: cannot read the keypoints ({_one_line(exc)})") from None
+    for n, line in enumerate(lines):
+        cells = [c for c in re.split(r"[,;\s]+", line.strip()) if c]
+        if not cells:
+            continue
+        try:
+            rows.append([float(c) for c in cells[:ndim]])
+        except ValueError:
+            if n == 0 and not rows:
+                continue  # a header
+            raise InputError(f"{p}: line {n + 1} is not a row of numbers") from None
+    pts = np.asarray(rows, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[0] == 0 or pts.shape[1] != ndim or not np.isfinite(pts).all():
+        raise InputError(f"{p}: expected rows of {ndim} finite voxel coordinates")
+    return pts
 
 
 def _label_names(raw) -> tuple[str, ...]:
@@ -314,6 +345,21 @@ class Learn2RegDataset(RegistrationDataset):
         image, labels, spacing = _read_pair(self.image_files[i], self.label_files[i])
         subject = Subject(image, labels, spacing, self.names[i])
         return _check_subject(subject, str(self.label_files[i]))
+
+    def landmarks(self, i: int) -> np.ndarray | None:
+        """Keypoints of subject ``i`` from the task's ``keypoints*`` folders (``keypointsTr``,
+        ``keypoints01Tr``, ...): ``<image name>.csv``, one point per row in voxel coordinates
+        of the image's array axes (the Learn2Reg layout; a header row is skipped). Returns
+        ``(N, ndim)`` float64 or None when the subject has no keypoint file."""
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"landmarks(): index {i} out of range for {len(self)} subjects")
+        stem = _strip_suffix(self.image_files[i].name)
+        for folder in sorted(self.root.glob("keypoints*")):
+            path = folder / f"{stem}.csv"
+            if path.is_file():
+                return read_keypoints(path, self.ndim)
+        return None
 
     def displacement_path(self, fixed: int, moving: int, out_dir: str | os.PathLike) -> Path:
         """``out_dir/disp_FFFF_MMMM.nii.gz`` for subjects ``fixed`` and ``moving``."""

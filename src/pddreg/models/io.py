@@ -27,6 +27,8 @@ __all__ = ["MODEL_CLASSES", "load_model", "pretrained", "pretrained_path", "save
 MODEL_CLASSES: dict[str, str] = {
     "PDDNet": "pddreg.models.pdd:PDDNet",
     "VoxelMorph": "pddreg.models.voxelmorph:VoxelMorph",
+    "JointNet": "pddreg.models.joint:JointNet",
+    "SegNet": "pddreg.models.joint:SegNet",
 }
 
 #: Shipped weights per dimension, in ``pddreg/weights/`` (made by ``scripts/pretrain.py``).

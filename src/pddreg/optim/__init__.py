@@ -4,7 +4,10 @@
   the SSD of warped features), see :mod:`pddreg.optim.instance`;
 * :func:`discrete_register` with :class:`LevelConfig` / :class:`InstanceConfig`: the generic
   multi-level discrete search for any feature extractor, see :mod:`pddreg.optim.discrete`;
-* :func:`register_mind` with :class:`MindConfig`: the MIND-SSC method (``--method mind``).
+* :func:`register_mind` with :class:`MindConfig`: the MIND-SSC method (``--method mind``);
+* :class:`Posterior`, :func:`uncertainty_map`, :func:`soft_label_transfer`: registration
+  uncertainty and soft label transfer from the displacement probabilities
+  (:mod:`pddreg.optim.uncertainty`).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from .discrete import (
 )
 from .instance import cost_objective, feature_objective, feature_optimise, instance_optimise
 from .mindreg import MindConfig, default_levels, mind_features, register_mind
+from .uncertainty import Posterior, soft_label_transfer, uncertainty_map
 
 __all__ = [
     "InstanceConfig",
     "LevelConfig",
     "LevelOutput",
     "MindConfig",
+    "Posterior",
     "cost_objective",
     "default_levels",
     "discrete_register",
@@ -35,4 +40,6 @@ __all__ = [
     "mind_features",
     "pool_features",
     "register_mind",
+    "soft_label_transfer",
+    "uncertainty_map",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from torch import Tensor
 from pddreg.features.mind import _box_filter
 
 from .instance import feature_optimise, instance_optimise
+
+if TYPE_CHECKING:
+    from .uncertainty import Posterior
 
 __all__ = [
     "InstanceConfig",
@@ -275,6 +279,7 @@ def level_step(
     images: tuple[Tensor, Tensor, Callable[[Tensor], Tensor]] | None = None,
     want_prob: bool = False,
     keep_cost: bool = False,
+    posterior: Posterior | None = None,
 ) -> LevelOutput:
     """One level of :func:`discrete_register` (differentiable when autograd is on: the learned
     PDD-Net runs the same levels in training).
@@ -289,6 +294,8 @@ def level_step(
         images: ``(fixed, moving, features)`` for levels with ``recompute``.
         want_prob: also return the probabilities (and use the fused softmax + field).
         keep_cost: also return the raw cost (for the cost-volume instance optimisation).
+        posterior: a :class:`pddreg.optim.uncertainty.Posterior` that records the level's
+            regularised cost (the displacement probabilities), or None.
 
     Returns:
         :class:`LevelOutput`.
@@ -360,6 +367,9 @@ def level_step(
         bonus = torch.zeros((1, c.shape[1], *([1] * ndim)), dtype=c.dtype, device=c.device)
         bonus[:, c.shape[1] // 2] = level.stay  # the centre of the C-order lattice
         c = c - bonus if grad else c.sub_(bonus)
+    if posterior is not None:
+        image_shape = fshape if images is None else tuple(images[0].shape[2:])
+        posterior.add_level(c, level.radius, level.spacing, pshape, padded, image_shape)
     prob = None
     if want_prob:
         disps = displacement_set(level.radius, level.spacing, ndim, device=c.device, dtype=c.dtype)
@@ -395,6 +405,7 @@ def discrete_register(
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
     init: Tensor | None = None,
+    posterior: Posterior | None = None,
 ) -> Tensor:
     """Multi-level discrete registration with any feature extractor.
 
@@ -439,6 +450,9 @@ def discrete_register(
             same way.
         init: ``(B, ndim, *S)`` field in image voxels to start from (None: zero); with
             ``levels`` empty only the instance optimisation runs on it.
+        posterior: a :class:`pddreg.optim.uncertainty.Posterior` that records every level's
+            displacement probabilities (their variance on the image grid, the last level's
+            probabilities) for the uncertainty outputs; None: nothing recorded.
 
     Returns:
         ``(B, ndim, *S)`` dense displacement in voxels of the image grid.
@@ -488,6 +502,7 @@ def discrete_register(
                 moving_mask=mmask_f,
                 images=(fixed, moving, features),
                 keep_cost=keep_cost,
+                posterior=posterior,
             )
             logger.debug(
                 "discrete_register: level %d grid %s labels %d |r| max %.2f",

@@ -18,6 +18,7 @@ from torch import Tensor
 from pddreg.features.mind import mind_ssc
 
 from .discrete import InstanceConfig, LevelConfig, discrete_register, pool_features
+from .uncertainty import Posterior
 
 __all__ = [
     "MindConfig",
@@ -260,6 +261,7 @@ def register_mind(
     *,
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
+    posterior: Posterior | None = None,
 ) -> Tensor:
     """Register ``moving`` to ``fixed`` with MIND-SSC features and discrete search.
 
@@ -269,6 +271,8 @@ def register_mind(
         config: :class:`MindConfig` (None: defaults).
         fixed_mask, moving_mask: ``(B, 1, *S)`` masks in [0, 1] or None: only voxels inside
             count in the similarity (see :func:`discrete_register`).
+        posterior: a :class:`pddreg.optim.uncertainty.Posterior` to record the displacement
+            probabilities in (of the run kept where the capture level was tried); None: none.
 
     Returns:
         ``(B, ndim, *S)`` dense displacement in voxels, ``warped(x) = moving(x + u(x))``.
@@ -320,11 +324,19 @@ def register_mind(
     if cfg.capture or (cfg.capture is None and not user_levels):
         extra = capture_level(ndim, fshape, levels if not cfg.capture else ())
     if extra is None:
-        return discrete_register(fixed, moving, features, levels, instance=cfg.instance, **common)
+        return discrete_register(
+            fixed, moving, features, levels, instance=cfg.instance, posterior=posterior, **common
+        )
     # Large motion: the levels with and without the capture level, the better match wins.
-    plain = discrete_register(fixed, moving, features, levels, **common)
-    wide = discrete_register(fixed, moving, features, (extra, *levels), **common)
+    posts = [None, None] if posterior is None else [Posterior(posterior.keep_prob) for _ in "pw"]
+    plain = discrete_register(fixed, moving, features, levels, posterior=posts[0], **common)
+    wide = discrete_register(
+        fixed, moving, features, (extra, *levels), posterior=posts[1], **common
+    )
     chosen = _better(plain, wide, features(fixed), features(moving), fixed_mask, moving_mask)
+    if posterior is not None and posts[0] is not None and posts[1] is not None:
+        take = (chosen == wide).flatten(1).all(1)  # the batch elements that kept ``wide``
+        posterior.update(posts[0].select(take, posts[1]))
     if cfg.instance is None or cfg.instance.iters <= 0:
         return chosen
     return discrete_register(

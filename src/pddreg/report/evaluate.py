@@ -166,9 +166,13 @@ def evaluate_method(
         (``{label: fixed volume in mm^ndim}``), ``domain`` (image volume in mm^ndim),
         ``mean_dice``, ``mean_hd95``, ``sdlogj``, ``folding`` (fraction), ``time`` (seconds,
         the call of ``register_fn`` only) and ``error`` (``None`` or the reason the field was
-        unusable). A field with non-finite values gives NaN metrics and an ``error``.
+        unusable). A field with non-finite values gives NaN metrics and an ``error``. Where
+        both subjects have landmarks (``dataset.landmarks(i)``, e.g. Learn2Reg keypoints) the
+        record also holds ``tre_before`` and ``tre`` (mean target registration error in mm,
+        :func:`pddreg.metrics.tre`) and ``landmarks`` (their number); pairs with landmarks
+        need no label maps.
     """
-    from pddreg.metrics import dice, folding_fraction, hd95, sdlogj
+    from pddreg.metrics import dice, folding_fraction, hd95, sdlogj, tre
     from pddreg.spatial import warp_labels
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -181,19 +185,25 @@ def evaluate_method(
         iterator = tqdm(pairs, desc=f"evaluate {name}", unit="pair")
     for fi, mi in iterator:
         fs, ms = dataset.subject(int(fi)), dataset.subject(int(mi))
-        if fs.labels is None or ms.labels is None:
+        points = _pair_landmarks(dataset, int(fi), int(mi))
+        unlabelled = fs.labels is None or ms.labels is None
+        if unlabelled and points is None:
             raise InputError(
                 f"dataset: subjects {fs.name!r} and {ms.name!r} need label maps to be evaluated "
                 "(Learn2Reg test pairs have none: try --pairs val)"
             )
         fixed = _to_tensor(fs.image, torch.float32, dev)[None, None]
         moving = _to_tensor(ms.image, torch.float32, dev)[None, None]
-        fixed_seg = _to_tensor(fs.labels, torch.int64, "cpu")[None, None]
-        moving_seg = _to_tensor(ms.labels, torch.int64, "cpu")[None, None]
+        fixed_lab = np.zeros(fs.image.shape, np.int64) if unlabelled else fs.labels
+        moving_lab = np.zeros(ms.image.shape, np.int64) if unlabelled else ms.labels
+        fixed_seg = _to_tensor(fixed_lab, torch.int64, "cpu")[None, None]
+        moving_seg = _to_tensor(moving_lab, torch.int64, "cpu")[None, None]
         ndim = fixed.dim() - 2
         spacing = tuple(float(s) for s in (fs.spacing or (1.0,) * ndim))
-        labels = list(range(1, num_labels)) if num_labels > 1 else None
-        if labels is None:
+        labels = list(range(1, num_labels)) if num_labels > 1 and not unlabelled else None
+        if unlabelled:
+            labels = []
+        elif labels is None:
             found = np.union1d(np.unique(fs.labels), np.unique(ms.labels))
             labels = [int(v) for v in found if v != 0]
 
@@ -223,6 +233,11 @@ def evaluate_method(
             "time": elapsed,
             "error": None,
         }
+        if points is not None:
+            zero = torch.zeros_like(disp[0])
+            record["landmarks"] = int(points[0].shape[0])
+            record["tre_before"] = float(tre(points[0], points[1], zero, spacing).mean())
+            record["tre"] = math.nan
         if not torch.isfinite(disp).all():
             logger.warning("%s: non-finite displacement for pair %s/%s", name, fs.name, ms.name)
             record.update(
@@ -236,6 +251,8 @@ def evaluate_method(
             )
             records.append(record)
             continue
+        if points is not None:
+            record["tre"] = float(tre(points[0], points[1], disp[0], spacing).mean())
         warped = warp_labels(moving_seg, disp)[0, 0].numpy()
         scores = dice(fixed_np, warped, labels=labels, reference=moving_seg)
         d = {int(k): _finite_or_nan(v) for k, v in scores.items()}
@@ -253,6 +270,26 @@ def evaluate_method(
         )
         records.append(record)
     return records
+
+
+def _pair_landmarks(dataset: Any, fi: int, mi: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The landmarks of both subjects of a pair (voxels), or None where either has none."""
+    get = getattr(dataset, "landmarks", None)
+    if get is None:
+        return None
+    pf, pm = get(fi), get(mi)
+    if pf is None or pm is None:
+        return None
+    if len(pf) != len(pm):
+        logger.warning(
+            "landmarks of subjects %d and %d differ in number (%d, %d): no TRE for the pair",
+            fi,
+            mi,
+            len(pf),
+            len(pm),
+        )
+        return None
+    return np.asarray(pf, dtype=np.float64), np.asarray(pm, dtype=np.float64)
 
 
 def _nanmean(values: Iterable[float]) -> float:
@@ -314,6 +351,10 @@ def summarise(
         row["sdlogj"] = _nanmean(r["sdlogj"] for r in rs)
         row["folding_pct"] = 100.0 * _nanmean(r["folding"] for r in rs)
         row["time"] = _nanmean(r["time"] for r in rs)
+        if any("tre" in r for r in records):
+            row["tre_before"] = _nanmean(r.get("tre_before", math.nan) for r in rs)
+            row["tre"] = _nanmean(r.get("tre", math.nan) for r in rs)
+            row["tre_std"] = _nanstd(r.get("tre", math.nan) for r in rs)
         row["dice_large"] = _nanmean(per_label.get(lab, math.nan) for lab in large)
         row["dice_small"] = _nanmean(per_label.get(lab, math.nan) for lab in small)
         row["large"] = [label_name(lab) for lab in large]
@@ -393,15 +434,18 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     """The results as a text (or Markdown) table like Table 1 of the PDD-Net paper.
 
     Columns: method, Dice per label, Dice mean +- std, Dice of large / small structures,
-    HD95 (mm), SDlogJ, % folding, time per pair (s). NaN prints as ``nan``.
+    HD95 (mm), SDlogJ, % folding, time per pair (s) and, for datasets with landmarks, the mean
+    TRE before and after (mm). NaN prints as ``nan``.
     """
     if not rows:
         return "(no results)"
     label_cols = [k for k in rows[0] if k.startswith("dice:")]
+    with_tre = any("tre" in r for r in rows)
     header = (
         ["method"]
         + [c[len("dice:") :] for c in label_cols]
         + ["Dice mean+-std", "large", "small", "HD95", "SDlogJ", "% fold", "time/s"]
+        + (["TRE before/mm", "TRE mm"] if with_tre else [])
     )
     body = []
     for r in rows:
@@ -417,6 +461,14 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
                 _fmt(r.get("folding_pct"), 2),
                 _fmt(r.get("time"), 3),
             ]
+            + (
+                [
+                    _fmt(r.get("tre_before"), 2),
+                    f"{_fmt(r.get('tre'), 2)} +- {_fmt(r.get('tre_std'), 2)}",
+                ]
+                if with_tre
+                else []
+            )
         )
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

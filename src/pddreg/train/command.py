@@ -42,6 +42,31 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument(
+        "--labelled",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use the labels of the first N training subjects only (with --joint the others "
+        "count as unlabelled; without it only those N train)",
+    )
+    p.add_argument(
+        "--joint",
+        action="store_true",
+        help="train a joint segmentation and motion model (pddreg.models.joint.JointNet: the "
+        "PDD-Net's feature encoder shared with a segmentation head) on the labelled and the "
+        "unlabelled subjects; segment images with pddreg segment IMAGE --model MODEL.pt",
+    )
+    p.add_argument("--seg-weight", type=float, default=None, help="--joint: segmentation loss")
+    p.add_argument(
+        "--similarity-weight", type=float, default=None, help="--joint: image similarity"
+    )
+    p.add_argument(
+        "--consistency-weight",
+        type=float,
+        default=None,
+        help="--joint: warped-segmentation consistency",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -61,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and out.is_dir():
         raise InputError(f"{out}: is a folder, expected a model file path")
+    if args.joint:
+        return _run_joint(args, dataset, out)
+    if args.labelled is not None:
+        from .joint import LabelledView
+
+        dataset = LabelledView(dataset, args.labelled)
     model = None
     if args.init is not None:
         model = load_model(args.init)
@@ -86,4 +117,29 @@ def run(args: argparse.Namespace) -> int:
         log.info("wrote %s (validation Dice %.3f)", out, getattr(model, "val_dice", float("nan")))
     if dist.is_initialized():
         dist.destroy_process_group()
+    return 0
+
+
+def _run_joint(args: argparse.Namespace, dataset: object, out: Path) -> int:
+    """``pddreg train --joint``: :func:`pddreg.train.joint.train_joint`."""
+    from pddreg.models import save_model
+
+    from .joint import JointTrainConfig, train_joint
+
+    config = JointTrainConfig(
+        labelled=args.labelled,
+        steps=args.steps,
+        lr=args.lr,
+        batch=args.batch,
+        seed=args.seed,
+        augment=not args.no_augment,
+        seg_weight=args.seg_weight,
+        similarity_weight=args.similarity_weight,
+        consistency_weight=args.consistency_weight,
+        init=args.init or "shipped",
+        device=args.device,
+    )
+    model = train_joint(dataset, config)
+    save_model(model, out)
+    log.info("wrote %s", out)
     return 0
