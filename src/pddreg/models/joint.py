@@ -232,6 +232,12 @@ class JointNet(nn.Module):
             seg = moving_seg[both]  # type: ignore[index]
             fseg = fixed_seg[both]  # type: ignore[index]
             for i, lv in enumerate(out["levels"]):
+                if "residual" in lv:  # the levels of discrete_register (level_specs)
+                    from pddreg.losses import warped_label_loss
+
+                    lab = warped_label_loss(lv["disp_feat"][both], fseg, seg, num_labels)
+                    add(f"label{i + 1}", lab, cfg.label_weight)
+                    continue
                 lab = nonlocal_label_loss(
                     lv["prob"][both],
                     fseg,
@@ -266,7 +272,7 @@ class JointNet(nn.Module):
             warped = warp(pm, out["disp"][some], padding="border")
             add("consistency", _soft_sse(warped, pf), cfg.consistency_weight)
         for i, lv in enumerate(out["levels"]):
-            reg = diffusion(lv["disp_grid"])
+            reg = diffusion(lv["disp_grid"] if "disp_grid" in lv else lv["residual"])
             add(f"diffusion{i + 1}", reg, self.pdd.config.lambda_diffusion)
         logs["loss"] = float(total.detach())
         return total, logs

@@ -394,6 +394,8 @@ class PDDNet(nn.Module):
                     "disp_feat": disp,
                     "radius": level.radius,
                     "spacing": level.spacing,
+                    "feature_shape": out.shapes[0],
+                    "padded": out.shapes[1],
                 }
             )
         assert disp is not None

@@ -176,12 +176,13 @@ def posterior_from_levels(
 ) -> Posterior:
     """A :class:`Posterior` from a PDD-Net's ``out["levels"]`` (each with ``"prob"``
     ``(B, |L|, *G)``, ``"radius"``, ``"spacing"`` and ``"feature_shape"`` ``F``; the control
-    grid covers ``F``) for images of ``shape``."""
+    grid covers ``F``, or ``"padded"`` where the level padded it) for images of ``shape``."""
     post = Posterior(keep_prob=keep_prob)
     for lv in levels:
         fshape = tuple(int(s) for s in lv["feature_shape"])
+        padded = tuple(int(s) for s in lv.get("padded", fshape))
         post.add_level(
-            None, int(lv["radius"]), float(lv["spacing"]), fshape, fshape, shape, prob=lv["prob"]
+            None, int(lv["radius"]), float(lv["spacing"]), fshape, padded, shape, prob=lv["prob"]
         )
     return post
 
