@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-data", type=Path, default=REAL, help="real images for validation")
     p.add_argument("-o", "--output", type=Path, default=None, help="weights file to write")
+    p.add_argument(
+        "--plot-only", action="store_true", help="only redraw the plot from the CSV log"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -229,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info("validation cases: %s", ", ".join(f"{k} ({v:.2f})" for k, v in baseline.items()))
 
     rows: list[dict[str, float]] = []
+    if args.plot_only:
+        with open(log_csv) as fh:
+            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        _plot(rows, names, out.with_name(out.stem + "_log.png"), baseline)
+        return 0
     if args.resume and ckpt.is_file() and log_csv.is_file():
         with open(log_csv) as fh:
             rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]

@@ -154,6 +154,28 @@ def _same_grid_check(img: Any, world: np.ndarray | None, label: str, image_label
         )
 
 
+def _unpack_map(
+    x: Any, name: str, what: str, read: Callable[[str], Any]
+) -> tuple[np.ndarray, str, Any]:
+    """(array, name for messages, Image or None) of a label map or mask given as a path, an
+    Image, a tensor or an array; ``read`` reads a path."""
+    from .data.io import Image
+
+    if isinstance(x, (str, os.PathLike)):
+        x = read(os.fspath(x))
+    img = x if isinstance(x, Image) else None
+    label = (img.path if img is not None else None) or name
+    if img is not None:
+        x = img.array
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if not isinstance(x, np.ndarray):
+        raise InputError(
+            f"{name}: expected {what} (array, tensor, Image or path), got {type(x).__name__}"
+        )
+    return x, label, img
+
+
 def _label_array(
     x: Any,
     name: str,
@@ -162,22 +184,9 @@ def _label_array(
     world: np.ndarray | None = None,
 ) -> np.ndarray:
     """Integer label map ``(*S)`` int64, checked against its image's shape (and grid)."""
-    from .data.io import Image, read_labels
+    from .data.io import read_labels
 
-    if isinstance(x, (str, os.PathLike)):
-        x = read_labels(os.fspath(x))
-    label = name
-    img = None
-    if isinstance(x, Image):
-        label = x.path or name
-        img = x
-        x = x.array
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if not isinstance(x, np.ndarray):
-        raise InputError(
-            f"{name}: expected a label map (array, tensor, Image or path), got {type(x).__name__}"
-        )
+    x, label, img = _unpack_map(x, name, "a label map", read_labels)
     if x.size == 0:
         raise InputError(f"{label}: label map is empty")
     if x.dtype == bool:
@@ -211,22 +220,9 @@ def _mask_array(
     x: Any, name: str, shape: tuple[int, ...], image_label: str, world: np.ndarray | None
 ) -> np.ndarray:
     """A mask ``(*S)`` float32 in {0, 1} (non-zero = inside) on its image's grid."""
-    from .data.io import Image, _load
+    from .data.io import _load
 
-    label = name
-    img = None
-    if isinstance(x, (str, os.PathLike)):
-        x = _load(os.fspath(x), labels=True)
-    if isinstance(x, Image):
-        label = x.path or name
-        img = x
-        x = x.array
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if not isinstance(x, np.ndarray):
-        raise InputError(
-            f"{name}: expected a mask (array, tensor, Image or path), got {type(x).__name__}"
-        )
+    x, label, img = _unpack_map(x, name, "a mask", lambda path: _load(path, labels=True))
     if x.size == 0:
         raise InputError(f"{label}: mask is empty (shape {tuple(x.shape)})")
     if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
