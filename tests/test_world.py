@@ -155,22 +155,15 @@ def test_apply_reproduces_register_outputs(two_grids, tmp_path):
     np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "s.nii.gz")).dataobj), wseg)
 
 
+def _register_none(two_grids: dict[str, str], out: Path) -> None:
+    """``pddreg register FIXED MOVING -o out --method none`` (the world alignment only)."""
+    argv = ["register", two_grids["fixed"], two_grids["moving"], "-o", str(out)]
+    assert main([*argv, "--method", "none"]) == 0
+
+
 def test_points_map_to_the_same_world_point(two_grids, tmp_path):
     out = tmp_path / "reg"
-    assert (
-        main(
-            [
-                "register",
-                two_grids["fixed"],
-                two_grids["moving"],
-                "-o",
-                str(out),
-                "--method",
-                "none",
-            ]
-        )
-        == 0
-    )
+    _register_none(two_grids, out)
     af = nib.load(two_grids["fixed"]).affine
     am = nib.load(two_grids["moving"]).affine
     vox = np.array([[10.0, 12.0, 5.0], [20.5, 30.0, 9.0]])
@@ -360,20 +353,7 @@ def test_bad_geometry_inputs_exit_2(two_grids, tmp_path, capsys):
 
 def test_point_outside_the_image_exits_2(two_grids, tmp_path, capsys):
     out = tmp_path / "reg"
-    assert (
-        main(
-            [
-                "register",
-                two_grids["fixed"],
-                two_grids["moving"],
-                "-o",
-                str(out),
-                "--method",
-                "none",
-            ]
-        )
-        == 0
-    )
+    _register_none(two_grids, out)
     csv = tmp_path / "pts.csv"
     csv.write_text("i,j,k\n1,2,3\n500,2,3\n")
     capsys.readouterr()
