@@ -416,9 +416,9 @@ class PDDNet(nn.Module):
         field: Tensor | None,
     ) -> tuple[Tensor, dict[str, float]]:
         """:meth:`training_loss` for ``level_specs``: end-point error of the dense field
-        against a known field (every level's field so far, the last one counting fully and
-        each coarser one half as much as the next), the label loss of the dense field warping
-        the moving labels, and diffusion of every level's residual."""
+        against a known field and the label loss of the moving labels warped by it (both for
+        every level's field so far, the last one counting fully and each coarser one half as
+        much as the next), and diffusion of every level's residual."""
         from pddreg.losses import diffusion, similarity_loss, warped_label_loss
         from pddreg.spatial import resize_field
 
@@ -437,9 +437,12 @@ class PDDNet(nn.Module):
                 total = total + weight * err
                 logs[f"epe{i + 1}"] = float(err.detach()) * shape[0] / fshape[0]
         if fixed_seg is not None and moving_seg is not None:
-            term = warped_label_loss(out["disp"], fixed_seg, moving_seg, num_labels)
-            total = total + term
-            logs["warped"] = float(term.detach())
+            # every level's field so far warps the moving labels (on the feature grid), the
+            # last one counting fully and each coarser one half as much as the next
+            for i, lv in enumerate(out["levels"]):
+                term = warped_label_loss(lv["disp_feat"], fixed_seg, moving_seg, num_labels)
+                total = total + 0.5 ** (n - 1 - i) * term
+                logs[f"warped{i + 1}"] = float(term.detach())
         elif field is None:
             term = similarity_loss(fixed, moving, out["disp"])
             total = total + term
