@@ -261,9 +261,10 @@ def _load_pdd(model: Any, ndim: int, device: torch.device) -> torch.nn.Module:
         net = models.pretrained(ndim)
         if ndim == 3:
             logger.warning(
-                "pdd with the shipped 3D weights (synthetic pretraining only) is weak: on 3D "
-                "phantoms mean Dice 0.29 against 0.27 unregistered and 0.45 for --method mind; "
-                "use --method mind, or --model with a PDD-Net trained on your labelled scans"
+                "pdd with the shipped 3D weights is weak: on known fields of real volumes "
+                "(benchmarks/real.py) it ends 1.3-2.4 voxels from the truth, --method mind "
+                "0.6-0.8 (unregistered 1.8); use --method mind (the default), or --model with "
+                "a PDD-Net trained on your labelled scans"
             )
     elif isinstance(model, (str, os.PathLike)):
         net = models.load_model(os.fspath(model), map_location="cpu")
