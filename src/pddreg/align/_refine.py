@@ -232,6 +232,8 @@ def refine(
     tol: float = 0.01,
     method: str = "esm",
     refresh: int = 1,
+    max_rejections: int = 3,
+    rtol: float = 1e-3,
 ) -> tuple[Tensor, float]:
     """Levenberg-Marquardt from ``transform`` (homogeneous mm, fixed frame).
 
@@ -241,9 +243,11 @@ def refine(
     gradients only, computed once: the inverse-compositional approximation) or ``"fc"`` (the
     moving gradients only). The moving gradients are taken at the start and after every
     ``refresh`` accepted steps.
-    Steps are accepted when they lower the mean over the valid points. Stops after
-    ``iterations`` steps, when a step moves no point by more than about ``tol`` voxels of the
-    level, or when no damping gives a lower cost. Returns the transform and its penalised cost
+    Steps are accepted when they lower the mean over the valid points; a rejected step is
+    retried with ten times the damping. Stops after ``iterations`` steps, when a step (taken
+    or proposed) moves no point by more than about ``tol`` voxels of the level or the model
+    predicts a decrease below ``rtol`` times the cost, or after ``max_rejections`` rejected
+    steps in a row. Returns the transform and its penalised cost
     (:func:`evaluate`).
     """
     ndim = prob.points.shape[1]
@@ -272,12 +276,17 @@ def refine(
         g = -(jw.t() @ r.reshape(-1)).double().cpu() / c
         h = (jw.t() @ jac).double().cpu() / c
         damp = torch.diag(torch.diagonal(h).clamp(min=1e-12)) + 1e-9 * eye
-        accepted = False
-        while lam < 1e4:
+        accepted = converged = False
+        for _ in range(max_rejections + 1):
             theta = torch.linalg.solve(h + lam * damp, g)
             if not bool(torch.isfinite(theta).all()):
                 lam *= 10.0
                 continue
+            # nothing left to gain: a tiny step, or a tiny decrease predicted by the model
+            predicted = float(2.0 * theta @ g - theta @ h @ theta) / max(float(w.sum()), 1.0)
+            if float(theta.abs().max()) < step_tol or predicted < rtol * costs[1]:
+                converged = True
+                break
             trial = transform @ increment(mode, ndim, theta, prob.centre, prob.scale)
             c_try, r_try, w_try, dg_try = evaluate(prob, trial, need_grad and refresh <= 1)
             if c_try[1] <= costs[1]:
@@ -286,7 +295,7 @@ def refine(
                 accepted = True
                 since += 1
                 break
-            lam *= 4.0
-        if not accepted or float(theta.abs().max()) < step_tol:
+            lam *= 10.0
+        if converged or not accepted or float(theta.abs().max()) < step_tol:
             break
     return transform, costs[0]

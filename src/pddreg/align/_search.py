@@ -156,11 +156,8 @@ def search(
         fixed, fixed_spacing, [-k for k in m], [s + k for s, k in zip(n, m, strict=True)]
     )
 
-    def pad(x: Tensor) -> Tensor:
-        sl = [slice(None)] * (x.dim() - ndim)
-        out = x.new_zeros(tuple(x.shape[: x.dim() - ndim]) + tuple(fft_shape))
-        out[tuple(sl + [slice(0, s) for s in x.shape[-ndim:]])] = x
-        return out
+    def spectrum(x: Tensor) -> Tensor:  # zero-padded to fft_shape by rfftn itself
+        return torch.fft.rfftn(x, s=fft_shape, dim=dims)
 
     # principal components and rho from the unrotated fixed features
     f_img = fixed.image
@@ -191,9 +188,9 @@ def search(
         img = sample(moving.image, coords)
         wm = _weights(moving, coords)
         feat = project(mind_ssc(img, mind_radius, 1))
-        spec_w = torch.fft.rfftn(pad(wm[0, 0]), dim=dims)
-        spec_f = torch.fft.rfftn(pad(feat[0] * wm[0]), dim=dims)  # (C, ...)
-        spec_f2 = torch.fft.rfftn(pad((feat[0].square().sum(0)) * wm[0, 0]), dim=dims)
+        spec_w = spectrum(wm[0, 0])
+        spec_f = spectrum(feat[0] * wm[0])  # (C, ...)
+        spec_f2 = spectrum(feat[0].square().sum(0) * wm[0, 0])
         moving_specs.append((spec_w, spec_f, spec_f2))
 
     best: list[tuple[float, int, int, list[int]]] = []  # (score, rotation, base, t)
@@ -208,9 +205,9 @@ def search(
         wf = _weights(fixed, coords)
         feat = project(mind_ssc(img, mind_radius, 1))  # (B, k, *n)
         total = wf.flatten(1).sum(1)  # (B,)
-        spec_w = torch.fft.rfftn(pad(wf[:, 0]), dim=dims).conj()
-        spec_f = torch.fft.rfftn(pad(feat * wf), dim=dims).conj()
-        spec_f2 = torch.fft.rfftn(pad(feat.square().sum(1) * wf[:, 0]), dim=dims).conj()
+        spec_w = spectrum(wf[:, 0]).conj()
+        spec_f = spectrum(feat * wf).conj()
+        spec_f2 = spectrum(feat.square().sum(1) * wf[:, 0]).conj()
         for bi, (mw, mf, mf2) in enumerate(moving_specs):
             num_spec = spec_f2 * mw - 2.0 * (spec_f * mf).sum(1) + spec_w * mf2
             num = torch.fft.irfftn(num_spec, s=fft_shape, dim=dims)

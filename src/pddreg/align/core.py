@@ -69,7 +69,7 @@ class AlignConfig:
         scales, scale_rotations: second search stage for the similarity/affine models: these
             isotropic scales around the best ``scale_rotations`` rotations.
         keep: search candidates kept (besides the initial and the centre-aligned map).
-        search_mind_radius: MIND-SSC patch radius of the search features.
+        search_mind_radius: MIND-SSC patch radius of the search features (2D 1, 3D 0).
         search_channels: the search features are projected onto this many principal
             components of the fixed features (fewer FFTs; None: all).
     Refinement (Levenberg-Marquardt on pointwise MIND-SSC, see :mod:`._refine`):
@@ -87,6 +87,8 @@ class AlignConfig:
         method: Jacobian of the Gauss-Newton steps, ``"esm"`` (fixed and moving descriptor
             gradients) or ``"ic"`` (fixed gradients only: faster, less precise across
             contrasts).
+        rtol: a level stops when the predicted decrease of its cost is below this fraction
+            (levels before the finest, the finest).
     Auto:
         margin, margin_abs: ``auto`` keeps the affine result only when its similarity is below
             ``(1 - margin) * before`` and ``before - margin_abs`` ...
@@ -99,7 +101,7 @@ class AlignConfig:
     coarser: dict[int, int] = field(default_factory=lambda: {2: 1, 3: 0})
     levels: int = 3
     blur: dict[int, tuple[float, float]] = field(
-        default_factory=lambda: {2: (0.5, 0.5), 3: (0.5, 0.0)}
+        default_factory=lambda: {2: (0.5, 0.5), 3: (0.5, 0.5)}
     )
     rotation_range_deg: dict[int, float] = field(default_factory=lambda: {2: 45.0, 3: 35.0})
     rotation_step_deg: dict[int, float] = field(default_factory=lambda: {2: 5.0, 3: 17.5})
@@ -108,7 +110,7 @@ class AlignConfig:
     scales: tuple[float, ...] = (0.87, 0.93, 1.07, 1.15)
     scale_rotations: int = 2
     keep: int = 4
-    search_mind_radius: int = 1
+    search_mind_radius: dict[int, int] = field(default_factory=lambda: {2: 1, 3: 0})
     search_channels: int | None = 6
     dilation: int = 2
     max_points: dict[int, tuple[int, int]] = field(
@@ -122,6 +124,7 @@ class AlignConfig:
     iterations: int = 30
     mid_iterations: int = 10
     method: str = "esm"
+    rtol: tuple[float, float] = (1e-3, 1e-5)
     margin: float = 0.02
     margin_abs: float = 1e-4
     min_motion: float = 1.0
@@ -354,7 +357,7 @@ def align(
             centre=centre,
             translation_range=cfg.translation_range,
             min_overlap=cfg.min_overlap,
-            mind_radius=cfg.search_mind_radius,
+            mind_radius=cfg.search_mind_radius[ndim],
             channels=cfg.search_channels,
             extra=extra,
         )
@@ -376,7 +379,8 @@ def align(
         def run(t: Tensor, c: float, levels: range, model: str, iters: int) -> tuple[Tensor, float]:
             for i in levels:
                 if problems[i] is not None:
-                    t, c = refine(problems[i], t, model, iters, method=cfg.method)
+                    rtol = cfg.rtol[1] if i == finest else cfg.rtol[0]
+                    t, c = refine(problems[i], t, model, iters, method=cfg.method, rtol=rtol)
             return t, c
 
         # screening: the cost of every start, a few steps of the coarse model on the coarsest
@@ -390,17 +394,25 @@ def align(
             for k in screened
         ]
         order = sorted(range(len(scored)), key=lambda k: scored[k][1])[: cfg.finalists]
-        best_t, best_c = ident, math.inf
         first_final = max(first, min(cfg.final_from, search_level))
+        finals = []
         for k in order:
             t, c = run(*scored[k], range(first, search_level + 1), coarse_mode, cfg.iterations)
             if final_mode != coarse_mode:
                 t, c = run(t, c, range(first_final, search_level + 1), final_mode, cfg.iterations)
-            if c < best_c:
-                best_t, best_c = t, c
-        transform = best_t
+            finals.append((t, c))
+        # with several finalists, each is refined on the next finer level and compared there
+        # (coarse levels can prefer a wrong pose, e.g. a remapped CT at 11 mm)
+        start_fine = search_level + 1
+        if len(finals) > 1 and start_fine < len(problems):
+            iters = cfg.iterations if start_fine == finest else cfg.mid_iterations
+            finals = [
+                run(t, c, range(start_fine, start_fine + 1), final_mode, iters) for t, c in finals
+            ]
+            start_fine += 1
+        transform = min(finals, key=lambda tc: tc[1])[0]
         # the finer levels with the final model
-        for i in range(search_level + 1, len(problems)):
+        for i in range(start_fine, len(problems)):
             iters = cfg.iterations if i == finest else cfg.mid_iterations
             transform, _ = run(transform, math.inf, range(i, i + 1), final_mode, iters)
         times["refine"] = time.perf_counter()
