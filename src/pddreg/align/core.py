@@ -64,10 +64,12 @@ class AlignConfig:
         translation_range: translations searched on either side of the base map, as a
             fraction of the fixed field of view (the initial map and the map aligning the
             foreground centres of mass are both covered).
+        merge_windows: one search window covers both base maps when they are at most this
+            many translation ranges apart along every axis (cheaper than two windows).
         min_overlap: translations whose overlap covers less than this fraction of the fixed
             (masked) voxels are rejected.
         scales, scale_rotations: second search stage for the similarity/affine models: these
-            isotropic scales around the best ``scale_rotations`` rotations.
+            isotropic scales around the best ``scale_rotations`` rotations (2D 2, 3D 4).
         keep: search candidates kept (besides the initial and the centre-aligned map).
         search_mind_radius: MIND-SSC patch radius of the search features (2D 1, 3D 0).
         search_channels: the search features are projected onto this many principal
@@ -80,8 +82,9 @@ class AlignConfig:
             rigid plus isotropic scale); ``"rigid"`` and ``"translation"`` use their own.
         final_from: first level refined with the final model (0: the coarsest).
         screened: starts (after ranking all by their cost) refined at the coarsest level for
-            ``coarse_iterations`` steps; ``finalists``: the best of these refined up to the
-            search level; the best finalist is refined on the finer levels.
+            ``coarse_iterations`` steps (2D 4, 3D 6); ``finalists``: the best of these refined
+            up to the search level and one level finer, where the best is chosen (2D 2, 3D 3;
+            coarse levels of remapped CT can prefer a wrong pose).
         iterations, mid_iterations: steps at the search and finest levels / at levels in
             between.
         method: Jacobian of the Gauss-Newton steps, ``"esm"`` (fixed and moving descriptor
@@ -106,9 +109,10 @@ class AlignConfig:
     rotation_range_deg: dict[int, float] = field(default_factory=lambda: {2: 45.0, 3: 35.0})
     rotation_step_deg: dict[int, float] = field(default_factory=lambda: {2: 5.0, 3: 17.5})
     translation_range: float = 0.35
+    merge_windows: float = 0.5
     min_overlap: float = 0.25
     scales: tuple[float, ...] = (0.87, 0.93, 1.07, 1.15)
-    scale_rotations: int = 2
+    scale_rotations: dict[int, int] = field(default_factory=lambda: {2: 2, 3: 4})
     keep: int = 4
     search_mind_radius: dict[int, int] = field(default_factory=lambda: {2: 1, 3: 0})
     search_channels: int | None = 6
@@ -118,9 +122,9 @@ class AlignConfig:
     )
     coarse_model: str = "similarity"
     final_from: int = 0
-    screened: int = 4
+    screened: dict[int, int] = field(default_factory=lambda: {2: 4, 3: 6})
     coarse_iterations: int = 8
-    finalists: int = 2
+    finalists: dict[int, int] = field(default_factory=lambda: {2: 2, 3: 3})
     iterations: int = 30
     mid_iterations: int = 10
     method: str = "esm"
@@ -341,7 +345,7 @@ def align(
         shift = (com_mm - centre) / step  # level voxels
         reach = torch.tensor([cfg.translation_range * s for s in lvl.shape], dtype=torch.float64)
         extra = None
-        if not bool((shift.abs() > 0.5 * reach).any()):
+        if not bool((shift.abs() > cfg.merge_windows * reach).any()):
             bases = [translation_h((com_mm - centre) / 2)]
             extra = [int(math.ceil(abs(float(v)) / 2)) for v in shift]
         else:
@@ -361,14 +365,16 @@ def align(
             channels=cfg.search_channels,
             extra=extra,
         )
-        cands = search(*args, rotations, keep=max(cfg.keep, cfg.scale_rotations), **kw)
+        cands = search(*args, rotations, keep=max(cfg.keep, cfg.scale_rotations[ndim]), **kw)
         if coarse_mode in ("similarity", "affine") and cfg.scales:
             # second stage: scales around the best rotations
             seen: list[int] = []
             for c in cands:
                 if c.linear_index not in seen:
                     seen.append(c.linear_index)
-            linears = [rotations[i] * s for i in seen[: cfg.scale_rotations] for s in cfg.scales]
+            linears = [
+                rotations[i] * s for i in seen[: cfg.scale_rotations[ndim]] for s in cfg.scales
+            ]
             cands = sorted(
                 cands + search(*args, linears, keep=cfg.keep, **kw), key=lambda c: c.score
             )
@@ -388,12 +394,12 @@ def align(
         # (coarse model, then the final model from final_from)
         first = next(i for i, p in enumerate(problems) if p is not None)
         initial = [evaluate(problems[first], s)[0][0] for s in starts]
-        screened = sorted(range(len(starts)), key=lambda k: initial[k])[: cfg.screened]
+        screened = sorted(range(len(starts)), key=lambda k: initial[k])[: cfg.screened[ndim]]
         scored = [
             run(starts[k], initial[k], range(first, first + 1), coarse_mode, cfg.coarse_iterations)
             for k in screened
         ]
-        order = sorted(range(len(scored)), key=lambda k: scored[k][1])[: cfg.finalists]
+        order = sorted(range(len(scored)), key=lambda k: scored[k][1])[: cfg.finalists[ndim]]
         first_final = max(first, min(cfg.final_from, search_level))
         finals = []
         for k in order:
