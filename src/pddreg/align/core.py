@@ -3,21 +3,28 @@
 Pipeline (one dimension-generic path for 2D and 3D):
 
 1. Both images are area-downsampled on their own grids to about the same millimetre spacings
-   (:mod:`._pyramid`); the coarsest level has about ``search_size`` voxels along the fixed
-   image's longest physical extent, each finer level half its spacing.
+   (:mod:`._pyramid`); the search level has about ``search_size`` voxels along the fixed
+   image's longest physical extent, each finer level half its spacing (2D has one coarser,
+   refinement-only level). Every level is slightly blurred (half its spacing).
 2. Coarse exhaustive search (:mod:`._search`): for every rotation of a set (2D: an angle range;
-   3D: a lattice of rotation vectors inside a ball) all translations at once by FFT-based
-   masked SSD of MIND-SSC features, around the initial map and around the map that aligns the
-   foreground centres of mass (two scans with unrelated world origins need the latter).
-3. The best few candidates, the initial map and the centre-aligned map are refined by
-   Gauss-Newton (rigid, or translation) at the coarsest level (:mod:`._refine`); the best one
-   by the penalised MIND similarity is refined with the requested model level by level.
-4. ``mode="auto"`` refines an affine map and keeps it only when it lowers the similarity
-   against the initial map by a margin; otherwise the initial map is returned (``"identity"``).
+   3D: a lattice of rotation vectors inside a ball), then for isotropic scales around the best
+   rotations, all translations at once by FFT-based masked SSD of MIND-SSC features, around
+   the initial map and the map that aligns the foreground centres of mass (two scans with
+   unrelated world origins need the latter).
+3. The search candidates, the initial map and the centre-aligned map are ranked by their
+   cost; the best few get a few Levenberg-Marquardt steps (:mod:`._refine`) with the coarse
+   model (similarity, or rigid / translation) on the coarsest level; the best of these are
+   refined up to the search level (then with the final model) and one level finer, where the
+   best is chosen and refined on the remaining levels.
+4. ``mode="auto"`` uses the affine model and keeps the result only when it lowers the
+   similarity against the initial map by a margin and moves the points by at least a voxel of
+   the finest level; otherwise the initial map is returned (``"identity"``).
 
 The transform is parametrised in the fixed image's physical frame (mm) about the fixed
 foreground's centre of mass, so rigid means rigid in mm for anisotropic voxels; the result is
 the full index map ``init @ inv(S_f) @ T @ S_f`` (fixed voxel index -> moving voxel index).
+The similarity is the mean squared difference of MIND-SSC descriptors (per channel; lower is
+better), which is robust to contrast changes, including non-monotonic ones.
 """
 
 from __future__ import annotations
@@ -89,7 +96,7 @@ class AlignConfig:
             between.
         method: Jacobian of the Gauss-Newton steps, ``"esm"`` (fixed and moving descriptor
             gradients) or ``"ic"`` (fixed gradients only: faster, less precise across
-            contrasts).
+            contrasts); ``screen_method``: the same for the screening steps.
         rtol: a level stops when the predicted decrease of its cost is below this fraction
             (levels before the finest, the finest).
     Auto:
@@ -98,6 +105,10 @@ class AlignConfig:
         min_motion: ... and when it moves the fixed points by at least this many voxels of
             the finest level on average (smaller motions are left to the deformable stage).
         seed: seed of the point subsets (results are deterministic).
+        threads: PyTorch intra-op threads during the call (restored afterwards; None: leave
+            the setting alone). The stage runs many small ops: on a machine with more runnable
+            processes than cores, every parallel region waits for a descheduled thread, and 2
+            threads were 15-35x slower than 1 here (load 3-5 on 2 cores).
     """
 
     search_size: dict[int, int] = field(default_factory=lambda: {2: 64, 3: 24})
@@ -128,11 +139,13 @@ class AlignConfig:
     iterations: int = 30
     mid_iterations: int = 10
     method: str = "esm"
+    screen_method: str = "esm"
     rtol: tuple[float, float] = (1e-3, 1e-5)
     margin: float = 0.02
     margin_abs: float = 1e-4
     min_motion: float = 1.0
     seed: int = 0
+    threads: int | None = None
 
 
 @dataclass
@@ -263,6 +276,45 @@ def align(
     t0 = time.perf_counter()
     ndim = _check(fixed, moving, init, fixed_spacing, moving_spacing, mode, fixed_mask, moving_mask)
     cfg = config or AlignConfig()
+    if cfg.coarse_model not in ("translation", "rigid", "similarity", "affine"):
+        raise ValueError(f"align(): unknown coarse_model {cfg.coarse_model!r}")
+    if cfg.method not in ("esm", "ic", "fc") or cfg.screen_method not in ("esm", "ic", "fc"):
+        raise ValueError("align(): method and screen_method must be 'esm', 'ic' or 'fc'")
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        return _align(
+            fixed,
+            moving,
+            init,
+            fixed_spacing,
+            moving_spacing,
+            mode,
+            fixed_mask,
+            moving_mask,
+            cfg,
+            ndim,
+            t0,
+        )
+    finally:
+        if cfg.threads is not None:
+            torch.set_num_threads(threads)
+
+
+def _align(
+    fixed: Tensor,
+    moving: Tensor,
+    init: Tensor | None,
+    fixed_spacing: Sequence[float] | None,
+    moving_spacing: Sequence[float] | None,
+    mode: str,
+    fixed_mask: Tensor | None,
+    moving_mask: Tensor | None,
+    cfg: AlignConfig,
+    ndim: int,
+    t0: float,
+) -> AlignResult:
     dev = fixed.device
     dtype = fixed.dtype if fixed.dtype in (torch.float32, torch.float64) else torch.float32
     fixed = fixed.to(dtype)
@@ -382,11 +434,15 @@ def align(
         times["search"] = time.perf_counter()
         starts = [ident, com_base] + [c.transform for c in cands]
 
-        def run(t: Tensor, c: float, levels: range, model: str, iters: int) -> tuple[Tensor, float]:
+        def run(
+            t: Tensor, c: float, levels: range, model: str, iters: int, method: str | None = None
+        ) -> tuple[Tensor, float]:
             for i in levels:
                 if problems[i] is not None:
                     rtol = cfg.rtol[1] if i == finest else cfg.rtol[0]
-                    t, c = refine(problems[i], t, model, iters, method=cfg.method, rtol=rtol)
+                    t, c = refine(
+                        problems[i], t, model, iters, method=method or cfg.method, rtol=rtol
+                    )
             return t, c
 
         # screening: the cost of every start, a few steps of the coarse model on the coarsest
@@ -396,7 +452,14 @@ def align(
         initial = [evaluate(problems[first], s)[0][0] for s in starts]
         screened = sorted(range(len(starts)), key=lambda k: initial[k])[: cfg.screened[ndim]]
         scored = [
-            run(starts[k], initial[k], range(first, first + 1), coarse_mode, cfg.coarse_iterations)
+            run(
+                starts[k],
+                initial[k],
+                range(first, first + 1),
+                coarse_mode,
+                cfg.coarse_iterations,
+                cfg.screen_method,
+            )
             for k in screened
         ]
         order = sorted(range(len(scored)), key=lambda k: scored[k][1])[: cfg.finalists[ndim]]
