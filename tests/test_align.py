@@ -272,9 +272,14 @@ def test_grids_and_spacings_differ():
 
 def test_float64_and_config():
     fixed, moving, true = pair(SCENE_2D, (64, 80), [8.0], [1.0, 1.0], [0.05, 0.05])
-    res = align(fixed.double(), moving.double(), mode="rigid", config=AlignConfig(levels=2))
+    threads = torch.get_num_threads()
+    cfg = AlignConfig(levels=2, threads=1)
+    res = align(fixed.double(), moving.double(), mode="rigid", config=cfg)
+    assert torch.get_num_threads() == threads  # restored
     assert epe(res.matrix, true, fixed) < 0.6
     assert res.runtime_s > 0
+    with pytest.raises(ValueError, match="coarse_model"):
+        align(fixed, moving, config=AlignConfig(coarse_model="spline"))
 
 
 @pytest.mark.parametrize(

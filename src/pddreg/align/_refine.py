@@ -83,6 +83,26 @@ def _level_points(level: Level, max_points: int, seed: int) -> Tensor:
     return torch.stack(torch.unravel_index(flat, level.shape), dim=1)
 
 
+def _unrelated_cost(
+    feat: Tensor, moving: Level, to_moving: Tensor, offsets: Tensor, mean_var: Tensor, seed: int
+) -> float:
+    """Expected squared descriptor difference (per channel) of a fixed and a moving point
+    drawn independently: ``mean_c Var(F_c) + Var(G_c) + (E F_c - E G_c)^2``, with ``G`` the
+    moving descriptor at random moving voxels (neighbours along the fixed axes as mapped by
+    the initial map). It is what a fixed point without partner costs, neutral between
+    matching and dropping points (a flat fixed image makes ``2 Var(F)`` vanish)."""
+    ndim = offsets.shape[1]
+    idx = _level_points(moving, feat.shape[0], seed + 7919).to(offsets.dtype)
+    lin = to_moving[:ndim, :ndim].to(offsets.device, offsets.dtype)
+    eye = torch.eye(ndim + 1, dtype=torch.float64)
+    vals, _ = PointSampler(moving.image)(idx, eye, offsets @ lin.t())
+    g = mind_from_samples(vals[0], ndim, mean_var)
+    if feat.shape[0] < 2 or g.shape[0] < 2:
+        return 1.0
+    rho = feat.var(dim=0) + g.var(dim=0) + (feat.mean(dim=0) - g.mean(dim=0)).square()
+    return max(float(rho.mean()), 1e-6)
+
+
 def make_problem(
     fixed: Level,
     moving: Level,
@@ -133,7 +153,8 @@ def make_problem(
         [(feats[:, 2 + 2 * i] - feats[:, 1 + 2 * i]) / (2.0 * spacing[i]) for i in range(ndim)],
         dim=-1,
     )
-    rho = float(2.0 * feat.var(dim=0).mean()) if feat.shape[0] > 1 else 1.0
+    to_moving = torch.linalg.inv(moving.to_full) @ phys_to_moving
+    rho = _unrelated_cost(feat, moving, to_moving, offsets, mean_var, seed)
     rel = points.double() - centre.to(dev)
     scale = float(rel.square().sum(dim=1).mean().sqrt().clamp(min=1e-3))
     # moving image, its index-space gradient (for the ESM Jacobian) and its mask as channels
@@ -154,11 +175,11 @@ def make_problem(
         grad=grad,
         mean_var=mean_var,
         offsets=torch.cat([torch.zeros(1, ndim, device=dev, dtype=dtype), offsets]),
-        rho=max(rho, 1e-6),
+        rho=rho,
         sampler=PointSampler(torch.cat(plain, 1)),
         grad_sampler=PointSampler(torch.cat(chans, 1)),
         has_mask=moving.mask is not None,
-        to_moving=torch.linalg.inv(moving.to_full) @ phys_to_moving,
+        to_moving=to_moving,
         centre=centre,
         scale=scale,
         spacing=spacing,
@@ -232,6 +253,8 @@ def refine(
     tol: float = 0.01,
     method: str = "esm",
     refresh: int = 1,
+    max_rejections: int = 3,
+    rtol: float = 1e-3,
 ) -> tuple[Tensor, float]:
     """Levenberg-Marquardt from ``transform`` (homogeneous mm, fixed frame).
 
@@ -241,9 +264,11 @@ def refine(
     gradients only, computed once: the inverse-compositional approximation) or ``"fc"`` (the
     moving gradients only). The moving gradients are taken at the start and after every
     ``refresh`` accepted steps.
-    Steps are accepted when they lower the mean over the valid points. Stops after
-    ``iterations`` steps, when a step moves no point by more than about ``tol`` voxels of the
-    level, or when no damping gives a lower cost. Returns the transform and its penalised cost
+    Steps are accepted when they lower the mean over the valid points; a rejected step is
+    retried with ten times the damping. Stops after ``iterations`` steps, when a step (taken
+    or proposed) moves no point by more than about ``tol`` voxels of the level or the model
+    predicts a decrease below ``rtol`` times the cost, or after ``max_rejections`` rejected
+    steps in a row. Returns the transform and its penalised cost
     (:func:`evaluate`).
     """
     ndim = prob.points.shape[1]
@@ -272,12 +297,17 @@ def refine(
         g = -(jw.t() @ r.reshape(-1)).double().cpu() / c
         h = (jw.t() @ jac).double().cpu() / c
         damp = torch.diag(torch.diagonal(h).clamp(min=1e-12)) + 1e-9 * eye
-        accepted = False
-        while lam < 1e4:
+        accepted = converged = False
+        for _ in range(max_rejections + 1):
             theta = torch.linalg.solve(h + lam * damp, g)
             if not bool(torch.isfinite(theta).all()):
                 lam *= 10.0
                 continue
+            # nothing left to gain: a tiny step, or a tiny decrease predicted by the model
+            predicted = float(2.0 * theta @ g - theta @ h @ theta) / max(float(w.sum()), 1.0)
+            if float(theta.abs().max()) < step_tol or predicted < rtol * costs[1]:
+                converged = True
+                break
             trial = transform @ increment(mode, ndim, theta, prob.centre, prob.scale)
             c_try, r_try, w_try, dg_try = evaluate(prob, trial, need_grad and refresh <= 1)
             if c_try[1] <= costs[1]:
@@ -286,7 +316,7 @@ def refine(
                 accepted = True
                 since += 1
                 break
-            lam *= 4.0
-        if not accepted or float(theta.abs().max()) < step_tol:
+            lam *= 10.0
+        if converged or not accepted or float(theta.abs().max()) < step_tol:
             break
     return transform, costs[0]

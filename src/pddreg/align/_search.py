@@ -92,6 +92,7 @@ def _grid_points(
 def _apply(mat: Tensor, pts: Tensor) -> Tensor:
     """Apply a homogeneous matrix to ``(ndim, *S)`` points (or a batch ``(B, ndim, *S)``)."""
     ndim = mat.shape[-1] - 1
+    mat = mat.to(pts.device, pts.dtype)
     lin = mat[..., :ndim, :ndim]
     off = mat[..., :ndim, -1]
     if mat.dim() == 2:
@@ -156,13 +157,10 @@ def search(
         fixed, fixed_spacing, [-k for k in m], [s + k for s, k in zip(n, m, strict=True)]
     )
 
-    def pad(x: Tensor) -> Tensor:
-        sl = [slice(None)] * (x.dim() - ndim)
-        out = x.new_zeros(tuple(x.shape[: x.dim() - ndim]) + tuple(fft_shape))
-        out[tuple(sl + [slice(0, s) for s in x.shape[-ndim:]])] = x
-        return out
+    def spectrum(x: Tensor) -> Tensor:  # zero-padded to fft_shape by rfftn itself
+        return torch.fft.rfftn(x, s=fft_shape, dim=dims)
 
-    # principal components and rho from the unrotated fixed features
+    # principal components of the unrotated fixed features
     f_img = fixed.image
     f_feat = mind_ssc(f_img, mind_radius, 1)
     if fixed.mask is not None and bool((fixed.mask > 0.5).any()):
@@ -181,7 +179,6 @@ def search(
             return feat
         return torch.einsum("kc,bc...->bk...", proj, feat)
 
-    rho_sum = float(2.0 * fv.var(dim=1).sum()) if fv.shape[1] > 1 else 1.0
     n_channels = f_feat.shape[1]
 
     # moving spectra per base
@@ -191,10 +188,19 @@ def search(
         img = sample(moving.image, coords)
         wm = _weights(moving, coords)
         feat = project(mind_ssc(img, mind_radius, 1))
-        spec_w = torch.fft.rfftn(pad(wm[0, 0]), dim=dims)
-        spec_f = torch.fft.rfftn(pad(feat[0] * wm[0]), dim=dims)  # (C, ...)
-        spec_f2 = torch.fft.rfftn(pad((feat[0].square().sum(0)) * wm[0, 0]), dim=dims)
+        spec_w = spectrum(wm[0, 0])
+        spec_f = spectrum(feat[0] * wm[0])  # (C, ...)
+        spec_f2 = spectrum(feat[0].square().sum(0) * wm[0, 0])
         moving_specs.append((spec_w, spec_f, spec_f2))
+        if len(moving_specs) == 1:
+            gv = feat[0][:, wm[0, 0] > 0.5]
+    # cost of a fixed voxel without partner: an unrelated pair (see _refine._unrelated_cost)
+    if fv.shape[1] > 1 and gv.shape[1] > 1:
+        rho_sum = float(
+            (fv.var(dim=1) + gv.var(dim=1) + (fv.mean(dim=1) - gv.mean(dim=1)).square()).sum()
+        )
+    else:
+        rho_sum = float(n_channels)
 
     best: list[tuple[float, int, int, list[int]]] = []  # (score, rotation, base, t)
     out_sl = tuple(slice(0, 2 * k + 1) for k in m)
@@ -208,9 +214,9 @@ def search(
         wf = _weights(fixed, coords)
         feat = project(mind_ssc(img, mind_radius, 1))  # (B, k, *n)
         total = wf.flatten(1).sum(1)  # (B,)
-        spec_w = torch.fft.rfftn(pad(wf[:, 0]), dim=dims).conj()
-        spec_f = torch.fft.rfftn(pad(feat * wf), dim=dims).conj()
-        spec_f2 = torch.fft.rfftn(pad(feat.square().sum(1) * wf[:, 0]), dim=dims).conj()
+        spec_w = spectrum(wf[:, 0]).conj()
+        spec_f = spectrum(feat * wf).conj()
+        spec_f2 = spectrum(feat.square().sum(1) * wf[:, 0]).conj()
         for bi, (mw, mf, mf2) in enumerate(moving_specs):
             num_spec = spec_f2 * mw - 2.0 * (spec_f * mf).sum(1) + spec_w * mf2
             num = torch.fft.irfftn(num_spec, s=fft_shape, dim=dims)

@@ -3,21 +3,28 @@
 Pipeline (one dimension-generic path for 2D and 3D):
 
 1. Both images are area-downsampled on their own grids to about the same millimetre spacings
-   (:mod:`._pyramid`); the coarsest level has about ``search_size`` voxels along the fixed
-   image's longest physical extent, each finer level half its spacing.
+   (:mod:`._pyramid`); the search level has about ``search_size`` voxels along the fixed
+   image's longest physical extent, each finer level half its spacing (2D has one coarser,
+   refinement-only level). Every level is slightly blurred (half its spacing).
 2. Coarse exhaustive search (:mod:`._search`): for every rotation of a set (2D: an angle range;
-   3D: a lattice of rotation vectors inside a ball) all translations at once by FFT-based
-   masked SSD of MIND-SSC features, around the initial map and around the map that aligns the
-   foreground centres of mass (two scans with unrelated world origins need the latter).
-3. The best few candidates, the initial map and the centre-aligned map are refined by
-   Gauss-Newton (rigid, or translation) at the coarsest level (:mod:`._refine`); the best one
-   by the penalised MIND similarity is refined with the requested model level by level.
-4. ``mode="auto"`` refines an affine map and keeps it only when it lowers the similarity
-   against the initial map by a margin; otherwise the initial map is returned (``"identity"``).
+   3D: a lattice of rotation vectors inside a ball), then for isotropic scales around the best
+   rotations, all translations at once by FFT-based masked SSD of MIND-SSC features, around
+   the initial map and the map that aligns the foreground centres of mass (two scans with
+   unrelated world origins need the latter).
+3. The search candidates, the initial map and the centre-aligned map are ranked by their
+   cost; the best few get a few Levenberg-Marquardt steps (:mod:`._refine`) with the coarse
+   model (similarity, or rigid / translation) on the coarsest level; the best of these are
+   refined up to the search level (then with the final model) and one level finer, where the
+   best is chosen and refined on the remaining levels.
+4. ``mode="auto"`` uses the affine model and keeps the result only when it lowers the
+   similarity against the initial map by a margin and moves the points by at least a voxel of
+   the finest level; otherwise the initial map is returned (``"identity"``).
 
 The transform is parametrised in the fixed image's physical frame (mm) about the fixed
 foreground's centre of mass, so rigid means rigid in mm for anisotropic voxels; the result is
 the full index map ``init @ inv(S_f) @ T @ S_f`` (fixed voxel index -> moving voxel index).
+The similarity is the mean squared difference of MIND-SSC descriptors (per channel; lower is
+better), which is robust to contrast changes, including non-monotonic ones.
 """
 
 from __future__ import annotations
@@ -64,12 +71,14 @@ class AlignConfig:
         translation_range: translations searched on either side of the base map, as a
             fraction of the fixed field of view (the initial map and the map aligning the
             foreground centres of mass are both covered).
+        merge_windows: one search window covers both base maps when they are at most this
+            many translation ranges apart along every axis (cheaper than two windows).
         min_overlap: translations whose overlap covers less than this fraction of the fixed
             (masked) voxels are rejected.
         scales, scale_rotations: second search stage for the similarity/affine models: these
-            isotropic scales around the best ``scale_rotations`` rotations.
+            isotropic scales around the best ``scale_rotations`` rotations (2D 2, 3D 4).
         keep: search candidates kept (besides the initial and the centre-aligned map).
-        search_mind_radius: MIND-SSC patch radius of the search features.
+        search_mind_radius: MIND-SSC patch radius of the search features (2D 1, 3D 0).
         search_channels: the search features are projected onto this many principal
             components of the fixed features (fewer FFTs; None: all).
     Refinement (Levenberg-Marquardt on pointwise MIND-SSC, see :mod:`._refine`):
@@ -80,35 +89,43 @@ class AlignConfig:
             rigid plus isotropic scale); ``"rigid"`` and ``"translation"`` use their own.
         final_from: first level refined with the final model (0: the coarsest).
         screened: starts (after ranking all by their cost) refined at the coarsest level for
-            ``coarse_iterations`` steps; ``finalists``: the best of these refined up to the
-            search level; the best finalist is refined on the finer levels.
+            ``coarse_iterations`` steps (2D 4, 3D 6); ``finalists``: the best of these refined
+            up to the search level and one level finer, where the best is chosen (2D 2, 3D 3;
+            coarse levels of remapped CT can prefer a wrong pose).
         iterations, mid_iterations: steps at the search and finest levels / at levels in
             between.
         method: Jacobian of the Gauss-Newton steps, ``"esm"`` (fixed and moving descriptor
             gradients) or ``"ic"`` (fixed gradients only: faster, less precise across
-            contrasts).
+            contrasts); ``screen_method``: the same for the screening steps.
+        rtol: a level stops when the predicted decrease of its cost is below this fraction
+            (levels before the finest, the finest).
     Auto:
         margin, margin_abs: ``auto`` keeps the affine result only when its similarity is below
             ``(1 - margin) * before`` and ``before - margin_abs`` ...
         min_motion: ... and when it moves the fixed points by at least this many voxels of
             the finest level on average (smaller motions are left to the deformable stage).
         seed: seed of the point subsets (results are deterministic).
+        threads: PyTorch intra-op threads during the call (restored afterwards; None: leave
+            the setting alone). The stage runs many small ops: on a machine with more runnable
+            processes than cores, every parallel region waits for a descheduled thread, and 2
+            threads were 15-35x slower than 1 here (load 3-5 on 2 cores).
     """
 
     search_size: dict[int, int] = field(default_factory=lambda: {2: 64, 3: 24})
     coarser: dict[int, int] = field(default_factory=lambda: {2: 1, 3: 0})
     levels: int = 3
     blur: dict[int, tuple[float, float]] = field(
-        default_factory=lambda: {2: (0.5, 0.5), 3: (0.5, 0.0)}
+        default_factory=lambda: {2: (0.5, 0.5), 3: (0.5, 0.5)}
     )
     rotation_range_deg: dict[int, float] = field(default_factory=lambda: {2: 45.0, 3: 35.0})
     rotation_step_deg: dict[int, float] = field(default_factory=lambda: {2: 5.0, 3: 17.5})
     translation_range: float = 0.35
+    merge_windows: float = 0.5
     min_overlap: float = 0.25
     scales: tuple[float, ...] = (0.87, 0.93, 1.07, 1.15)
-    scale_rotations: int = 2
+    scale_rotations: dict[int, int] = field(default_factory=lambda: {2: 2, 3: 4})
     keep: int = 4
-    search_mind_radius: int = 1
+    search_mind_radius: dict[int, int] = field(default_factory=lambda: {2: 1, 3: 0})
     search_channels: int | None = 6
     dilation: int = 2
     max_points: dict[int, tuple[int, int]] = field(
@@ -116,16 +133,19 @@ class AlignConfig:
     )
     coarse_model: str = "similarity"
     final_from: int = 0
-    screened: int = 4
+    screened: dict[int, int] = field(default_factory=lambda: {2: 4, 3: 6})
     coarse_iterations: int = 8
-    finalists: int = 2
+    finalists: dict[int, int] = field(default_factory=lambda: {2: 2, 3: 3})
     iterations: int = 30
     mid_iterations: int = 10
     method: str = "esm"
+    screen_method: str = "esm"
+    rtol: tuple[float, float] = (1e-3, 1e-5)
     margin: float = 0.02
     margin_abs: float = 1e-4
     min_motion: float = 1.0
     seed: int = 0
+    threads: int | None = None
 
 
 @dataclass
@@ -256,6 +276,45 @@ def align(
     t0 = time.perf_counter()
     ndim = _check(fixed, moving, init, fixed_spacing, moving_spacing, mode, fixed_mask, moving_mask)
     cfg = config or AlignConfig()
+    if cfg.coarse_model not in ("translation", "rigid", "similarity", "affine"):
+        raise ValueError(f"align(): unknown coarse_model {cfg.coarse_model!r}")
+    if cfg.method not in ("esm", "ic", "fc") or cfg.screen_method not in ("esm", "ic", "fc"):
+        raise ValueError("align(): method and screen_method must be 'esm', 'ic' or 'fc'")
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        return _align(
+            fixed,
+            moving,
+            init,
+            fixed_spacing,
+            moving_spacing,
+            mode,
+            fixed_mask,
+            moving_mask,
+            cfg,
+            ndim,
+            t0,
+        )
+    finally:
+        if cfg.threads is not None:
+            torch.set_num_threads(threads)
+
+
+def _align(
+    fixed: Tensor,
+    moving: Tensor,
+    init: Tensor | None,
+    fixed_spacing: Sequence[float] | None,
+    moving_spacing: Sequence[float] | None,
+    mode: str,
+    fixed_mask: Tensor | None,
+    moving_mask: Tensor | None,
+    cfg: AlignConfig,
+    ndim: int,
+    t0: float,
+) -> AlignResult:
     dev = fixed.device
     dtype = fixed.dtype if fixed.dtype in (torch.float32, torch.float64) else torch.float32
     fixed = fixed.to(dtype)
@@ -338,7 +397,7 @@ def align(
         shift = (com_mm - centre) / step  # level voxels
         reach = torch.tensor([cfg.translation_range * s for s in lvl.shape], dtype=torch.float64)
         extra = None
-        if not bool((shift.abs() > 0.5 * reach).any()):
+        if not bool((shift.abs() > cfg.merge_windows * reach).any()):
             bases = [translation_h((com_mm - centre) / 2)]
             extra = [int(math.ceil(abs(float(v)) / 2)) for v in shift]
         else:
@@ -354,18 +413,20 @@ def align(
             centre=centre,
             translation_range=cfg.translation_range,
             min_overlap=cfg.min_overlap,
-            mind_radius=cfg.search_mind_radius,
+            mind_radius=cfg.search_mind_radius[ndim],
             channels=cfg.search_channels,
             extra=extra,
         )
-        cands = search(*args, rotations, keep=max(cfg.keep, cfg.scale_rotations), **kw)
+        cands = search(*args, rotations, keep=max(cfg.keep, cfg.scale_rotations[ndim]), **kw)
         if coarse_mode in ("similarity", "affine") and cfg.scales:
             # second stage: scales around the best rotations
             seen: list[int] = []
             for c in cands:
                 if c.linear_index not in seen:
                     seen.append(c.linear_index)
-            linears = [rotations[i] * s for i in seen[: cfg.scale_rotations] for s in cfg.scales]
+            linears = [
+                rotations[i] * s for i in seen[: cfg.scale_rotations[ndim]] for s in cfg.scales
+            ]
             cands = sorted(
                 cands + search(*args, linears, keep=cfg.keep, **kw), key=lambda c: c.score
             )
@@ -373,10 +434,15 @@ def align(
         times["search"] = time.perf_counter()
         starts = [ident, com_base] + [c.transform for c in cands]
 
-        def run(t: Tensor, c: float, levels: range, model: str, iters: int) -> tuple[Tensor, float]:
+        def run(
+            t: Tensor, c: float, levels: range, model: str, iters: int, method: str | None = None
+        ) -> tuple[Tensor, float]:
             for i in levels:
                 if problems[i] is not None:
-                    t, c = refine(problems[i], t, model, iters, method=cfg.method)
+                    rtol = cfg.rtol[1] if i == finest else cfg.rtol[0]
+                    t, c = refine(
+                        problems[i], t, model, iters, method=method or cfg.method, rtol=rtol
+                    )
             return t, c
 
         # screening: the cost of every start, a few steps of the coarse model on the coarsest
@@ -384,23 +450,38 @@ def align(
         # (coarse model, then the final model from final_from)
         first = next(i for i, p in enumerate(problems) if p is not None)
         initial = [evaluate(problems[first], s)[0][0] for s in starts]
-        screened = sorted(range(len(starts)), key=lambda k: initial[k])[: cfg.screened]
+        screened = sorted(range(len(starts)), key=lambda k: initial[k])[: cfg.screened[ndim]]
         scored = [
-            run(starts[k], initial[k], range(first, first + 1), coarse_mode, cfg.coarse_iterations)
+            run(
+                starts[k],
+                initial[k],
+                range(first, first + 1),
+                coarse_mode,
+                cfg.coarse_iterations,
+                cfg.screen_method,
+            )
             for k in screened
         ]
-        order = sorted(range(len(scored)), key=lambda k: scored[k][1])[: cfg.finalists]
-        best_t, best_c = ident, math.inf
+        order = sorted(range(len(scored)), key=lambda k: scored[k][1])[: cfg.finalists[ndim]]
         first_final = max(first, min(cfg.final_from, search_level))
+        finals = []
         for k in order:
             t, c = run(*scored[k], range(first, search_level + 1), coarse_mode, cfg.iterations)
             if final_mode != coarse_mode:
                 t, c = run(t, c, range(first_final, search_level + 1), final_mode, cfg.iterations)
-            if c < best_c:
-                best_t, best_c = t, c
-        transform = best_t
+            finals.append((t, c))
+        # with several finalists, each is refined on the next finer level and compared there
+        # (coarse levels can prefer a wrong pose, e.g. a remapped CT at 11 mm)
+        start_fine = search_level + 1
+        if len(finals) > 1 and start_fine < len(problems):
+            iters = cfg.iterations if start_fine == finest else cfg.mid_iterations
+            finals = [
+                run(t, c, range(start_fine, start_fine + 1), final_mode, iters) for t, c in finals
+            ]
+            start_fine += 1
+        transform = min(finals, key=lambda tc: tc[1])[0]
         # the finer levels with the final model
-        for i in range(search_level + 1, len(problems)):
+        for i in range(start_fine, len(problems)):
             iters = cfg.iterations if i == finest else cfg.mid_iterations
             transform, _ = run(transform, math.inf, range(i, i + 1), final_mode, iters)
         times["refine"] = time.perf_counter()
