@@ -36,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -52,7 +51,6 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "BatchResult",
     "PairSpec",
-    "add_subcommand",
     "read_pairs",
     "run_batch",
 ]
@@ -104,7 +102,7 @@ SUMMARY_COLUMNS = (
 
 #: Name of the file in each pair folder that records how the pair was made.
 RECORD = "batch.json"
-_SPLITS = ("all", "val", "test", "train")
+SPLITS = ("all", "val", "test", "train")
 
 
 @dataclass
@@ -324,8 +322,8 @@ def read_pairs(path: str | os.PathLike, split: str = "all") -> list[PairSpec]:
             column, or is neither a CSV table nor a Learn2Reg json.
     """
     p = Path(path)
-    if split not in _SPLITS:
-        raise InputError(f"--split: expected one of {', '.join(_SPLITS)}, got {split!r}")
+    if split not in SPLITS:
+        raise InputError(f"--split: expected one of {', '.join(SPLITS)}, got {split!r}")
     if not p.exists():
         raise InputError(f"{p}: no such pairs file")
     if p.is_dir():
@@ -843,84 +841,3 @@ def _run(
 
 
 # ----------------------------------------------------------------------------- command line
-def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``batch PAIRS -o OUT ...`` to ``subparsers``; the handler is :func:`command`."""
-    p = subparsers.add_parser(
-        "batch",
-        help="register every pair of a CSV table or Learn2Reg json (torchrun-able)",
-        description="Register every pair of PAIRS (a CSV table with the columns fixed,moving "
-        "and optionally fixed_seg,moving_seg,fixed_mask,moving_mask,fixed_landmarks,"
-        "moving_landmarks,name; or a Learn2Reg *_dataset.json) into OUT/<name>/ (the files of "
-        "pddreg register) and write OUT/summary.csv and OUT/summary.json. A rerun skips pairs "
-        "already complete. Under torchrun --nproc_per_node N the pairs are shared between the "
-        "processes (one GPU each, or the CPU). Bad rows are reported one line each and the "
-        "other pairs finish (exit status 2).",
-    )
-    p.add_argument("pairs", metavar="PAIRS", help="pairs table (.csv) or Learn2Reg json")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    p.add_argument("--method", choices=("pdd", "mind", "none"), default="mind")
-    p.add_argument("--model", metavar="PATH", help="saved model for pdd (default: shipped)")
-    p.add_argument(
-        "--split",
-        choices=_SPLITS,
-        default="all",
-        help="Learn2Reg json: registration_val and _test (all), val, test, or the training "
-        "pairs (train)",
-    )
-    p.add_argument(
-        "--affine",
-        choices=("auto", "rigid", "affine", "translation", "off"),
-        default="auto",
-        help="global stage (as pddreg register)",
-    )
-    p.add_argument("--same-grid", action="store_true", help="as pddreg register --same-grid")
-    p.add_argument(
-        "--instance-opt", action=argparse.BooleanOptionalAction, default=None, help="pdd only"
-    )
-    p.add_argument(
-        "--max-memory",
-        metavar="SIZE",
-        default=None,
-        help="memory budget of one registration, e.g. 4G: a pair estimated to need more fails "
-        "before it allocates (default: the memory available)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun cuda = cuda:RANK)",
-    )
-    p.set_defaults(func=command)
-    return p
-
-
-def command(args: argparse.Namespace) -> int:
-    """Handler of ``pddreg batch``: 0 when every pair is complete, 2 when some failed on their
-    input, 1 when some failed on an internal error."""
-    result = run_batch(
-        args.pairs,
-        args.output,
-        method=args.method,
-        model=args.model,
-        device=args.device,
-        split=args.split,
-        affine=args.affine,
-        same_grid=args.same_grid,
-        instance_opt=args.instance_opt,
-        max_memory=args.max_memory,
-        progress=not args.no_progress,
-    )
-    rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:
-        return 2 if result.errors else 0
-    for line in result.errors:
-        print(f"pddreg: error: {line}", file=sys.stderr)
-    done, skipped = result.count("done"), result.count("skipped")
-    failed = result.count("failed")
-    print(
-        f"batch: {done} registered, {skipped} already complete, {failed} failed; "
-        f"wrote {result.summary.get('csv', args.output)}"
-    )
-    if result.internal_errors:
-        return 1
-    return 2 if failed else 0

@@ -1,5 +1,6 @@
-"""The ``pddreg`` command: ``register``, ``track``, ``demo``, ``evaluate`` here; ``train`` and
-``slices`` registered by their own modules through ``add_subcommand(subparsers)``.
+"""The ``pddreg`` command: ``register``, ``apply``, ``track``, ``demo``, ``evaluate``, ``batch``
+and ``segment`` here; ``train`` and ``slices`` registered by their own modules through
+``add_subcommand(subparsers)``.
 
 Errors of the user's input (:class:`pddreg.errors.PddregError`) end as ONE line on stderr,
 ``pddreg: error: <file or argument>: <problem>``, with exit status 2 and no output written.
@@ -29,12 +30,7 @@ logger = logging.getLogger("pddreg")
 __all__ = ["atomic_output_dir", "main", "output_suffix", "read_points"]
 
 # Subcommands that live in other modules, each offering ``add_subcommand(subparsers)``.
-_EXTERNAL_COMMANDS = (
-    "pddreg.train.command",
-    "pddreg.data.command",
-    "pddreg.batch",
-    "pddreg.report.segment",
-)
+_EXTERNAL_COMMANDS = ("pddreg.train.command", "pddreg.data.command")
 
 # Files ``register`` may write; stale ones from an earlier run into the same OUT are removed.
 _REGISTER_OUTPUTS = (
@@ -599,6 +595,131 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+# ----------------------------------------------------------------------------- batch / segment
+def _add_batch(subparsers: Any) -> argparse.ArgumentParser:
+    """``pddreg batch PAIRS -o OUT ...`` (:func:`pddreg.batch.run_batch`)."""
+    from .batch import SPLITS
+
+    p = subparsers.add_parser(
+        "batch",
+        help="register every pair of a CSV table or Learn2Reg json (torchrun-able)",
+        description="Register every pair of PAIRS (a CSV table with the columns fixed,moving "
+        "and optionally fixed_seg,moving_seg,fixed_mask,moving_mask,fixed_landmarks,"
+        "moving_landmarks,name; or a Learn2Reg *_dataset.json) into OUT/<name>/ (the files of "
+        "pddreg register) and write OUT/summary.csv and OUT/summary.json. A rerun skips pairs "
+        "already complete. Under torchrun --nproc_per_node N the pairs are shared between the "
+        "processes (one GPU each, or the CPU). Bad rows are reported one line each and the "
+        "other pairs finish (exit status 2).",
+    )
+    p.add_argument("pairs", metavar="PAIRS", help="pairs table (.csv) or Learn2Reg json")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--method", choices=("pdd", "mind", "none"), default="mind")
+    p.add_argument("--model", metavar="PATH", help="saved model for pdd (default: shipped)")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="all",
+        help="Learn2Reg json: registration_val and _test (all), val, test, or the training "
+        "pairs (train)",
+    )
+    p.add_argument(
+        "--affine",
+        choices=("auto", "rigid", "affine", "translation", "off"),
+        default="auto",
+        help="global stage (as pddreg register)",
+    )
+    p.add_argument("--same-grid", action="store_true", help="as pddreg register --same-grid")
+    p.add_argument(
+        "--instance-opt", action=argparse.BooleanOptionalAction, default=None, help="pdd only"
+    )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        default=None,
+        help="memory budget of one registration, e.g. 4G: a pair estimated to need more fails "
+        "before it allocates (default: the memory available)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1 (default: cuda if available; under torchrun cuda = cuda:RANK)",
+    )
+    p.set_defaults(func=_cmd_batch)
+    return p
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    """``pddreg batch``: 0 when every pair is complete, 2 when some failed on their
+    input, 1 when some failed on an internal error."""
+    from .batch import run_batch
+
+    result = run_batch(
+        args.pairs,
+        args.output,
+        method=args.method,
+        model=args.model,
+        device=args.device,
+        split=args.split,
+        affine=args.affine,
+        same_grid=args.same_grid,
+        instance_opt=args.instance_opt,
+        max_memory=args.max_memory,
+        progress=not args.no_progress,
+    )
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        return 2 if result.errors else 0
+    for line in result.errors:
+        print(f"pddreg: error: {line}", file=sys.stderr)
+    done, skipped = result.count("done"), result.count("skipped")
+    failed = result.count("failed")
+    print(
+        f"batch: {done} registered, {skipped} already complete, {failed} failed; "
+        f"wrote {result.summary.get('csv', args.output)}"
+    )
+    if result.internal_errors:
+        return 1
+    return 2 if failed else 0
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    """``pddreg segment IMAGE --model M -o OUT`` (:func:`pddreg.report.segment.segment_image`)."""
+    from .data.io import read_image, write_image
+    from .report.segment import SUFFIXES, segment_image
+
+    image = read_image(args.image)
+    prob = segment_image(image, args.model, args.device)
+    seg = prob.argmax(0).astype(np.uint8 if prob.shape[0] <= 256 else np.int32)
+    out = Path(args.output)
+    if out.name.lower().endswith(SUFFIXES):
+        write_image(str(out), seg, like=image)
+    else:
+        with atomic_output_dir(out, ("seg.*", "prob.npy")) as tmp:
+            write_image(str(tmp / f"seg{output_suffix(args.image)}"), seg, like=image)
+            np.save(tmp / "prob.npy", prob)
+    labels = ", ".join(f"{k}: {int((seg == k).sum())}" for k in range(1, prob.shape[0]))
+    print(f"segmented {args.image} (voxels per label {labels}); wrote {out}")
+    return 0
+
+
+def _add_segment(subparsers: Any) -> argparse.ArgumentParser:
+    """``pddreg segment IMAGE --model M -o OUT``."""
+    p = subparsers.add_parser(
+        "segment",
+        help="segment an image with a joint segmentation and motion model",
+        description="Segment IMAGE with a model trained by pddreg train --joint (or a "
+        "segmentation-only SegNet). -o OUT is a label image file, or a folder that receives "
+        "seg.* and prob.npy (label probabilities, (K, *S)).",
+    )
+    p.add_argument("image", help="image (.nii/.nii.gz, .png/.jpg, .npy, .mha/.nrrd)")
+    p.add_argument("--model", required=True, metavar="M", help="saved joint model")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file or folder")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=_cmd_segment)
+    return p
+
+
 # ----------------------------------------------------------------------------- main
 def _common_options(suppress: bool) -> argparse.ArgumentParser:
     """--log-level and --device, accepted before and after the subcommand."""
@@ -734,6 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_track(sub, common)
     _add_demo(sub, common)
     add_evaluate(sub)
+    _add_batch(sub)
+    _add_segment(sub)
     for name in _EXTERNAL_COMMANDS:
         try:
             module = importlib.import_module(name)

@@ -1,5 +1,5 @@
-"""The ``pddreg segment`` subcommand: segment an image with a joint segmentation and motion
-model (``pddreg train --joint``) or a segmentation-only network.
+"""Segmentation of an image (``pddreg segment``, whose handler is in :mod:`pddreg.cli`) with a
+joint segmentation and motion model (``pddreg train --joint``) or a segmentation-only network.
 
 ``pddreg segment IMAGE --model M -o OUT``: OUT is a label image (``.png``, ``.nii.gz``, ``.npy``,
 ...) or a folder, which then receives ``seg.<format of IMAGE>`` and ``prob.npy`` (``(K, *S)``
@@ -8,7 +8,6 @@ float32 label probabilities).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,9 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["add_subcommand", "segment_image"]
+__all__ = ["SUFFIXES", "segment_image"]
 
-_SUFFIXES = (".nii.gz", ".nii", ".png", ".tif", ".tiff", ".npy", ".mha", ".nrrd")
+SUFFIXES = (".nii.gz", ".nii", ".png", ".tif", ".tiff", ".npy", ".mha", ".nrrd")
 
 
 def segment_image(image: Any, model: Any, device: Any = None) -> np.ndarray:
@@ -46,39 +45,3 @@ def segment_image(image: Any, model: Any, device: Any = None) -> np.ndarray:
     with torch.no_grad():
         prob = net.to(dev).eval().segment(x)
     return prob[0].float().cpu().numpy()
-
-
-def _run(args: argparse.Namespace) -> int:
-    from ..cli import atomic_output_dir, output_suffix
-    from ..data.io import read_image, write_image
-
-    image = read_image(args.image)
-    prob = segment_image(image, args.model, args.device)
-    seg = prob.argmax(0).astype(np.uint8 if prob.shape[0] <= 256 else np.int32)
-    out = Path(args.output)
-    if out.name.lower().endswith(_SUFFIXES):
-        write_image(str(out), seg, like=image)
-    else:
-        with atomic_output_dir(out, ("seg.*", "prob.npy")) as tmp:
-            write_image(str(tmp / f"seg{output_suffix(args.image)}"), seg, like=image)
-            np.save(tmp / "prob.npy", prob)
-    labels = ", ".join(f"{k}: {int((seg == k).sum())}" for k in range(1, prob.shape[0]))
-    print(f"segmented {args.image} (voxels per label {labels}); wrote {out}")
-    return 0
-
-
-def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``segment IMAGE --model M -o OUT`` to ``subparsers``."""
-    p = subparsers.add_parser(
-        "segment",
-        help="segment an image with a joint segmentation and motion model",
-        description="Segment IMAGE with a model trained by pddreg train --joint (or a "
-        "segmentation-only SegNet). -o OUT is a label image file, or a folder that receives "
-        "seg.* and prob.npy (label probabilities, (K, *S)).",
-    )
-    p.add_argument("image", help="image (.nii/.nii.gz, .png/.jpg, .npy, .mha/.nrrd)")
-    p.add_argument("--model", required=True, metavar="M", help="saved joint model")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file or folder")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.set_defaults(func=_run)
-    return p
