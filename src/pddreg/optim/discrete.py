@@ -60,13 +60,6 @@ class LevelConfig:
             radius; 0: none); None takes :func:`discrete_register`'s ``prior``.
         field_smooth: box-3 averaging passes of this level's residual field on its control
             grid (replicate borders): a coarse level then passes on only its bulk motion.
-        stay: a bonus subtracted from the regularised cost of the zero displacement (in units
-            of the cost): the level moves a control point only where another displacement is
-            clearly better than staying, which keeps a coarse, wide level from locking onto
-            ambiguous matches (repeated texture, contrast changes) where nothing moved.
-        recompute: the level's feature maps are computed from the images area-downsampled by
-            ``pool`` (the moving image warped by the field so far) instead of pooling the
-            full-resolution features: a descriptor of the coarse structure (for coarse levels).
 
     The capture range of a level is ``pool * spacing * radius`` voxels of ``F``; the cost tensor
     holds ``(2 * radius + 1)^ndim * prod(G)`` values.
@@ -80,8 +73,6 @@ class LevelConfig:
     fixed_sampling: str = "area"
     prior: float | None = None
     field_smooth: int = 0
-    stay: float = 0.0
-    recompute: bool = False
 
     def __post_init__(self) -> None:
         if int(self.smooth) != self.smooth or self.smooth < 0:
@@ -276,7 +267,7 @@ def level_step(
     max_memory: int | None = None,
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
-    images: tuple[Tensor, Tensor, Callable[[Tensor], Tensor]] | None = None,
+    image_shape: tuple[int, ...] | None = None,
     want_prob: bool = False,
     keep_cost: bool = False,
     posterior: Posterior | None = None,
@@ -291,7 +282,7 @@ def level_step(
         alpha: its six regularisation weights (None: ``pddreg.cost.DEFAULT_ALPHA``).
         cost_scale, normalise, prior, padding, max_memory: see :func:`discrete_register`.
         fixed_mask, moving_mask: ``(B, 1, *F)`` masks on the feature grid, or None.
-        images: ``(fixed, moving, features)`` for levels with ``recompute``.
+        image_shape: the image grid ``S`` the features cover (for ``posterior``; None: ``F``).
         want_prob: also return the probabilities (and use the fused softmax + field).
         keep_cost: also return the raw cost (for the cost-volume instance optimisation).
         posterior: a :class:`pddreg.optim.uncertainty.Posterior` that records the level's
@@ -310,26 +301,15 @@ def level_step(
         soft_field,
         valid_weights,
     )
-    from pddreg.spatial import resize_field, warp
+    from pddreg.spatial import warp
 
     grad = torch.is_grad_enabled()
     ndim = feat_fixed.dim() - 2
     fshape = tuple(feat_fixed.shape[2:])
-    if level.recompute and level.pool > 1:
-        if images is None:
-            raise ValueError("level_step(): a level with 'recompute' needs 'images'")
-        fixed, moving, features = images
-        target = tuple(pool_features(feat_fixed[:, :1], level.pool).shape[2:])
-        img = moving if disp is None else warp(moving, resize_field(disp, fixed.shape[2:]))
-        fix_p = _area(features(pool_features(fixed, level.pool)), target)
-        mov_p = _area(features(pool_features(img, level.pool)), target)
-        fix_p, mov_p = _box_filter(fix_p, level.smooth), _box_filter(mov_p, level.smooth)
-        del img
-    else:
-        moved = feat_moving if disp is None else warp(feat_moving, disp, padding="border")
-        fix_p = _box_filter(pool_features(feat_fixed, level.pool), level.smooth)
-        mov_p = _box_filter(pool_features(moved, level.pool), level.smooth)
-        del moved
+    moved = feat_moving if disp is None else warp(feat_moving, disp, padding="border")
+    fix_p = _box_filter(pool_features(feat_fixed, level.pool), level.smooth)
+    mov_p = _box_filter(pool_features(moved, level.pool), level.smooth)
+    del moved
     pshape = tuple(mov_p.shape[2:])
     fix_p, mov_p = _pad_to(fix_p, level.grid_stride), _pad_to(mov_p, level.grid_stride)
     fix_g = _to_grid(fix_p, level.grid_stride, level.fixed_sampling)
@@ -363,13 +343,9 @@ def level_step(
     if level_prior and level.radius > 0:
         term = _prior_term(level.radius, ndim, level_prior * level.radius, c)
         c = c + term if grad else c.add_(term)
-    if level.stay:
-        bonus = torch.zeros((1, c.shape[1], *([1] * ndim)), dtype=c.dtype, device=c.device)
-        bonus[:, c.shape[1] // 2] = level.stay  # the centre of the C-order lattice
-        c = c - bonus if grad else c.sub_(bonus)
     if posterior is not None:
-        image_shape = fshape if images is None else tuple(images[0].shape[2:])
-        posterior.add_level(c, level.radius, level.spacing, pshape, padded, image_shape)
+        shape = fshape if image_shape is None else image_shape
+        posterior.add_level(c, level.radius, level.spacing, pshape, padded, shape)
     prob = None
     if want_prob:
         disps = displacement_set(level.radius, level.spacing, ndim, device=c.device, dtype=c.dtype)
@@ -500,7 +476,7 @@ def discrete_register(
                 max_memory=max_memory,
                 fixed_mask=fmask_f,
                 moving_mask=mmask_f,
-                images=(fixed, moving, features),
+                image_shape=shape,
                 keep_cost=keep_cost,
                 posterior=posterior,
             )

@@ -1,4 +1,4 @@
-"""Separable Gaussian smoothing, and the anti-aliasing it gives resampling onto coarser grids."""
+"""Separable Gaussian smoothing (the anti-aliasing of :func:`pddreg.pipeline.resample`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["antialias_sigma", "gaussian_smooth"]
+__all__ = ["gaussian_smooth"]
 
 #: Kernel half-width in standard deviations.
 TRUNCATE = 2.5
@@ -40,17 +40,3 @@ def gaussian_smooth(x: torch.Tensor, sigma: float | Sequence[float]) -> torch.Te
         pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = r
         x = conv(F.pad(x, pad, mode="replicate"), k.view(shape).expand(c, *shape[1:]), groups=c)
     return x
-
-
-def antialias_sigma(src_spacing: Sequence[float], dst_spacing: Sequence[float]) -> list[float]:
-    """Gaussian sigma per source axis (voxels of the source) before sampling it at a coarser
-    pitch: ``0.5 * sqrt(r^2 - 1)`` with ``r = dst / src`` (0 where the target is not coarser),
-    which makes the total blur of a ``src``-voxel about half a ``dst``-voxel."""
-    dst = list(dst_spacing)
-    if len(dst) == 1:
-        dst = dst * len(src_spacing)
-    out = []
-    for s, d in zip(src_spacing, dst, strict=True):
-        r = float(d) / float(s)
-        out.append(0.5 * math.sqrt(r * r - 1.0) if r > 1.05 else 0.0)
-    return out
