@@ -27,6 +27,7 @@ __all__ = [
     "RegistrationResult",
     "apply_registration",
     "compute_metrics",
+    "deformation_metrics",
     "default_device",
     "make_register_fn",
     "map_points",
@@ -404,7 +405,6 @@ def compute_metrics(
     dice_after = M.dice(fixed_seg, warped_seg, labels=labels, reference=moving_seg)
     dice_before = M.dice(fixed_seg, moving_seg, labels=labels)
     hd = M.hd95(fixed_seg, warped_seg, spacing=spacing, labels=labels)
-    d = torch.from_numpy(np.ascontiguousarray(disp))[None]
 
     def nanmean(values: dict[int, float]) -> float | None:
         vals = [v for v in values.values() if not math.isnan(float(v))]
@@ -416,9 +416,16 @@ def compute_metrics(
         "mean_dice_before": nanmean(dice_before),
         "hd95": {str(k): _finite(v) for k, v in hd.items()},
         "mean_hd95": nanmean(hd),
-        "sdlogj": _finite(M.sdlogj(d)),
-        "folding_fraction": _finite(M.folding_fraction(d)),
+        **deformation_metrics(disp),
     }
+
+
+def deformation_metrics(disp: np.ndarray) -> dict[str, float | None]:
+    """``sdlogj`` and ``folding_fraction`` of a field ``(ndim, *S)`` (JSON-ready)."""
+    from . import metrics as M
+
+    d = torch.from_numpy(np.ascontiguousarray(disp))[None]
+    return {"sdlogj": _finite(M.sdlogj(d)), "folding_fraction": _finite(M.folding_fraction(d))}
 
 
 def _world_of(img: Any, arr: np.ndarray, spacing: tuple[float, ...] | None) -> np.ndarray:

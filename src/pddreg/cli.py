@@ -225,12 +225,9 @@ def _write_register_outputs(
     if result.metrics is not None:
         doc.update(result.metrics)
     else:
-        import torch
+        from .api import deformation_metrics
 
-        from .metrics import folding_fraction, sdlogj
-
-        d = torch.from_numpy(np.ascontiguousarray(result.disp))[None]
-        doc.update({"sdlogj": float(sdlogj(d)), "folding_fraction": float(folding_fraction(d))})
+        doc.update(deformation_metrics(result.disp))
     if getattr(result, "uncertainty", None) is not None:
         from .report.uncertainty import write_uncertainty_outputs
 
