@@ -67,6 +67,10 @@ def test_box_filter_matches_avg_pool():
     x2 = torch.rand(1, 2, 9, 8, dtype=torch.float64)
     ref2 = F.avg_pool2d(F.pad(x2, [1] * 4, mode="replicate"), 3, stride=1)
     assert torch.allclose(_box_filter(x2, 1), ref2)
+    # axes shorter than the window (the shifted views leave the array entirely)
+    x3 = torch.rand(1, 2, 1, 2, 5, dtype=torch.float64)
+    ref3 = F.avg_pool3d(F.pad(x3, [3] * 6, mode="replicate"), 7, stride=1)
+    assert torch.allclose(_box_filter(x3, 3), ref3)
 
 
 def test_constant_image_is_finite():
