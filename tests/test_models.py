@@ -140,3 +140,10 @@ def test_register_with_instance_optimisation():
     assert refined.shape == plain.shape and torch.isfinite(refined).all()
     assert not torch.allclose(refined, plain)
     assert torch.equal(model.register(f, m, instance_opt=True, iters=0), plain)
+    # the refinement matches MIND-SSC by default, the learned features on request
+    learned = PDDNet(PDDNetConfig(ndim=2, radius=2, io_iters=5, io_features="learned"))
+    learned.load_state_dict(model.state_dict())
+    other = learned.register(f, m, instance_opt=True)
+    assert other.shape == plain.shape and not torch.allclose(other, refined)
+    with pytest.raises(ValueError, match="io_features"):
+        PDDNetConfig(ndim=2, io_features="bogus")

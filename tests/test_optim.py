@@ -15,6 +15,8 @@ from pddreg.optim import (
     feature_objective,
     feature_optimise,
     instance_optimise,
+    refine_mind,
+    register_mind,
 )
 from pddreg.optim.instance import _lattice_view
 from pddreg.spatial import resize_field, warp
@@ -95,6 +97,32 @@ def test_feature_optimise_lowers_objective_and_epe():
     err0 = (init - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean()
     err1 = (out - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean()
     assert err1 < err0 and err1 < 0.3
+
+
+def test_refine_mind_improves_a_rough_start_and_matches_register_mind():
+    fixed, moving, t = _known_pair()
+    init = torch.zeros(1, 2, *fixed.shape[2:])
+    init[:, 0] = 2.0  # rough start, 1.7 px off
+    out = refine_mind(fixed, moving, init)
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
+    err0 = (init - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean()
+    err1 = (out - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean()
+    assert err1 < 0.5 * err0 and err1 < 0.3
+    # keywords of InstanceConfig override its settings; no steps leave the start as it is
+    assert torch.equal(refine_mind(fixed, moving, init, iters=0), init)
+    fewer = refine_mind(fixed, moving, init, iters=3)
+    assert not torch.allclose(fewer, out)
+    # it is register_mind's own last step: refining register_mind's levels (no refinement)
+    # reproduces register_mind
+    cfg = MindConfig(capture=False)
+    plain = register_mind(
+        fixed, moving, MindConfig(capture=False, instance=InstanceConfig(iters=0))
+    )
+    assert torch.allclose(
+        refine_mind(fixed, moving, plain, cfg), register_mind(fixed, moving, cfg), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="refine_mind"):
+        refine_mind(fixed, moving, init[..., :-1])
 
 
 def test_feature_optimise_bad_shapes():

@@ -64,6 +64,10 @@ class PDDNetConfig:
             against folding where neighbouring control points disagree.
         instance_opt: run instance optimisation in :meth:`PDDNet.register` by default.
         io_iters, io_lambda, io_lr: instance optimisation settings (None: the optimiser's own).
+        io_features: what the instance optimisation matches: ``"mind"`` (MIND-SSC at
+            ``mind``'s resolution, :func:`pddreg.optim.refine_mind`: the learned levels give
+            the start, the training-free refinement the sub-voxel precision) or ``"learned"``
+            (the network's own features on its feature grid).
         level_specs: the multi-level search of ``pddreg.optim.discrete_register``: one dict of
             :class:`pddreg.optim.LevelConfig` fields per level (coarse to fine, counted in
             feature voxels), each level with its own six learned weights. When given it
@@ -98,6 +102,7 @@ class PDDNetConfig:
     io_iters: int | None = None
     io_lambda: float | None = None
     io_lr: float | None = None
+    io_features: str = "mind"
     level_specs: list[dict[str, Any]] | None = None
     normalise_cost: bool = False
     cost_scale: float = 1.0
@@ -113,6 +118,10 @@ class PDDNetConfig:
             )
         if self.levels not in (1, 2):
             raise ValueError(f"PDDNetConfig: levels must be 1 or 2, got {self.levels}")
+        if self.io_features not in ("mind", "learned"):
+            raise ValueError(
+                f"PDDNetConfig: io_features must be 'mind' or 'learned', got {self.io_features!r}"
+            )
         if self.label_loss not in LABEL_LOSSES:
             raise ValueError(
                 f"PDDNetConfig: label_loss must be one of {LABEL_LOSSES}, got {self.label_loss!r}"
@@ -477,12 +486,13 @@ class PDDNet(nn.Module):
 
         ``fixed``, ``moving``: ``(B, 1, *S)`` in ``[0, 1]``, on the model's device. Runs
         :meth:`forward` in eval mode without gradients. ``instance_opt`` (default:
-        ``config.instance_opt``): then refine the field on the feature grid by
-        :func:`pddreg.optim.feature_optimise` (Adam on the SSD of the learned features + diffusion,
-        the optimiser ``pddreg.optim.discrete_register`` uses); keyword arguments override its
-        settings (``iters``, ``lr``, ``lambda_``, ``grid_stride``, ``smooth``; defaults from
-        :class:`pddreg.optim.InstanceConfig` and ``config.io_*``). ``fixed_mask``,
-        ``moving_mask``: ``(B, 1, *S)`` masks (see :meth:`forward`).
+        ``config.instance_opt``): then refine the field by Adam on a feature SSD + diffusion:
+        with ``config.io_features == "mind"`` :func:`pddreg.optim.refine_mind` (MIND-SSC, the
+        settings of ``mind``'s own refinement), with ``"learned"``
+        :func:`pddreg.optim.feature_optimise` on the learned features (defaults from
+        :class:`pddreg.optim.InstanceConfig`); ``config.io_*`` and keyword arguments
+        (``iters``, ``lr``, ``lambda_``, ``grid_stride``, ``smooth``) override the settings.
+        ``fixed_mask``, ``moving_mask``: ``(B, 1, *S)`` masks (see :meth:`forward`).
         """
         from pddreg.spatial import resize_field
 
@@ -500,6 +510,12 @@ class PDDNet(nn.Module):
         opts = {"iters": cfg.io_iters, "lr": cfg.io_lr, "lambda_": cfg.io_lambda}
         opts = {k: v for k, v in opts.items() if v is not None}
         opts.update(kwargs)
+        if cfg.io_features == "mind":
+            from pddreg.optim import refine_mind
+
+            return refine_mind(
+                fixed, moving, out["disp"], fixed_mask=fixed_mask, moving_mask=moving_mask, **opts
+            )
         io = InstanceConfig(mode="features", **opts)
         feat_fixed, feat_moving = out["features"]
         fshape = tuple(feat_fixed.shape[2:])

@@ -21,7 +21,7 @@ from .discrete import (
     pool_features,
 )
 from .instance import cost_objective, feature_objective, feature_optimise, instance_optimise
-from .mindreg import MindConfig, default_levels, mind_features, register_mind
+from .mindreg import MindConfig, default_levels, mind_features, refine_mind, register_mind
 from .uncertainty import Posterior, soft_label_transfer, uncertainty_map
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "level_step",
     "mind_features",
     "pool_features",
+    "refine_mind",
     "register_mind",
     "soft_label_transfer",
     "uncertainty_map",
