@@ -147,3 +147,28 @@ def test_register_with_instance_optimisation():
     assert other.shape == plain.shape and not torch.allclose(other, refined)
     with pytest.raises(ValueError, match="io_features"):
         PDDNetConfig(ndim=2, io_features="bogus")
+
+
+def test_pretrained_capture_follows_a_large_shift():
+    # a shift of 22 % of the extent is beyond the shipped 2D levels (about 14 % with the
+    # margin): the capture search of register(capture=None) follows it, the levels alone not
+    from pddreg.data import make_phantom
+    from pddreg.spatial import warp
+
+    model = pretrained(2)
+    img, _ = make_phantom(3, ndim=2)
+    img = torch.as_tensor(img)[None, None]
+    h, w = img.shape[2:]
+    shift = torch.tensor([0.0, 0.22 * w]).view(1, 2, 1, 1).expand(1, 2, h, w)
+    fixed = warp(img, shift, padding="zeros")
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, int(0.7 * w)))
+
+    def err(disp):
+        return float((disp - shift)[inner].norm(dim=1).mean())
+
+    plain = model.register(fixed, img)
+    wide = model.register(fixed, img, capture=None)
+    assert err(wide) < 3.0 and err(plain) > 20.0, (err(wide), err(plain))
+    # where the levels reach far enough nothing changes
+    small = torch.roll(img, 2, dims=3)
+    assert torch.equal(model.register(small, img, capture=None), model.register(small, img))

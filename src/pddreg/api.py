@@ -312,8 +312,9 @@ def make_register_fn(
         model: for ``pdd``: a path to a saved model or a model object (default: shipped).
         device: where the model runs (default: CUDA when available).
         instance_opt: ``pdd`` only: instance optimisation on/off (None: the model's default).
-        capture: ``mind`` only: the large-motion search (:class:`pddreg.optim.MindConfig`;
-            None: where the image size needs it).
+        capture: ``mind`` and ``pdd`` (multi-level models): the large-motion search
+            (:class:`pddreg.optim.MindConfig`, :meth:`pddreg.models.PDDNet.register`; None:
+            where the image size needs it).
     """
     if method not in METHODS:
         raise InputError(f"--method: unknown method {method!r} (choose from {', '.join(METHODS)})")
@@ -354,7 +355,11 @@ def make_register_fn(
 
         return mind_fn
     net = _load_pdd(model, ndim, dev)
-    kwargs = {} if instance_opt is None else {"instance_opt": bool(instance_opt)}
+    kwargs: dict[str, Any] = {} if instance_opt is None else {"instance_opt": bool(instance_opt)}
+    from .models import PDDNet
+
+    if isinstance(net, PDDNet) or isinstance(getattr(net, "pdd", None), PDDNet):
+        kwargs["capture"] = capture
 
     def pdd_fn(
         fixed: torch.Tensor,

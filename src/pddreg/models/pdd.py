@@ -323,17 +323,21 @@ class PDDNet(nn.Module):
         moving: Tensor,
         fixed_mask: Tensor | None = None,
         moving_mask: Tensor | None = None,
+        init: Tensor | None = None,
     ) -> dict[str, Any]:
         """Register ``moving`` to ``fixed`` (both ``(B, 1, *S)``); see the class docstring.
 
         ``fixed_mask``, ``moving_mask``: optional ``(B, 1, *S)`` masks in [0, 1]: cost entries
         of control points outside the fixed mask, or displaced outside the moving mask, get a
-        neutral cost (:func:`pddreg.cost.mask_cost`)."""
+        neutral cost (:func:`pddreg.cost.mask_cost`). ``init``: ``(B, ndim, *S)`` field in
+        image voxels the levels start from (``level_specs`` models only; None: zero)."""
         from pddreg.spatial import compose, resize_field, warp
 
         self._check(fixed, moving)
         if self.config.level_specs is not None:
-            return self._forward_levels(fixed, moving, fixed_mask, moving_mask)
+            return self._forward_levels(fixed, moving, fixed_mask, moving_mask, init)
+        if init is not None:
+            raise ValueError("PDDNet.forward(): 'init' needs a model with level_specs")
         b = fixed.shape[0]
         feats = self.features(torch.cat([fixed, moving]))
         feat_fixed, feat_moving = feats[:b], feats[b:]
@@ -366,6 +370,7 @@ class PDDNet(nn.Module):
         moving: Tensor,
         fixed_mask: Tensor | None,
         moving_mask: Tensor | None,
+        init: Tensor | None = None,
     ) -> dict[str, Any]:
         """:meth:`forward` for ``level_specs``: the levels of ``discrete_register``."""
         from pddreg.optim import level_step
@@ -378,7 +383,7 @@ class PDDNet(nn.Module):
         fshape = tuple(feats.shape[2:])
         fmask = None if fixed_mask is None else _area(fixed_mask.to(feats.dtype), fshape)
         mmask = None if moving_mask is None else _area(moving_mask.to(feats.dtype), fshape)
-        disp = None
+        disp = None if init is None else resize_field(init.to(feats.dtype), fshape)
         levels = []
         for level, alpha in zip(self.level_configs, self.alphas, strict=True):
             out = level_step(
@@ -480,6 +485,7 @@ class PDDNet(nn.Module):
         instance_opt: bool | None = None,
         fixed_mask: Tensor | None = None,
         moving_mask: Tensor | None = None,
+        capture: bool | None = False,
         **kwargs: Any,
     ) -> Tensor:
         """Dense displacement ``(B, ndim, *S)`` mapping the fixed grid into ``moving``.
@@ -493,13 +499,25 @@ class PDDNet(nn.Module):
         :class:`pddreg.optim.InstanceConfig`); ``config.io_*`` and keyword arguments
         (``iters``, ``lr``, ``lambda_``, ``grid_stride``, ``smooth``) override the settings.
         ``fixed_mask``, ``moving_mask``: ``(B, 1, *S)`` masks (see :meth:`forward`).
+
+        ``capture`` (``level_specs`` models): the large-motion search of ``mind``. None or
+        True: where the levels cannot reach :data:`pddreg.optim.mindreg.CAPTURE_FRACTION` of
+        the image extent, the levels run once more from the field of ``mind``'s capture level
+        (:func:`pddreg.optim.capture_start` on MIND-SSC at the network's stride) and the run
+        whose warped moving MIND features match better (:func:`pddreg.optim.keep_better`) is
+        kept; False (default): the levels alone. The kept run is the last forward pass (what
+        a forward hook, e.g. the uncertainty recording, sees last).
         """
         from pddreg.spatial import resize_field
 
         was_training = self.training
         self.eval()
         try:
-            out = self(fixed, moving, fixed_mask, moving_mask)
+            out = None
+            if capture is not False:
+                out = self._capture(fixed, moving, fixed_mask, moving_mask)
+            if out is None:
+                out = self(fixed, moving, fixed_mask, moving_mask)
         finally:
             self.train(was_training)
         cfg = self.config
@@ -532,6 +550,43 @@ class PDDNet(nn.Module):
             moving_mask=None if moving_mask is None else _area(moving_mask.float(), fshape),
         )
         return resize_field(refined, tuple(fixed.shape[2:]))
+
+    def _capture(
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        fixed_mask: Tensor | None,
+        moving_mask: Tensor | None,
+    ) -> dict[str, Any] | None:
+        """:meth:`register`'s large-motion search: the forward output of the plain run or of
+        the run from the capture level, whichever matches better (batch elements may differ:
+        then the fields are mixed); None where it does not apply."""
+        if self.config.level_specs is None:
+            return None
+        from pddreg.optim import capture_start, keep_better
+
+        stride = int(getattr(self.features, "stride", 1))
+        start = capture_start(
+            fixed,
+            moving,
+            self.level_configs,
+            stride,
+            fixed_mask=fixed_mask,
+            moving_mask=moving_mask,
+        )
+        if start is None:
+            return None
+        field, feat_fixed, feat_moving = start
+        wide = self(fixed, moving, fixed_mask, moving_mask, init=field)
+        plain = self(fixed, moving, fixed_mask, moving_mask)
+        disp = keep_better(
+            plain["disp"], wide["disp"], feat_fixed, feat_moving, fixed_mask, moving_mask
+        )
+        if torch.equal(disp, plain["disp"]):
+            return plain
+        if torch.equal(disp, wide["disp"]):
+            return self(fixed, moving, fixed_mask, moving_mask, init=field)  # the kept run last
+        return {**plain, "disp": disp}
 
     def training_loss(
         self,

@@ -21,7 +21,15 @@ from .discrete import (
     pool_features,
 )
 from .instance import cost_objective, feature_objective, feature_optimise, instance_optimise
-from .mindreg import MindConfig, default_levels, mind_features, refine_mind, register_mind
+from .mindreg import (
+    MindConfig,
+    capture_start,
+    default_levels,
+    keep_better,
+    mind_features,
+    refine_mind,
+    register_mind,
+)
 from .uncertainty import Posterior, soft_label_transfer, uncertainty_map
 
 __all__ = [
@@ -30,12 +38,14 @@ __all__ = [
     "LevelOutput",
     "MindConfig",
     "Posterior",
+    "capture_start",
     "cost_objective",
     "default_levels",
     "discrete_register",
     "feature_objective",
     "feature_optimise",
     "instance_optimise",
+    "keep_better",
     "level_step",
     "mind_features",
     "pool_features",

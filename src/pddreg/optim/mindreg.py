@@ -24,9 +24,11 @@ __all__ = [
     "MindConfig",
     "capture",
     "capture_level",
+    "capture_start",
     "default_instance",
     "default_levels",
     "feature_mismatch",
+    "keep_better",
     "mind_features",
     "refine_mind",
     "register_mind",
@@ -334,7 +336,7 @@ def register_mind(
     wide = discrete_register(
         fixed, moving, features, (extra, *levels), posterior=posts[1], **common
     )
-    chosen = _better(plain, wide, features(fixed), features(moving), fixed_mask, moving_mask)
+    chosen = keep_better(plain, wide, features(fixed), features(moving), fixed_mask, moving_mask)
     if posterior is not None and posts[0] is not None and posts[1] is not None:
         take = (chosen == wide).flatten(1).all(1)  # the batch elements that kept ``wide``
         posterior.update(posts[0].select(take, posts[1]))
@@ -403,11 +405,57 @@ def refine_mind(
         )
 
 
+def capture_start(
+    fixed: Tensor,
+    moving: Tensor,
+    levels: Sequence[LevelConfig],
+    stride: int = 1,
+    *,
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The capture level alone, as the start of another method's levels (``pdd``).
+
+    ``levels`` are counted in voxels of MIND-SSC features at ``stride`` (``F = ceil(S /
+    stride)``); where they reach :data:`CAPTURE_FRACTION` of the extent already
+    (:func:`capture_level`) the result is None. Otherwise the capture level runs on those
+    features (``mind``'s cost scale, prior and padding) and the result is ``(field, feat_fixed,
+    feat_moving)``: the field ``(B, ndim, *S)`` in image voxels and the features ``(B, C, *F)``
+    for :func:`keep_better`.
+
+    Args:
+        fixed, moving: ``(B, 1, *S)`` images in [0, 1].
+        levels: the levels that follow (their capture range decides).
+        stride: the feature stride the levels count in.
+        fixed_mask, moving_mask: ``(B, 1, *S)`` masks or None (see :func:`register_mind`).
+    """
+    ndim = fixed.dim() - 2
+    fshape = [-(-int(n) // stride) for n in fixed.shape[2:]]
+    extra = capture_level(ndim, fshape, levels)
+    if extra is None:
+        return None
+    with torch.no_grad():
+        feats = [mind_features(x.float(), stride) for x in (fixed, moving)]
+        field = discrete_register(
+            fixed,
+            moving,
+            lambda image: feats[0] if image is fixed else feats[1],
+            (extra,),
+            cost_scale=DEFAULT_COST_SCALE,
+            normalise=True,
+            prior=DEFAULT_PRIOR,
+            padding=PADDING,
+            fixed_mask=fixed_mask,
+            moving_mask=moving_mask,
+        )
+    return field, feats[0], feats[1]
+
+
 #: The capture level's field is kept when its feature mismatch is this much (relative) lower.
 CAPTURE_MARGIN = 0.25
 
 
-def _better(
+def keep_better(
     plain: Tensor,
     wide: Tensor,
     feat_fixed: Tensor,
@@ -415,8 +463,10 @@ def _better(
     fixed_mask: Tensor | None,
     moving_mask: Tensor | None,
 ) -> Tensor:
-    """Per batch element, ``wide`` where its feature mismatch beats ``plain``'s by
-    :data:`CAPTURE_MARGIN`, else ``plain`` (fields ``(B, ndim, *S)`` in image voxels)."""
+    """Per batch element, ``wide`` (the run with the capture level) where its feature mismatch
+    (:func:`feature_mismatch` on ``feat_*`` ``(B, C, *F)``) beats ``plain``'s by
+    :data:`CAPTURE_MARGIN`, else ``plain`` (fields ``(B, ndim, *S)`` in image voxels; masks
+    ``(B, 1, *S)`` or None)."""
     from pddreg.spatial import resize_field
 
     from .discrete import _area
@@ -430,7 +480,7 @@ def _better(
     ]
     take = scores[1] < (1.0 - CAPTURE_MARGIN) * scores[0]
     logger.debug(
-        "register_mind: capture level mismatch %s vs %s without: %s",
+        "capture level mismatch %s vs %s without: %s",
         scores[1].tolist(),
         scores[0].tolist(),
         take.tolist(),
