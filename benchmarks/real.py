@@ -21,8 +21,9 @@ and Middlebury frame pairs. None comes with ground-truth correspondences, so:
     echo: the dark, low-echo region inside the sector, mostly blood), % folding, SDlogJ and
     time.
 
-Methods per case: ``none``, ``mind``, ``pdd`` (shipped weights), ``pdd+inst`` (with instance
-optimisation), ``default`` (``pddreg.register(fixed, moving)`` with no method argument) and the
+Methods per case: ``none``, ``mind``, ``pdd`` (shipped weights, the network alone:
+``instance_opt=False``), ``pdd+inst`` (with its instance optimisation on MIND-SSC, the shipped
+default), ``default`` (``pddreg.register(fixed, moving)`` with no method argument) and the
 peers (``--peers``, default ANTsPy SyN; skipped with a note when not installed).
 
 The inter-subject pairs are passed to ``pddreg.register`` as NIfTI files (resampled to the
@@ -320,6 +321,8 @@ def run_ours(
         kw: dict[str, Any] = {k: v for k, v in extra.items() if k != "affine"}
     elif method == "pdd+inst":
         kw = {"method": "pdd", "instance_opt": True, **extra}
+    elif method == "pdd":  # the network alone
+        kw = {"method": "pdd", "instance_opt": False, **extra}
     else:
         kw = {"method": method, **extra}
     res = pddreg.register(fixed, moving, **api.kwargs(kw))

@@ -138,6 +138,20 @@ def test_pdd_pretrained_reduces_dissimilarity():
     assert res.metrics["mean_dice"] > res.metrics["mean_dice_before"]
 
 
+def test_default_is_pdd_with_its_refinement():
+    # the default method is the shipped PDD-Net with its MIND-SSC refinement; without the
+    # refinement the network's field is coarser (and differs)
+    f, fs = _blob_image((48, 56), (0, 0))
+    m, ms = _blob_image((48, 56), (3, -2))
+    default = register(f, m, device="cpu")
+    refined = register(f, m, method="pdd", instance_opt=True, device="cpu")
+    alone = register(f, m, method="pdd", instance_opt=False, device="cpu")
+    assert np.array_equal(default.disp, refined.disp)
+    assert not np.allclose(alone.disp, refined.disp, atol=1e-3)
+    err = [np.mean((r.warped - f) ** 2) for r in (refined, alone)]
+    assert err[0] < err[1] < np.mean((m - f) ** 2)
+
+
 def test_pdd_model_path_and_dimension_check(tmp_path):
     from pddreg.models import PDDNet, PDDNetConfig, save_model
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, RegistrationError
+from .methods import DEFAULT_METHOD, METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,6 @@ __all__ = [
     "map_points",
     "register",
 ]
-
-METHODS = ("pdd", "mind", "none")
 
 #: Most distinct non-zero labels a label map may hold: whole-body and brain parcellations
 #: stay below it (TotalSegmentator 117, FreeSurfer aparc+aseg ~110, Schaefer 1000 parcels);
@@ -260,13 +259,6 @@ def _load_pdd(model: Any, ndim: int, device: torch.device) -> torch.nn.Module:
 
     if model is None:
         net = models.pretrained(ndim)
-        if ndim == 3:
-            logger.warning(
-                "pdd with the shipped 3D weights is weak: on known fields of real volumes "
-                "(benchmarks/real.py) it ends 1.3-2.4 voxels from the truth, --method mind "
-                "0.6-0.8 (unregistered 1.8); use --method mind (the default), or --model with "
-                "a PDD-Net trained on your labelled scans"
-            )
     elif isinstance(model, (str, os.PathLike)):
         net = models.load_model(os.fspath(model), map_location="cpu")
     elif isinstance(model, torch.nn.Module):
@@ -444,7 +436,7 @@ def _world_of(img: Any, arr: np.ndarray, spacing: tuple[float, ...] | None) -> n
 def register(
     fixed: Any,
     moving: Any,
-    method: str = "mind",
+    method: str = DEFAULT_METHOD,
     model: Any = None,
     fixed_seg: Any = None,
     moving_seg: Any = None,
@@ -471,10 +463,10 @@ def register(
         fixed, moving: images ``(*S_f)`` and ``(*S_m)`` (2D or 3D): NumPy arrays, torch tensors,
             :class:`pddreg.data.Image` or file paths. Intensities are normalised to [0, 1]
             (:func:`pddreg.data.io.normalise_intensity`) before registration.
-        method: ``"mind"`` (default: training-free MIND-SSC discrete registration), ``"pdd"``
-            (learned PDD-Net; the shipped weights for the input's dimension unless ``model`` is
-            given) or ``"none"`` (no deformable stage and no global stage: the images as their
-            headers place them).
+        method: ``"pdd"`` (default: the learned PDD-Net, the shipped weights for the input's
+            dimension unless ``model`` is given, its field refined on MIND-SSC), ``"mind"``
+            (training-free MIND-SSC discrete registration) or ``"none"`` (no deformable stage
+            and no global stage: the images as their headers place them).
         model: for ``pdd``: a path to a saved model or a model object.
         fixed_seg, moving_seg: optional integer label maps on their image's grid; with
             ``moving_seg`` the warped label map is returned, with both the metrics are computed.
@@ -483,7 +475,8 @@ def register(
         spacing: voxel size in mm per axis of array inputs (files and Images carry their own);
             also the spacing of the metrics (default: the fixed image's).
         instance_opt: run instance optimisation after the network (``pdd``); None keeps the
-            method's default.
+            model's default (on for the shipped weights: ``False`` gives the network alone,
+            several times faster and less precise).
         affine: the global stage: ``"auto"`` (default: affine, kept only where it improves the
             similarity), ``"rigid"``, ``"affine"``, ``"translation"`` or ``"off"``.
         fixed_mask, moving_mask: optional masks on their image's grid (non-zero = inside): only

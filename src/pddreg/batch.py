@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, PddregError
+from .methods import DEFAULT_METHOD
 
 __all__ = [
     "SUMMARY_COLUMNS",
@@ -465,11 +466,6 @@ class _PairRunner:
             from .models import pretrained
 
             self._models[ndim] = pretrained(ndim)
-            if ndim == 3:
-                logger.warning(
-                    "pdd with the shipped 3D weights (synthetic pretraining only) is weak; "
-                    "use --method mind, or --model with a PDD-Net trained on your scans"
-                )
         return self._models[ndim]
 
     def register(self, spec: PairSpec, out: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -664,7 +660,7 @@ def _write_summary(out: Path, rows: list[dict[str, Any]]) -> dict[str, Path]:
 def run_batch(
     pairs: str | os.PathLike | Sequence[PairSpec],
     output: str | os.PathLike,
-    method: str = "mind",
+    method: str = DEFAULT_METHOD,
     model: Any = None,
     *,
     device: Any = None,

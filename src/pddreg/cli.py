@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, PddregError
+from .methods import DEFAULT_METHOD
 
 logger = logging.getLogger("pddreg")
 
@@ -257,9 +258,9 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         choices=("pdd", "mind", "none"),
-        default="mind",
-        help="mind (default: training-free, the most accurate on our real-image benchmark), "
-        "pdd (learned PDD-Net) or none",
+        default=DEFAULT_METHOD,
+        help="pdd (default: the learned PDD-Net, refined on MIND-SSC: the most accurate on our "
+        "real-image benchmark), mind (training-free) or none",
     )
     p.add_argument("--model", metavar="PATH", help="saved model for pdd (default: shipped)")
     p.add_argument("--fixed-seg", metavar="F", help="fixed label map (for metrics.json)")
@@ -283,7 +284,8 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--instance-opt",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="instance optimisation after the network (pdd; default: the model's setting)",
+        help="instance optimisation after the network (pdd; default: the model's setting, on "
+        "for the shipped weights; --no-instance-opt: the network alone, faster)",
     )
     p.add_argument(
         "--max-memory",
@@ -610,7 +612,7 @@ def _add_batch(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("pairs", metavar="PAIRS", help="pairs table (.csv) or Learn2Reg json")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    p.add_argument("--method", choices=("pdd", "mind", "none"), default="mind")
+    p.add_argument("--method", choices=("pdd", "mind", "none"), default=DEFAULT_METHOD)
     p.add_argument("--model", metavar="PATH", help="saved model for pdd (default: shipped)")
     p.add_argument(
         "--split",

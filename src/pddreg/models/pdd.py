@@ -185,7 +185,9 @@ def default_config(ndim: int) -> PDDNetConfig:
     Features: :class:`pddreg.features.nets.HybridNet` at stride 2 (MIND-SSC channels beside 16
     learned ones, learned gains); the levels of :data:`SHIPPED_LEVELS`, each with its six
     learned regularisation weights, on the mean-normalised SSD times 4 with ``mind``'s prior;
-    trained on synthetic pairs against their true fields (``field_loss``).
+    trained on synthetic pairs against their true fields (``field_loss``). :meth:`PDDNet.register`
+    refines the network's field on MIND-SSC by default (``instance_opt``, ``io_features``): the
+    most accurate method of ``benchmarks/real.py`` and ``benchmarks/bench_capture.py``.
     """
     if ndim not in (2, 3):
         raise ValueError(f"default_config(): ndim must be 2 or 3, got {ndim}")
@@ -200,6 +202,8 @@ def default_config(ndim: int) -> PDDNetConfig:
         lambda_diffusion=0.1,
         field_loss=1.0,
         label_loss="warped",
+        instance_opt=True,
+        io_features="mind",
     )
 
 

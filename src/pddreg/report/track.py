@@ -95,10 +95,16 @@ def tracking_register_fn(
     """The registration of one tracking step: ``(fixed, moving) -> disp`` ``(1, ndim, *S)``.
 
     ``mind``: :data:`TRACK_LEVELS_2D` in 2D and :data:`TRACK_INSTANCE_ITERS` steps of instance
-    optimisation, no capture search; ``pdd``, ``none``: as :func:`pddreg.api.make_register_fn`.
+    optimisation, no capture search; ``pdd``: the network alone (no refinement, no capture
+    search: neighbouring frames are near, and the speed is the point); ``none``: as
+    :func:`pddreg.api.make_register_fn`.
     """
     from ..api import make_register_fn
 
+    if method == "pdd":
+        return make_register_fn(
+            method, ndim, model=model, device=device, instance_opt=False, capture=False
+        )
     if method != "mind":
         return make_register_fn(method, ndim, model=model, device=device)
     from ..optim import InstanceConfig, MindConfig, register_mind

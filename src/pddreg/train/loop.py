@@ -267,7 +267,7 @@ def validate(model: nn.Module, dataset: Any, pairs: list[tuple[int, int]], devic
         fixed = torch.as_tensor(np.asarray(f.image, dtype=np.float32))[None, None].to(device)
         moving = torch.as_tensor(np.asarray(m.image, dtype=np.float32))[None, None].to(device)
         mseg = torch.as_tensor(np.asarray(m.labels)).long()[None, None].to(device)
-        disp = model.register(fixed, moving)
+        disp = model.register(fixed, moving, instance_opt=False)  # the network alone
         warped = warp_labels(mseg, disp)[0, 0].cpu().numpy()
         scores.append(mean_dice(np.asarray(f.labels), warped))
     return float(np.nanmean(scores)) if scores else float("nan")
