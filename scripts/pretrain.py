@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-data", type=Path, default=REAL, help="real images for validation")
     p.add_argument("-o", "--output", type=Path, default=None, help="weights file to write")
-    p.add_argument(
-        "--plot-only", action="store_true", help="only redraw the plot from the CSV log"
-    )
+    p.add_argument("--plot-only", action="store_true", help="only redraw the plot from the CSV log")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
