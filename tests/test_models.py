@@ -172,3 +172,21 @@ def test_pretrained_capture_follows_a_large_shift():
     # where the levels reach far enough nothing changes
     small = torch.roll(img, 2, dims=3)
     assert torch.equal(model.register(small, img, capture=None), model.register(small, img))
+
+
+def test_large_volumes_run_the_network_at_half_size(monkeypatch):
+    # above mind's LARGE_VOLUME the network sees the images area-pooled by 2 (as mind's
+    # features); the field comes back at full size and still follows a shift
+    import pddreg.optim.mindreg as mindreg
+
+    monkeypatch.setattr(mindreg, "LARGE_VOLUME", 20**3)
+    model = pretrained(3)
+    seen = []
+    model.register_forward_hook(lambda mod, inputs, out: seen.append(tuple(inputs[0].shape)))
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 36, 32, 40, generator=g), 3, 1, 1)
+    moving = torch.roll(img, 2, dims=2)  # moving(x) = img(x - 2): u = +2 along axis 0
+    disp = model.register(img, moving, instance_opt=False)
+    assert seen == [(1, 1, 18, 16, 20)] and disp.shape == (1, 3, 36, 32, 40)
+    inner = disp[0, 0, 8:-8, 8:-8, 8:-8]
+    assert abs(float(inner.median()) - 2.0) < 0.5

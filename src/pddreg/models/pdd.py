@@ -19,6 +19,7 @@ feature map (size ``S_f = ceil(S / stride)``); the control grid ``G = ceil(S_f /
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,6 +217,19 @@ def _box3(field: Tensor, passes: int) -> Tensor:
     for _ in range(passes):
         field = pool(F.pad(field, (1, 1) * ndim, mode="replicate"), 3, stride=1)
     return field
+
+
+def _large(shape: tuple[int, ...]) -> bool:
+    """Whether :meth:`PDDNet.register` runs the network on a 3D image pooled by 2: above
+    ``pddreg.optim.mindreg.LARGE_VOLUME`` voxels, where ``mind`` takes its features at half
+    resolution too (192x160x256: the levels at stride 2 took 4x the time of ``mind``)."""
+    from pddreg.optim.mindreg import LARGE_VOLUME
+
+    return len(shape) == 3 and math.prod(shape) > LARGE_VOLUME
+
+
+def _halved(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(-(-int(n) // 2) for n in shape)
 
 
 def _area(x: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -509,21 +523,31 @@ class PDDNet(nn.Module):
         the image extent, the levels run once more from the field of ``mind``'s capture level
         (:func:`pddreg.optim.capture_start` on MIND-SSC at the network's stride) and the run
         whose warped moving MIND features match better (:func:`pddreg.optim.keep_better`) is
-        kept; False (default): the levels alone. The kept run is the last forward pass (what
-        a forward hook, e.g. the uncertainty recording, sees last).
+        kept; False (default): the levels alone. 3D images above
+        ``pddreg.optim.mindreg.LARGE_VOLUME`` voxels (``level_specs`` models) are area-pooled
+        by 2 for the network (its field upsampled; the refinement runs at full size). The kept
+        run is the last forward pass (what a forward hook, e.g. the uncertainty recording, sees
+        last).
         """
         from pddreg.spatial import resize_field
 
+        shape = tuple(fixed.shape[2:])
+        images = [fixed, moving, fixed_mask, moving_mask]
+        if self.config.level_specs is not None and _large(shape):
+            # large volumes: the network on the images area-pooled by 2 (as mind's features)
+            images = [None if x is None else _area(x.float(), _halved(shape)) for x in images]
         was_training = self.training
         self.eval()
         try:
             out = None
             if capture is not False:
-                out = self._capture(fixed, moving, fixed_mask, moving_mask)
+                out = self._capture(*images)
             if out is None:
-                out = self(fixed, moving, fixed_mask, moving_mask)
+                out = self(*images)
         finally:
             self.train(was_training)
+        if images[0] is not fixed:
+            out = {**out, "disp": resize_field(out["disp"], shape)}
         cfg = self.config
         if not (cfg.instance_opt if instance_opt is None else instance_opt):
             return out["disp"]
