@@ -67,6 +67,20 @@ def test_box_filter_matches_avg_pool():
     x2 = torch.rand(1, 2, 9, 8, dtype=torch.float64)
     ref2 = F.avg_pool2d(F.pad(x2, [1] * 4, mode="replicate"), 3, stride=1)
     assert torch.allclose(_box_filter(x2, 1), ref2)
+    # bit for bit the padded form summed in window order (training runs depend on the bits)
+    x4 = torch.rand(1, 3, 11, 6, 9)
+    for r in (1, 2):
+        ref4 = x4
+        for axis in range(2, 5):
+            pad = [0] * 6
+            pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = r
+            padded = F.pad(ref4, pad, mode="replicate")
+            n = ref4.shape[axis]
+            acc = padded.narrow(axis, 0, n).clone()
+            for j in range(1, 2 * r + 1):
+                acc += padded.narrow(axis, j, n)
+            ref4 = acc.div_(2 * r + 1)
+        assert torch.equal(_box_filter(x4, r), ref4)
     # axes shorter than the window (the shifted views leave the array entirely)
     x3 = torch.rand(1, 2, 1, 2, 5, dtype=torch.float64)
     ref3 = F.avg_pool3d(F.pad(x3, [3] * 6, mode="replicate"), 7, stride=1)

@@ -64,10 +64,11 @@ def _pairs(ndim: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
 def _box_filter(x: Tensor, radius: int) -> Tensor:
     """Separable mean over a ``(2r+1)^ndim`` window, replicate borders; ``x`` (B, C, *S).
 
-    One pass per axis: a copy plus ``2r`` in-place additions of shifted views, the voxels
-    that a shift moves past the border adding the border voxel instead (replicate), so no
-    padded copy is made (memory-bound; 1.7x faster than padding first on 12 x 91x109x91, and
-    several times faster on CPU than ``avg_pool3d`` with a stride of one).
+    One pass per axis without a padded copy: the sum starts as the copy shifted by ``-r`` and
+    adds the shifts ``-r + 1 .. r`` in place, the voxels that a shift moves past the border
+    taking the border voxel (replicate). Every voxel sums its window in the same order as the
+    padded form ``sum_j pad(x)[i + j]`` (so the results agree bit for bit) at 1.7x its speed on
+    12 x 91x109x91 (memory-bound; several times faster on CPU than ``avg_pool3d``).
     """
     if radius <= 0:
         return x
@@ -75,14 +76,17 @@ def _box_filter(x: Tensor, radius: int) -> Tensor:
     k = 2 * radius + 1
     for axis in range(2, 2 + ndim):
         n = x.shape[axis]
-        out = x.clone()
-        for j in range(1, radius + 1):
-            if j < n:
-                out.narrow(axis, 0, n - j).add_(x.narrow(axis, j, n - j))
-                out.narrow(axis, j, n - j).add_(x.narrow(axis, 0, n - j))
-            m = min(j, n)
-            out.narrow(axis, n - m, m).add_(x.narrow(axis, n - 1, 1))
-            out.narrow(axis, 0, m).add_(x.narrow(axis, 0, 1))
+        out = torch.empty_like(x)
+        for j, o in enumerate(range(-radius, radius + 1)):
+            write = Tensor.copy_ if j == 0 else Tensor.add_
+            lo, hi = max(0, -o), min(n, n - o)  # the voxels i whose i + o lies inside
+            if hi > lo:
+                write(out.narrow(axis, lo, hi - lo), x.narrow(axis, lo + o, hi - lo))
+            # i + o < 0 takes the first voxel, i + o >= n the last
+            for start, count, edge in ((0, min(lo, n), 0), (max(hi, 0), n - max(hi, 0), n - 1)):
+                if count > 0:
+                    part = out.narrow(axis, start, count)
+                    write(part, x.narrow(axis, edge, 1).expand_as(part))
         x = out.div_(k)
     return x
 

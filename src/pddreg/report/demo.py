@@ -210,7 +210,8 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         fns = {
             "none": make_register_fn("none", 2, device=device),
             "mind": make_register_fn("mind", 2, device=device),
-            "pdd": make_register_fn("pdd", 2, model=model, device=device),
+            # the fine-tuned network alone: what the labels taught it
+            "pdd": make_register_fn("pdd", 2, model=model, device=device, instance_opt=False),
         }
         for name, fn in fns.items():
             kept[name] = []
