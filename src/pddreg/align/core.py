@@ -78,7 +78,10 @@ class AlignConfig:
         min_overlap: translations whose overlap covers less than this fraction of the fixed
             (masked) voxels are rejected.
         scales, scale_rotations: second search stage for the similarity/affine models: these
-            isotropic scales around the best ``scale_rotations`` rotations (2D 2, 3D 4).
+            isotropic scales around the best ``scale_rotations`` rotations (2D 6, 3D 8: with 2
+            and 4 a remapped brain slice scaled by 1.15 and a remapped abdominal volume turned
+            by 20 degrees, shifted and scaled by 0.9 kept a wrong rotation, whose unscaled
+            match had ranked higher; ``benchmarks/bench_capture.py``).
         keep: search candidates kept (besides the initial and the centre-aligned map).
         search_mind_radius: MIND-SSC patch radius of the search features (2D 1, 3D 0).
         search_channels: the search features are projected onto this many principal
@@ -125,7 +128,7 @@ class AlignConfig:
     merge_windows: float = 0.5
     min_overlap: float = 0.25
     scales: tuple[float, ...] = (0.87, 0.93, 1.07, 1.15)
-    scale_rotations: dict[int, int] = field(default_factory=lambda: {2: 2, 3: 4})
+    scale_rotations: dict[int, int] = field(default_factory=lambda: {2: 6, 3: 8})
     keep: int = 4
     search_mind_radius: dict[int, int] = field(default_factory=lambda: {2: 1, 3: 0})
     search_channels: int | None = 6
