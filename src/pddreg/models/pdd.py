@@ -189,8 +189,9 @@ def default_config(ndim: int) -> PDDNetConfig:
     trained on synthetic pairs against their true fields (``field_loss``). :meth:`PDDNet.register`
     refines the network's field on MIND-SSC by default (``instance_opt``, ``io_features``): the
     most accurate method of ``benchmarks/real.py`` and ``benchmarks/bench_capture.py``; in 3D
-    with 50 steps instead of ``mind``'s 30 (from the network's coarser field: mean EPE 0.52 vs
-    0.54 on the full real.py volumes, ``mind`` 0.56, at 1.4x the refinement's time).
+    with 50 steps instead of ``mind``'s 30 (from the network's coarser field; the full real.py
+    volumes on one grid without a global stage: mean EPE 0.52 vs 0.54, ``mind`` 0.56, at 1.4x
+    the refinement's time).
     """
     if ndim not in (2, 3):
         raise ValueError(f"default_config(): ndim must be 2 or 3, got {ndim}")
