@@ -169,9 +169,10 @@ def test_pretrained_capture_follows_a_large_shift():
     plain = model.register(fixed, img)
     wide = model.register(fixed, img, capture=None)
     assert err(wide) < 3.0 and err(plain) > 20.0, (err(wide), err(plain))
-    # where the levels reach far enough nothing changes
+    # a small shift: the capture search changes little (only regions that match better)
     small = torch.roll(img, 2, dims=3)
-    assert torch.equal(model.register(small, img, capture=None), model.register(small, img))
+    a, b = model.register(small, img, capture=None), model.register(small, img)
+    assert float((a - b).norm(dim=1).mean()) < 0.1
 
 
 def test_large_volumes_run_the_network_at_half_size(monkeypatch):

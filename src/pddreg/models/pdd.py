@@ -526,8 +526,8 @@ class PDDNet(nn.Module):
         True: where the levels cannot reach :data:`pddreg.optim.mindreg.CAPTURE_FRACTION` of
         the image extent, the levels run once more from the field of ``mind``'s capture level
         (:func:`pddreg.optim.capture_start` on MIND-SSC at the network's stride) and the run
-        whose warped moving MIND features match better (:func:`pddreg.optim.keep_better`) is
-        kept; False (default): the levels alone. 3D images above
+        whose warped moving MIND features match better (:func:`pddreg.optim.keep_better`,
+        region by region) is kept; False (default): the levels alone. 3D images above
         ``pddreg.optim.mindreg.LARGE_VOLUME`` voxels (``level_specs`` models) are area-pooled
         by 2 for the network (its field upsampled; the refinement runs at full size). The kept
         run is the last forward pass (what a forward hook, e.g. the uncertainty recording, sees
@@ -590,9 +590,10 @@ class PDDNet(nn.Module):
         fixed_mask: Tensor | None,
         moving_mask: Tensor | None,
     ) -> dict[str, Any] | None:
-        """:meth:`register`'s large-motion search: the forward output of the plain run or of
-        the run from the capture level, whichever matches better (batch elements may differ:
-        then the fields are mixed); None where it does not apply."""
+        """:meth:`register`'s large-motion search: the forward output of the plain run and
+        of the run from the capture level, blended region by region by which matches better
+        (:func:`pddreg.optim.keep_better`; the outputs other than ``disp`` are those of the
+        run the blend lies nearer); None where it does not apply."""
         if self.config.level_specs is None:
             return None
         from pddreg.optim import capture_start, keep_better
@@ -616,8 +617,10 @@ class PDDNet(nn.Module):
         )
         if torch.equal(disp, plain["disp"]):
             return plain
-        if torch.equal(disp, wide["disp"]):
-            return self(fixed, moving, fixed_mask, moving_mask, init=field)  # the kept run last
+        if (disp - wide["disp"]).abs().sum() < (disp - plain["disp"]).abs().sum():
+            # mostly the capture run: it runs last (the forward hooks record it)
+            wide = self(fixed, moving, fixed_mask, moving_mask, init=field)
+            return {**wide, "disp": disp}
         return {**plain, "disp": disp}
 
     def training_loss(

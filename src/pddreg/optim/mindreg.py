@@ -217,8 +217,8 @@ class MindConfig:
         capture: large-motion search (default levels only): None (auto) adds the capture
             level (:func:`capture_level`) where the levels cannot reach
             :data:`CAPTURE_FRACTION` of the image extent, runs the levels with and without it
-            and keeps the field whose warped moving features match the fixed ones better
-            (:data:`CAPTURE_MARGIN`); True always tries it, False never.
+            and keeps, region by region, the field whose warped moving features match the
+            fixed ones better (:func:`keep_better`); True always tries it, False never.
     """
 
     mind_radius: int = 1
@@ -330,7 +330,8 @@ def register_mind(
         return discrete_register(
             fixed, moving, features, levels, instance=cfg.instance, posterior=posterior, **common
         )
-    # Large motion: the levels with and without the capture level, the better match wins.
+    # Large motion: the levels with and without the capture level, the better match wins
+    # (region by region).
     posts = [None, None] if posterior is None else [Posterior(posterior.keep_prob) for _ in "pw"]
     plain = discrete_register(fixed, moving, features, levels, posterior=posts[0], **common)
     wide = discrete_register(
@@ -338,7 +339,8 @@ def register_mind(
     )
     chosen = keep_better(plain, wide, features(fixed), features(moving), fixed_mask, moving_mask)
     if posterior is not None and posts[0] is not None and posts[1] is not None:
-        take = (chosen == wide).flatten(1).all(1)  # the batch elements that kept ``wide``
+        # the batch elements whose blend lies nearer ``wide`` take its probabilities
+        take = (chosen - wide).abs().flatten(1).sum(1) < (chosen - plain).abs().flatten(1).sum(1)
         posterior.update(posts[0].select(take, posts[1]))
     if cfg.instance is None or cfg.instance.iters <= 0:
         return chosen
@@ -451,8 +453,11 @@ def capture_start(
     return field, feats[0], feats[1]
 
 
-#: The capture level's field is kept when its feature mismatch is this much (relative) lower.
+#: The capture level's field is kept where its feature mismatch is this much (relative) lower ...
 CAPTURE_MARGIN = 0.25
+#: ... over windows of this fraction of the longest extent of the feature map (see
+#: :func:`keep_better`).
+CAPTURE_WINDOW = 1 / 12
 
 
 def keep_better(
@@ -463,26 +468,53 @@ def keep_better(
     fixed_mask: Tensor | None,
     moving_mask: Tensor | None,
 ) -> Tensor:
-    """Per batch element, ``wide`` (the run with the capture level) where its feature mismatch
-    (:func:`feature_mismatch` on ``feat_*`` ``(B, C, *F)``) beats ``plain``'s by
-    :data:`CAPTURE_MARGIN`, else ``plain`` (fields ``(B, ndim, *S)`` in image voxels; masks
-    ``(B, 1, *S)`` or None)."""
-    from pddreg.spatial import resize_field
+    """``wide`` (the run with the capture level) where its feature mismatch beats ``plain``'s
+    by :data:`CAPTURE_MARGIN`, over the whole image or region by region, else ``plain``.
+
+    The SSD of ``feat_fixed`` against ``feat_moving`` warped by each field (``(B, C, *F)``) is
+    averaged over windows of :data:`CAPTURE_WINDOW` of the longest extent; the indicator of
+    "wide is better" is smoothed by the same window and blends the fields (``(B, ndim, *S)``
+    in image voxels). A whole-image choice kept the plain field for a near object that moves
+    further than the rest (a stereo pair with 20 / 40 / 60 px disparities: mean EPE 5.9 ->
+    1.7 px with ``mind``, 6.6 -> 2.7 with ``pdd``); on smooth known fields it changed the mean
+    EPE by under 0.05. Outside the masks (``(B, 1, *S)`` or None) and the moving domain the
+    comparison keeps ``plain``.
+    """
+    import torch.nn.functional as F
+
+    from pddreg.features.mind import _box_filter
+    from pddreg.spatial import resize_field, warp
 
     from .discrete import _area
 
     fshape = tuple(feat_fixed.shape[2:])
-    fm = None if fixed_mask is None else _area(fixed_mask.to(feat_fixed.dtype), fshape)
-    mm = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
-    scores = [
-        feature_mismatch(feat_fixed, feat_moving, resize_field(d, fshape), fm, mm)
-        for d in (plain, wide)
-    ]
-    take = scores[1] < (1.0 - CAPTURE_MARGIN) * scores[0]
-    logger.debug(
-        "capture level mismatch %s vs %s without: %s",
-        scores[1].tolist(),
-        scores[0].tolist(),
-        take.tolist(),
-    )
-    return torch.where(take.view(-1, *([1] * (plain.dim() - 1))), wide, plain)
+    radius = max(2, round(CAPTURE_WINDOW * max(fshape) / 2))
+    inside = torch.ones_like(feat_moving[:, :1]) if moving_mask is None else moving_mask
+    inside = _area(inside.to(feat_fixed.dtype), fshape)
+    local = []
+    for d in (plain, wide):
+        dd = resize_field(d, fshape)
+        ssd = (feat_fixed - warp(feat_moving, dd)).square().sum(1, keepdim=True)
+        w = warp(inside, dd, padding="zeros")
+        if fixed_mask is not None:
+            w = w * _area(fixed_mask.to(feat_fixed.dtype), fshape)
+        # windowed mean over the valid voxels; windows without any count as no gain
+        local.append((_box_filter(w * ssd, radius), _box_filter(w, radius)))
+    dims = tuple(range(1, feat_fixed.dim()))
+    whole = [num.sum(dims) / den.sum(dims).clamp_min(1e-6) for num, den in local]
+    whole = [w.view(-1, *([1] * len(dims))) for w in whole]
+    valid = torch.minimum(local[0][1], local[1][1]) > 1e-3
+    mean = [num / den.clamp_min(1e-6) for num, den in local]
+    # a region takes the capture run where it matches better by the margin, relative to the
+    # region and to the whole image (flat regions, whose small differences are noise, do not)
+    gain = mean[0] - mean[1]
+    take = valid & (gain > CAPTURE_MARGIN * mean[0]) & (gain > CAPTURE_MARGIN * whole[0])
+    weight = _box_filter(take.to(feat_fixed.dtype), radius)
+    # where the capture run matches better over the whole image it is kept everywhere
+    # (homogeneous regions cannot tell the two runs apart locally)
+    everywhere = whole[1] < (1.0 - CAPTURE_MARGIN) * whole[0]
+    weight = torch.where(everywhere, torch.ones_like(weight), weight)
+    logger.debug("capture level kept on %.1f %% of the image", 100.0 * float(weight.mean()))
+    mode = "bilinear" if plain.dim() == 4 else "trilinear"
+    weight = F.interpolate(weight, size=tuple(plain.shape[2:]), mode=mode, align_corners=False)
+    return torch.lerp(plain, wide, weight.to(plain.dtype))
