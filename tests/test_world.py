@@ -417,3 +417,25 @@ def test_affine_files_map_points_like_the_global_stage(tmp_path):
         meta["affine_mode"] in ("rigid", "identity")
         and meta["global"]["mode"] == meta["affine_mode"]
     )
+
+
+def test_headers_apart_with_labels_register_and_report(two_grids, tmp_path, capsys):
+    # moving image and labels 5 m away by their headers: the global stage starts from the
+    # centres; there is no Dice "before", and the summary line says so instead of failing
+    moving = nib.load(two_grids["moving"])
+    far = moving.affine.copy()
+    far[:3, 3] += 5000.0
+    mov = _nii(tmp_path / "far.nii.gz", np.asarray(moving.dataobj), far)
+    seg = _nii(
+        tmp_path / "far_seg.nii.gz", np.asarray(nib.load(two_grids["moving_seg"]).dataobj), far
+    )
+    fseg = (np.asarray(nib.load(two_grids["fixed"]).dataobj) > 500).astype(np.int16)
+    fseg_path = _nii(tmp_path / "fixed_seg.nii.gz", fseg, nib.load(two_grids["fixed"]).affine)
+    out = tmp_path / "out"
+    argv = ["register", two_grids["fixed"], mov, "-o", str(out), "--method", "mind"]
+    argv += ["--fixed-seg", fseg_path, "--moving-seg", seg, "--no-uncertainty"]
+    assert main(argv) == 0
+    line = capsys.readouterr().out
+    assert "mean Dice - -> " in line
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mean_dice_before"] is None and metrics["mean_dice"] > 0.5

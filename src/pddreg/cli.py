@@ -150,7 +150,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
         summary += f", global stage {result.affine_mode}"
     if result.metrics is not None and result.metrics.get("mean_dice") is not None:
         before = result.metrics.get("mean_dice_before")
-        summary += f", mean Dice {before:.3f} -> {result.metrics['mean_dice']:.3f}"
+        # no Dice before where the headers do not overlap (the global stage placed the image)
+        start = "-" if before is None else f"{before:.3f}"
+        summary += f", mean Dice {start} -> {result.metrics['mean_dice']:.3f}"
     if "tre_mm" in extra:
         summary += f", TRE {extra['tre_before_mm']:.2f} -> {extra['tre_mm']:.2f} mm"
     print(f"{summary}; wrote {args.output}")
