@@ -11,35 +11,16 @@ transform (MIND channels computed on the moving grid would not).
 
 from __future__ import annotations
 
-import itertools
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pddreg.features.mind import VARIANCE_CLAMP
+from pddreg.features.mind import VARIANCE_CLAMP, neighbour_pairs
 from pddreg.spatial import sample, voxel_to_normalised
 
 __all__ = ["PointSampler", "neighbour_pairs", "point_mind", "sample_points"]
-
-
-@lru_cache(maxsize=4)
-def neighbour_pairs(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Index pairs ``(a, b)`` into the neighbours ``[-e_0, +e_0, -e_1, +e_1, ...]`` that are
-    ``sqrt(2)`` apart, in the channel order of :func:`pddreg.features.mind.mind_ssc`."""
-    neighbours = []
-    for axis in range(ndim):
-        for sign in (-1, 1):
-            v = [0] * ndim
-            v[axis] = sign
-            neighbours.append(tuple(v))
-    first, second = [], []
-    for (i, a), (j, b) in itertools.combinations(enumerate(neighbours), 2):
-        if sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) == 2:
-            first.append(i)
-            second.append(j)
-    return tuple(first), tuple(second)
 
 
 def sample_points(image: Tensor, coords: Tensor) -> Tensor:

@@ -28,13 +28,14 @@ Shape convention: ``image`` is ``(B, 1, *spatial)`` and the descriptor ``(B, C, 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MINDSSC", "mind_channels", "mind_ssc"]
+__all__ = ["MINDSSC", "mind_channels", "mind_ssc", "neighbour_pairs"]
 
 #: clamp of the local variance estimate, as fractions of its mean over the image
 VARIANCE_CLAMP = (1e-3, 1e3)
@@ -45,20 +46,34 @@ def mind_channels(ndim: int) -> int:
     return 2 * ndim * (ndim - 1)
 
 
-def _pairs(ndim: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """The non-opposite pairs of the ``2 * ndim`` neighbourhood as unit offset vectors."""
-    neighbours = []
+@functools.lru_cache(maxsize=4)
+def neighbour_pairs(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The channels of MIND-SSC as index pairs ``(first, second)`` into the neighbours
+    ``[-e_0, +e_0, -e_1, +e_1, ...]`` (:func:`_neighbours`): the pairs ``sqrt(2)`` apart, in
+    channel order."""
+    pairs = [
+        (i, j)
+        for (i, a), (j, b) in itertools.combinations(enumerate(_neighbours(ndim)), 2)
+        if sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) == 2  # not opposite
+    ]
+    return tuple(i for i, _ in pairs), tuple(j for _, j in pairs)
+
+
+def _neighbours(ndim: int) -> list[tuple[int, ...]]:
+    """The ``2 * ndim`` neighbourhood as unit offset vectors ``[-e_0, +e_0, -e_1, ...]``."""
+    out = []
     for axis in range(ndim):
         for sign in (-1, 1):
             v = [0] * ndim
             v[axis] = sign
-            neighbours.append(tuple(v))
-    pairs = []
-    for a, b in itertools.combinations(neighbours, 2):
-        dist2 = sum((x - y) ** 2 for x, y in zip(a, b, strict=True))
-        if dist2 == 2:  # sqrt(2) apart: not opposite
-            pairs.append((a, b))
-    return pairs
+            out.append(tuple(v))
+    return out
+
+
+def _pairs(ndim: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The non-opposite pairs of the ``2 * ndim`` neighbourhood as unit offset vectors."""
+    nb = _neighbours(ndim)
+    return [(nb[i], nb[j]) for i, j in zip(*neighbour_pairs(ndim), strict=True)]
 
 
 def _box_filter(x: Tensor, radius: int) -> Tensor:
