@@ -360,12 +360,10 @@ class PDDNet(nn.Module):
             return self._forward_levels(fixed, moving, fixed_mask, moving_mask, init)
         if init is not None:
             raise ValueError("PDDNet.forward(): 'init' needs a model with level_specs")
-        b = fixed.shape[0]
-        feats = self.features(torch.cat([fixed, moving]))
-        feat_fixed, feat_moving = feats[:b], feats[b:]
-        fshape = tuple(feats.shape[2:])
-        fmask = None if fixed_mask is None else _area(fixed_mask.to(feats.dtype), fshape)
-        mmask = None if moving_mask is None else _area(moving_mask.to(feats.dtype), fshape)
+        feat_fixed, feat_moving, fmask, mmask = self._features(
+            fixed, moving, fixed_mask, moving_mask
+        )
+        fshape = tuple(feat_fixed.shape[2:])
         levels = []
         disp = None  # (B, ndim, *F) in voxels of F
         for i, (alpha, radius, spacing, stride) in enumerate(self._levels()):
@@ -386,6 +384,22 @@ class PDDNet(nn.Module):
             "features": (feat_fixed, feat_moving),
         }
 
+    def _features(
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        fixed_mask: Tensor | None,
+        moving_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Both images through the feature net in one batch ``(B, C, *F)`` each, and the
+        masks area-resampled to ``F`` (or None)."""
+        b = fixed.shape[0]
+        feats = self.features(torch.cat([fixed, moving]))
+        fshape = tuple(feats.shape[2:])
+        fmask = None if fixed_mask is None else _area(fixed_mask.to(feats.dtype), fshape)
+        mmask = None if moving_mask is None else _area(moving_mask.to(feats.dtype), fshape)
+        return feats[:b], feats[b:], fmask, mmask
+
     def _forward_levels(
         self,
         fixed: Tensor,
@@ -399,13 +413,11 @@ class PDDNet(nn.Module):
         from pddreg.spatial import compose, resize_field
 
         cfg = self.config
-        b = fixed.shape[0]
-        feats = self.features(torch.cat([fixed, moving]))
-        feat_fixed, feat_moving = feats[:b], feats[b:]
-        fshape = tuple(feats.shape[2:])
-        fmask = None if fixed_mask is None else _area(fixed_mask.to(feats.dtype), fshape)
-        mmask = None if moving_mask is None else _area(moving_mask.to(feats.dtype), fshape)
-        disp = None if init is None else resize_field(init.to(feats.dtype), fshape)
+        feat_fixed, feat_moving, fmask, mmask = self._features(
+            fixed, moving, fixed_mask, moving_mask
+        )
+        fshape = tuple(feat_fixed.shape[2:])
+        disp = None if init is None else resize_field(init.to(feat_fixed.dtype), fshape)
         levels = []
         for level, alpha in zip(self.level_configs, self.alphas, strict=True):
             out = level_step(
