@@ -184,6 +184,21 @@ def feature_mismatch(
     """Mean feature SSD per batch element ``(B,)`` of ``feat_fixed`` against ``feat_moving``
     warped by ``disp`` (``(B, ndim, *F)``, voxels of ``F``), over the fixed points inside
     ``fixed_mask`` whose displaced position lies inside the moving map (and ``moving_mask``)."""
+    ssd, w = _weighted_ssd(feat_fixed, feat_moving, disp, fixed_mask, moving_mask)
+    dims = tuple(range(1, ssd.dim()))
+    return (w * ssd).sum(dims) / w.sum(dims).clamp_min(1e-6)
+
+
+def _weighted_ssd(
+    feat_fixed: Tensor,
+    feat_moving: Tensor,
+    disp: Tensor,
+    fixed_mask: Tensor | None,
+    moving_mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The SSD ``(B, 1, *F)`` of ``feat_fixed`` against ``feat_moving`` warped by ``disp``
+    (voxels of ``F``) and its weight ``(B, 1, *F)``: inside ``fixed_mask``, and displaced
+    inside the moving map (and ``moving_mask``); masks on ``F`` or None."""
     from pddreg.spatial import warp
 
     ssd = (feat_fixed - warp(feat_moving, disp)).square().sum(1, keepdim=True)
@@ -191,8 +206,7 @@ def feature_mismatch(
     w = warp(inside.to(ssd.dtype), disp, padding="zeros")
     if fixed_mask is not None:
         w = w * fixed_mask.to(ssd.dtype)
-    dims = tuple(range(1, ssd.dim()))
-    return (w * ssd).sum(dims) / w.sum(dims).clamp_min(1e-6)
+    return ssd, w
 
 
 @dataclass
@@ -484,21 +498,17 @@ def keep_better(
     import torch.nn.functional as F
 
     from pddreg.features.mind import _box_filter
-    from pddreg.spatial import resize_field, warp
+    from pddreg.spatial import resize_field
 
     from .discrete import _area
 
     fshape = tuple(feat_fixed.shape[2:])
     radius = max(2, round(CAPTURE_WINDOW * max(fshape) / 2))
-    inside = torch.ones_like(feat_moving[:, :1]) if moving_mask is None else moving_mask
-    inside = _area(inside.to(feat_fixed.dtype), fshape)
+    fm = None if fixed_mask is None else _area(fixed_mask.to(feat_fixed.dtype), fshape)
+    mm = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
     local = []
     for d in (plain, wide):
-        dd = resize_field(d, fshape)
-        ssd = (feat_fixed - warp(feat_moving, dd)).square().sum(1, keepdim=True)
-        w = warp(inside, dd, padding="zeros")
-        if fixed_mask is not None:
-            w = w * _area(fixed_mask.to(feat_fixed.dtype), fshape)
+        ssd, w = _weighted_ssd(feat_fixed, feat_moving, resize_field(d, fshape), fm, mm)
         # windowed mean over the valid voxels; windows without any count as no gain
         local.append((_box_filter(w * ssd, radius), _box_filter(w, radius)))
     dims = tuple(range(1, feat_fixed.dim()))
