@@ -616,25 +616,18 @@ class Pair:
     note: str = ""
 
 
+def _two_subjects(folder: Path, stem: str, spacing: float) -> list[Vol]:
+    """``<stem>1_image.nii.gz`` and ``<stem>2_image.nii.gz`` of ``folder`` at ``spacing`` mm."""
+    return [resample(_read_nifti(folder / f"{stem}{i}_image.nii.gz"), spacing) for i in (1, 2)]
+
+
 def real_pairs(args: argparse.Namespace) -> list[Pair]:
     data, quick = args.data, args.quick
     out: list[Pair] = []
     if 3 in args.dims:
-        lung = [
-            resample(
-                _read_nifti(data / "ct_chest_2subjects" / f"lung{i}_image.nii.gz"),
-                4.0 if quick else 3.0,
-            )
-            for i in (1, 2)
-        ]
+        lung = _two_subjects(data / "ct_chest_2subjects", "lung", 4.0 if quick else 3.0)
         out.append(Pair("chest CT 1 <- 2", "ct", lung[0], lung[1], "same"))
-        brain = [
-            resample(
-                _read_nifti(data / "mr_brain_2subjects" / f"brain{i}_image.nii.gz"),
-                3.0 if quick else 2.0,
-            )
-            for i in (1, 2)
-        ]
+        brain = _two_subjects(data / "mr_brain_2subjects", "brain", 3.0 if quick else 2.0)
         out.append(Pair("brain MR 1 <- 2", "head", brain[0], brain[1], "same"))
         path = data / "mr_abdomen_vfa_4d" / "vfa_4d.nii.gz"
         fa = (2, 10, 15, 20, 25)
