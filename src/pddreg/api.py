@@ -347,11 +347,10 @@ def make_register_fn(
 
         return mind_fn
     net = _load_pdd(model, ndim, dev)
-    kwargs: dict[str, Any] = {} if instance_opt is None else {"instance_opt": bool(instance_opt)}
-    from .models import PDDNet
-
-    if isinstance(net, PDDNet) or isinstance(getattr(net, "pdd", None), PDDNet):
-        kwargs["capture"] = capture
+    # every model's register takes these (the VoxelMorph baseline ignores them)
+    kwargs: dict[str, Any] = {"capture": capture}
+    if instance_opt is not None:
+        kwargs["instance_opt"] = bool(instance_opt)
 
     def pdd_fn(
         fixed: torch.Tensor,
