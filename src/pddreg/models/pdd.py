@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pddreg.features.nets import build_feature_net
+from pddreg.features.nets import build_feature_net, feature_grid_shape
 
 __all__ = ["PDDNet", "PDDNetConfig", "default_config"]
 
@@ -230,10 +230,6 @@ def _large(shape: tuple[int, ...]) -> bool:
     from pddreg.optim.mindreg import LARGE_VOLUME
 
     return len(shape) == 3 and math.prod(shape) > LARGE_VOLUME
-
-
-def _halved(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(-(-int(n) // 2) for n in shape)
 
 
 def _area(x: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -551,7 +547,8 @@ class PDDNet(nn.Module):
         images = [fixed, moving, fixed_mask, moving_mask]
         if self.config.level_specs is not None and _large(shape):
             # large volumes: the network on the images area-pooled by 2 (as mind's features)
-            images = [None if x is None else _area(x.float(), _halved(shape)) for x in images]
+            half = feature_grid_shape(shape, 2)
+            images = [None if x is None else _area(x.float(), half) for x in images]
         was_training = self.training
         self.eval()
         try:
