@@ -37,6 +37,7 @@ __all__ = [
     "minconv",
     "probabilities_and_field",
     "regularise",
+    "warp_ssd",
 ]
 
 
@@ -303,3 +304,40 @@ def regularise(d: torch.Tensor, alpha: torch.Tensor, n: int, taps, fused) -> tor
     """Differentiable two-round regularisation of a (B, n**nd, *G) cost with (6,) weights
     (``fused(d, alpha_floats, n)``: the native inference forward)."""
     return _Regularise.apply(_c(d), alpha, n, taps, fused)
+
+
+class _WarpSSD(torch.autograd.Function):
+    """ssd[x] = sum_c (m_c(x + u(x)) - f_c(x))^2 (and the moving mask warped by ``u``),
+    differentiable in ``u`` only (the features are constants of the instance optimisation);
+    the gradients come with the forward."""
+
+    @staticmethod
+    def forward(ctx, fixed, moving, disp, moving_mask):
+        out = _native.warp_ssd(fixed, moving, disp.detach(), moving_mask)
+        if moving_mask is None:
+            ctx.save_for_backward(out[1])
+            return out[0]
+        ctx.save_for_backward(out[1], out[3])
+        return out[0], out[2]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ssd, grad_mask=None):
+        saved = ctx.saved_tensors
+        grad = saved[0] * grad_ssd
+        if len(saved) > 1 and grad_mask is not None:
+            grad = grad + saved[1] * grad_mask
+        return None, None, grad, None
+
+
+def warp_ssd(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    disp: torch.Tensor,
+    moving_mask: torch.Tensor | None = None,
+):
+    """``(B, 1, *S)`` SSD of ``fixed`` against ``moving`` warped by ``disp`` (``(B, ndim, *S)``,
+    voxels), features ``(B, *S, C)`` channels last; differentiable with respect to ``disp``.
+    With ``moving_mask`` ``(B, 1, *S)``: ``(ssd, mask warped by disp with zeros outside)``."""
+    mask = None if moving_mask is None else _c(moving_mask.float())
+    return _WarpSSD.apply(_c(fixed), _c(moving), disp, mask)

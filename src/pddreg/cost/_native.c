@@ -1253,6 +1253,128 @@ void pdd_resample_t(const float* y, float* x, int64_t n, int64_t Q, int64_t o, c
     FTZ_END
 }
 
+/* Warped feature SSD and its gradient (instance optimisation), voxels [p0, p1) of one item.
+ *
+ * f, m: fixed and moving features on the same grid S (nd = 2 or 3 axes), channels last (N, C);
+ * u: displacement (nd, N) in voxels, channel first.  With x_i + u_i(x) clamped to [0, S_i - 1]
+ * (border padding) and multilinear interpolation of m there, as grid_sample(align_corners=True,
+ * padding_mode="border"):
+ *   ssd[x] = sum_c (m_c(x + u(x)) - f_c(x))^2,   g[i, x] = d ssd[x] / d u_i(x)
+ * (0 where the coordinate is clamped, as grid_sample's gradient).  With a moving mask mk (N)
+ * (else NULL): wk[x] = mk(x + u(x)) with zeros outside the map (padding_mode="zeros", not
+ * clamped) and gk[i, x] = d wk[x] / d u_i(x). */
+static inline void lerp_axis(float q, int64_t n, int64_t* i0, float* t, float* on) {
+    *on = 1.0f;
+    if (!(q > 0.0f)) { q = 0.0f; *on = 0.0f; }  /* NaN as well */
+    if (q >= (float)(n - 1)) { q = (float)(n - 1); *on = 0.0f; }
+    int64_t i = (int64_t)q;
+    if (i > n - 2) i = n - 2;
+    if (i < 0) i = 0;
+    *i0 = i;
+    *t = n > 1 ? q - (float)i : 0.0f;
+}
+
+/* mk (grid S, nd axes) at position q (voxels) with zero padding (grid_sample's "zeros": corners
+ * outside the map read 0, nothing is clamped): the value, and its gradient in gq. */
+static inline float mk_at(const float* mk, const int64_t* S, int64_t z, int64_t y, int64_t x) {
+    if (z < 0 || y < 0 || x < 0 || z >= S[0] || y >= S[1] || x >= S[2]) return 0.0f;
+    return mk[(z * S[1] + y) * S[2] + x];
+}
+
+static float mask_at(const float* mk, int nd, const int64_t* S, const float* q, float* gq) {
+    for (int a = 0; a < nd; ++a) gq[a] = 0.0f;
+    for (int a = 0; a < nd; ++a)
+        if (!(q[a] > -2.0f && q[a] < (float)S[a] + 1.0f)) return 0.0f; /* outside, or NaN */
+    const int64_t S3[3] = {nd == 3 ? S[0] : 1, S[nd - 2], S[nd - 1]};
+    const float qz = nd == 3 ? q[0] : 0.0f, qy = q[nd - 2], qx = q[nd - 1];
+    const float fz = floorf(qz), fy = floorf(qy), fx = floorf(qx);
+    const int64_t z = (int64_t)fz, y = (int64_t)fy, x = (int64_t)fx;
+    const float tz = qz - fz, ty = qy - fy, tx = qx - fx;
+    const float m000 = mk_at(mk, S3, z, y, x), m001 = mk_at(mk, S3, z, y, x + 1);
+    const float m010 = mk_at(mk, S3, z, y + 1, x), m011 = mk_at(mk, S3, z, y + 1, x + 1);
+    const float x00 = m001 - m000, x01 = m011 - m010;
+    const float e00 = m000 + tx * x00, e01 = m010 + tx * x01;
+    const float f0 = e00 + ty * (e01 - e00);
+    if (nd == 2) {
+        gq[0] = e01 - e00;
+        gq[1] = x00 + ty * (x01 - x00);
+        return f0;
+    }
+    const float m100 = mk_at(mk, S3, z + 1, y, x), m101 = mk_at(mk, S3, z + 1, y, x + 1);
+    const float m110 = mk_at(mk, S3, z + 1, y + 1, x), m111 = mk_at(mk, S3, z + 1, y + 1, x + 1);
+    const float x10 = m101 - m100, x11 = m111 - m110;
+    const float e10 = m100 + tx * x10, e11 = m110 + tx * x11;
+    const float f1 = e10 + ty * (e11 - e10);
+    gq[0] = f1 - f0;
+    gq[1] = (e01 - e00) + tz * ((e11 - e10) - (e01 - e00));
+    const float h0 = x00 + ty * (x01 - x00), h1 = x10 + ty * (x11 - x10);
+    gq[2] = h0 + tz * (h1 - h0);
+    return f0 + tz * (f1 - f0);
+}
+
+void pdd_warp_ssd(const float* f, const float* m, const float* u, float* ssd, float* g,
+                  const float* mk, float* wk, float* gk, int nd, const int64_t* S, int C,
+                  int64_t p0, int64_t p1) {
+    FTZ_BEGIN
+    const int64_t N = nd == 3 ? S[0] * S[1] * S[2] : S[0] * S[1];
+    const int64_t nz = nd == 3 ? S[0] : 1, ny = S[nd - 2], nx = S[nd - 1];
+    const int64_t dy = nx > 1 ? C : 0, sy = ny > 1 ? nx * C : 0, sz = nz > 1 ? ny * nx * C : 0;
+    for (int64_t p = p0; p < p1; ++p) {
+        const int64_t x = p % nx, y = (p / nx) % ny, z = p / (nx * ny);
+        int64_t ix, iy, iz = 0;
+        float tx, ty, tz = 0.0f, ox, oy, oz = 0.0f;
+        lerp_axis((float)x + u[(nd - 1) * N + p], nx, &ix, &tx, &ox);
+        lerp_axis((float)y + u[(nd - 2) * N + p], ny, &iy, &ty, &oy);
+        if (nd == 3) lerp_axis((float)z + u[p], nz, &iz, &tz, &oz);
+        const float* RESTRICT fp = f + p * C;
+        const float* RESTRICT a = m + ((iz * ny + iy) * nx + ix) * C; /* corner (0, 0, 0) */
+        float s = 0.0f, gx = 0.0f, gy = 0.0f, gz = 0.0f;
+        if (nd == 2) {
+            for (int c = 0; c < C; ++c) {
+                const float m00 = a[c], m01 = a[dy + c], m10 = a[sy + c], m11 = a[sy + dy + c];
+                const float e0 = m00 + tx * (m01 - m00), e1 = m10 + tx * (m11 - m10);
+                const float r = e0 + ty * (e1 - e0) - fp[c];
+                s += r * r;
+                gy += r * (e1 - e0);
+                gx += r * ((m01 - m00) + ty * ((m11 - m10) - (m01 - m00)));
+            }
+        } else {
+            for (int c = 0; c < C; ++c) {
+                const float m000 = a[c], m001 = a[dy + c], m010 = a[sy + c],
+                            m011 = a[sy + dy + c];
+                const float m100 = a[sz + c], m101 = a[sz + dy + c], m110 = a[sz + sy + c],
+                            m111 = a[sz + sy + dy + c];
+                const float x00 = m001 - m000, x01 = m011 - m010, x10 = m101 - m100,
+                            x11 = m111 - m110;
+                const float e00 = m000 + tx * x00, e01 = m010 + tx * x01;
+                const float e10 = m100 + tx * x10, e11 = m110 + tx * x11;
+                const float f0 = e00 + ty * (e01 - e00), f1 = e10 + ty * (e11 - e10);
+                const float r = f0 + tz * (f1 - f0) - fp[c];
+                s += r * r;
+                gz += r * (f1 - f0);
+                gy += r * ((e01 - e00) + tz * ((e11 - e10) - (e01 - e00)));
+                const float h0 = x00 + ty * (x01 - x00), h1 = x10 + ty * (x11 - x10);
+                gx += r * (h0 + tz * (h1 - h0));
+            }
+            g[p] = 2.0f * oz * gz;
+        }
+        ssd[p] = s;
+        g[(nd - 2) * N + p] = 2.0f * oy * gy;
+        g[(nd - 1) * N + p] = 2.0f * ox * gx;
+        if (mk) {
+            float q[3], gq[3];
+            q[nd - 1] = (float)x + u[(nd - 1) * N + p];
+            q[nd - 2] = (float)y + u[(nd - 2) * N + p];
+            if (nd == 3) q[0] = (float)z + u[p];
+            for (int a = 0; a < nd; ++a)
+                if (S[a] == 1) q[a] = 0.0f; /* grid_sample: a size-1 axis reads index 0 */
+            wk[p] = mask_at(mk, nd, S, q, gq);
+            for (int a = 0; a < nd; ++a) gk[a * N + p] = S[a] == 1 ? 0.0f : gq[a];
+        }
+    }
+    FTZ_END
+}
+
 /* Ask Linux for transparent huge pages on [p, p + bytes) (the whole 2 MiB pages inside it),
  * before the memory is first touched: the kernels above read a few cache lines from each of
  * thousands of rows, and with 4 kB pages every row is a TLB miss.  No effect elsewhere. */

@@ -57,6 +57,7 @@ __all__ = [
     "softmax_field",
     "supports",
     "usable",
+    "warp_ssd",
 ]
 
 _SOURCE = Path(__file__).with_name("_native.c")
@@ -87,6 +88,7 @@ _SIGNATURES = {
     "pdd_resample_t": [_p, _p, _l, _l, _l, _p, _p, _p, _p, _l, _l],
     "pdd_softmax_field": [_p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
     "pdd_softmax_bwd": [_p, _p, _p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
+    "pdd_warp_ssd": [_p, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i, _l, _l],
 }
 
 
@@ -687,3 +689,44 @@ def softmax_backward(
         lib.pdd_softmax_bwd(p, c, g, gf, dp, o, nl, K, nd, k0, k1, w)
 
     _per_item([prob, cost, dprob, gfield, out], call, _split(K, _SF_T, 4 * nl), 4 * _SF_T)
+
+
+def warp_ssd(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    disp: torch.Tensor,
+    moving_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Warped feature SSD and its gradient with respect to the displacement.
+
+    Args:
+        fixed, moving: ``(B, *S, C)`` float32 features, channels last (2D or 3D ``S``).
+        disp: ``(B, ndim, *S)`` displacement in voxels (``moving`` is sampled at ``x + disp``,
+            multilinear, border padding, as ``pddreg.spatial.warp``).
+        moving_mask: ``(B, 1, *S)`` float32 or None.
+
+    Returns:
+        ``ssd`` ``(B, 1, *S)``: ``sum_c (moving_c(x + disp(x)) - fixed_c(x))^2``, and ``grad``
+        ``(B, ndim, *S)``: its derivative with respect to ``disp(x)`` (0 on a clamped axis);
+        with ``moving_mask`` also the mask warped by ``disp`` (``(B, 1, *S)``, multilinear,
+        zeros outside) and its derivative ``(B, ndim, *S)``.
+    """
+    nd = disp.shape[1]
+    shape = tuple(disp.shape[2:])
+    C = fixed.shape[-1]
+    fixed, moving, disp = (t.contiguous() for t in (fixed, moving, disp))
+    sizes = torch.tensor(shape, dtype=torch.int64)
+    ssd = torch.empty((disp.shape[0], 1, *shape), dtype=torch.float32)
+    grad = torch.empty_like(disp)
+    masked = moving_mask is not None
+    mk = moving_mask.contiguous() if masked else None
+    wk = torch.empty_like(ssd) if masked else None
+    gk = torch.empty_like(disp) if masked else None
+    lib = _library()
+
+    def call(f, m, u, s, g, k, w, h, p0: int, p1: int, work: int) -> None:
+        lib.pdd_warp_ssd(f, m, u, s, g, k, w, h, nd, sizes.data_ptr(), C, p0, p1)
+
+    tensors = [fixed, moving, disp, ssd, grad, mk, wk, gk]
+    _per_item(tensors, call, _split(math.prod(shape), 1024, 8 * C), 1)
+    return (ssd, grad, wk, gk) if masked else (ssd, grad)

@@ -24,6 +24,7 @@ Convention: fields are ``(B, ndim, *grid)`` in voxels (see :mod:`pddreg.spatial`
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -161,12 +162,42 @@ def instance_optimise(
 
 
 def _smooth(field: Tensor, passes: int) -> Tensor:
-    """``passes`` box-3 averages (replicate borders) of a field ``(B, ndim, *S)``."""
+    """``passes`` box-3 averages (replicate borders) of a field ``(B, ndim, *S)``;
+    differentiable (:class:`_Box3`)."""
     from pddreg.features.mind import _box_filter
 
     for _ in range(passes):
-        field = _box_filter(field, 1)
+        field = _Box3.apply(field) if field.requires_grad else _box_filter(field, 1)
     return field
+
+
+class _Box3(torch.autograd.Function):
+    """The box-3 average with replicate borders (``_box_filter(x, 1)``) and its transpose as
+    the backward: autograd through the in-place slices of ``_box_filter`` spent most of an
+    instance-optimisation step zero-filling and copying slice gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        from pddreg.features.mind import _box_filter
+
+        return _box_filter(x, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # per axis, in reverse order: y_i = (x_{i-1} + x_i + x_{i+1}) / 3 with x_{-1} = x_0 and
+        # x_n = x_{n-1}, so dx_j = (g_{j-1} + g_j + g_{j+1}) / 3 (zeros outside) plus g_0 / 3
+        # at j = 0 and g_{n-1} / 3 at j = n - 1
+        g = grad
+        for axis in range(g.dim() - 1, 1, -1):
+            n = g.shape[axis]
+            out = g.clone()
+            if n > 1:
+                out.narrow(axis, 1, n - 1).add_(g.narrow(axis, 0, n - 1))
+                out.narrow(axis, 0, n - 1).add_(g.narrow(axis, 1, n - 1))
+            out.narrow(axis, 0, 1).add_(g.narrow(axis, 0, 1))
+            out.narrow(axis, n - 1, 1).add_(g.narrow(axis, n - 1, 1))
+            g = out.div_(3.0)
+        return g
 
 
 def _dense(params: Tensor, shape: tuple[int, ...], smooth: int) -> Tensor:
@@ -197,19 +228,73 @@ def feature_objective(
     Returns:
         scalar: ``mean_x sum_c (f_F - f_M(x + u(x)))^2 + lambda_ * diffusion(u_G * F/G)``.
     """
-    from pddreg.spatial import diffusion, warp
-
+    ssd_fn = _warped_ssd(feat_fixed, feat_moving, moving_mask)
     shape = tuple(feat_fixed.shape[2:])
+    return _objective(ssd_fn, shape, params, lambda_, smooth, fixed_mask)
+
+
+#: ``dense -> (ssd, warped moving mask or None)``, both ``(B, 1, *F)``
+WarpedSSD = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+
+
+def _warped_ssd(feat_fixed: Tensor, feat_moving: Tensor, moving_mask: Tensor | None) -> WarpedSSD:
+    """``dense -> (ssd, mask)``: the ``(B, 1, *F)`` SSD of the features with the moving ones
+    warped by ``dense`` (border padding) and ``moving_mask`` warped by it (zeros outside; None
+    without a mask), by PyTorch's ``grid_sample``: the reference, on any device and dtype."""
+    from pddreg.spatial import warp
+
+    def ssd(dense: Tensor) -> tuple[Tensor, Tensor | None]:
+        warped = warp(feat_moving, dense, mode="linear", padding="border")
+        out = (warped - feat_fixed).square().sum(1, keepdim=True)
+        if moving_mask is None:
+            return out, None
+        return out, warp(moving_mask.to(out.dtype), dense, mode="linear", padding="zeros")
+
+    return ssd
+
+
+def _native_warped_ssd(
+    feat_fixed: Tensor, feat_moving: Tensor, moving_mask: Tensor | None
+) -> WarpedSSD:
+    """:func:`_warped_ssd` on the native kernel (float32 CPU): the features are laid out
+    channels last once, and the gradients with respect to the field come with the forward
+    (about 15x faster than ``grid_sample``'s forward and backward on 12 MIND channels in 3D)."""
+    from pddreg.cost import _autograd
+
+    perm = (0, *range(2, feat_fixed.dim()), 1)
+    fixed = feat_fixed.permute(perm).contiguous()
+    moving = feat_moving.permute(perm).contiguous()
+    mask = None if moving_mask is None else moving_mask.float().contiguous()
+
+    def ssd(dense: Tensor) -> tuple[Tensor, Tensor | None]:
+        if mask is None:
+            return _autograd.warp_ssd(fixed, moving, dense), None
+        return _autograd.warp_ssd(fixed, moving, dense, mask)
+
+    return ssd
+
+
+def _objective(
+    ssd_fn: WarpedSSD,
+    shape: tuple[int, ...],
+    params: Tensor,
+    lambda_: float,
+    smooth: int,
+    fixed_mask: Tensor | None,
+) -> Tensor:
+    """:func:`feature_objective` with the warped SSD and moving mask from ``ssd_fn``
+    (:func:`_warped_ssd`) on the feature grid ``shape``."""
+    from pddreg.spatial import diffusion
+
     ndim = len(shape)
     dense = _dense(params, shape, smooth)
-    warped = warp(feat_moving, dense, mode="linear", padding="border")
-    ssd = (warped - feat_fixed).square().sum(1, keepdim=True)
-    if fixed_mask is None and moving_mask is None:
+    ssd, moved_mask = ssd_fn(dense)
+    if fixed_mask is None and moved_mask is None:
         data = ssd.mean()
     else:
         w = torch.ones_like(ssd) if fixed_mask is None else fixed_mask.to(ssd.dtype)
-        if moving_mask is not None:
-            w = w * warp(moving_mask.to(ssd.dtype), dense, mode="linear", padding="zeros")
+        if moved_mask is not None:
+            w = w * moved_mask
         data = (w * ssd).sum() / w.sum().clamp_min(1e-6)
     scale = torch.tensor(
         [f / g for f, g in zip(shape, params.shape[2:], strict=True)], dtype=params.dtype
@@ -271,11 +356,13 @@ def feature_optimise(
         params0 = resize_field(init.detach(), grid) if grid != shape else init.detach().clone()
     params = params0.clone().requires_grad_(True)
     opt = _Adam(params, lr=lr)
+    from pddreg.cost import _native
+
+    native = _native.supports(feat_fixed, feat_moving, params, fixed_mask, moving_mask)
+    ssd_fn = (_native_warped_ssd if native else _warped_ssd)(feat_fixed, feat_moving, moving_mask)
     with torch.enable_grad():
         for it in range(iters):
-            loss = feature_objective(
-                feat_fixed, feat_moving, params, lambda_, smooth, fixed_mask, moving_mask
-            )
+            loss = _objective(ssd_fn, shape, params, lambda_, smooth, fixed_mask)
             loss.backward()
             opt.step()
             if it == 0 or it == iters - 1:

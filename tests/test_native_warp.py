@@ -1,0 +1,120 @@
+"""The native warped-feature SSD of the instance optimisation (``pdd_warp_ssd``): values and
+gradients equal PyTorch's ``grid_sample`` path, with and without a moving mask, and
+``feature_optimise`` ends where the PyTorch path ends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from pddreg.cost import _autograd, _native
+from pddreg.optim import feature_objective, feature_optimise
+from pddreg.optim import instance as inst
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "cc").split()[0]) is None or not _native.available(),
+    reason="no C compiler: the PyTorch path is the only one",
+)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, *range(2, x.dim()), 1).contiguous()
+
+
+@pytest.mark.parametrize("shape", [(13, 17), (6, 7, 9), (1, 9), (5, 1, 6)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_warp_ssd_matches_grid_sample(shape, masked):
+    """Displacements up to 4 voxels leave the map on every side (clamped, and zero mask outside),
+    in float64 as the reference."""
+    gen = torch.Generator().manual_seed(len(shape) + masked)
+    nd = len(shape)
+    fixed = torch.randn(2, 5, *shape, generator=gen)
+    moving = torch.randn(2, 5, *shape, generator=gen)
+    mask = (torch.rand(2, 1, *shape, generator=gen) > 0.3).float() if masked else None
+    disp = 4 * torch.randn(2, nd, *shape, generator=gen)
+    up = torch.rand(2, 1, *shape, generator=gen)  # upstream gradients
+    up_mask = torch.rand(2, 1, *shape, generator=gen)
+
+    ref_u = disp.double().requires_grad_(True)
+    ref_mask = None if mask is None else mask.double()
+    ref_fn = inst._warped_ssd(fixed.double(), moving.double(), ref_mask)
+    ref_ssd, ref_mask = ref_fn(ref_u)
+    loss = (up * ref_ssd).sum() + (0 if ref_mask is None else (up_mask * ref_mask).sum())
+    loss.backward()
+
+    u = disp.clone().requires_grad_(True)
+    out = _autograd.warp_ssd(_channels_last(fixed), _channels_last(moving), u, mask)
+    ssd, moved = out if masked else (out, None)
+    loss = (up * ssd).sum() + (0 if moved is None else (up_mask * moved).sum())
+    loss.backward()
+
+    torch.testing.assert_close(ssd.double(), ref_ssd.detach(), rtol=1e-5, atol=1e-4)
+    if masked:
+        torch.testing.assert_close(moved.double(), ref_mask.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u.grad.double(), ref_u.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_warp_ssd_not_finite_displacement_reads_nothing():
+    """A NaN displacement gives a NaN SSD (as grid_sample) but no crash, and a zero mask."""
+    fixed = torch.rand(1, 3, 6, 7)
+    disp = torch.zeros(1, 2, 6, 7)
+    disp[0, :, 2, 3] = float("nan")
+    ssd, _, moved, _ = _native.warp_ssd(
+        _channels_last(fixed), _channels_last(fixed), disp, torch.ones(1, 1, 6, 7)
+    )
+    assert moved[0, 0, 2, 3] == 0 and moved[0, 0, 0, 0] == 1
+    assert ssd[0, 0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("masks", [False, True])
+def test_feature_optimise_native_equals_pytorch(monkeypatch, masks):
+    """The same Adam run on both paths ends at the same field (3D).  The start is off the
+    voxel lattice: at integer positions the gradient of linear interpolation is one-sided and
+    grid_sample's normalised coordinates may round to either side (both are subgradients, and
+    Adam's first step turns a sign into a full step)."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (10, 12, 9)
+    fm = torch.nn.functional.avg_pool3d(torch.rand(1, 6, *shape, generator=gen), 3, 1, 1)
+    true = 1.5 * torch.ones(1, 3, *shape)
+    from pddreg.spatial import warp
+
+    ff = warp(fm, true)
+    fmask = torch.ones(1, 1, *shape) if masks else None
+    mmask = (torch.rand(1, 1, *shape, generator=gen) > 0.1).float() if masks else None
+    kw = {"grid_stride": 2, "iters": 20, "fixed_mask": fmask, "moving_mask": mmask}
+    init = 0.3 + 0.2 * torch.rand(1, 3, *shape, generator=gen)
+    native = feature_optimise(ff, fm, init, **kw)
+    monkeypatch.setattr(_native, "supports", lambda *a: False)
+    torch_path = feature_optimise(ff, fm, init, **kw)
+    torch.testing.assert_close(native, torch_path, rtol=1e-3, atol=1e-3)
+    assert (native - true).abs().mean() < (init - true).abs().mean()
+
+
+def test_feature_objective_is_the_pytorch_reference():
+    """The public objective keeps grid_sample (any device and dtype, float64 here)."""
+    gen = torch.Generator().manual_seed(4)
+    ff, fm = torch.rand(2, 1, 4, 9, 8, generator=gen, dtype=torch.float64)
+    params = torch.rand(1, 2, 5, 4, generator=gen, dtype=torch.float64)
+    ssd, _ = inst._warped_ssd(ff, fm, None)(inst._dense(params, (9, 8), 1))
+    torch.testing.assert_close(feature_objective(ff, fm, params, 0.0), ssd.mean())
+    assert feature_objective(ff, fm, params, 0.0).dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (2, 3), (7, 6, 5), (1, 1, 4)])
+def test_box3_backward_is_the_transpose(shape):
+    """The hand-written backward of the instance optimisation's box-3 smoothing equals
+    autograd through the in-place form, in float64."""
+    from pddreg.features.mind import _box_filter
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(2, len(shape), *shape, generator=gen, dtype=torch.float64)
+    up = torch.rand(2, len(shape), *shape, generator=gen, dtype=torch.float64)
+    a = x.clone().requires_grad_(True)
+    (up * _box_filter(_box_filter(a, 1), 1)).sum().backward()
+    b = x.clone().requires_grad_(True)
+    (up * inst._smooth(b, 2)).sum().backward()
+    torch.testing.assert_close(inst._smooth(x, 2), _box_filter(_box_filter(x, 1), 1))
+    torch.testing.assert_close(b.grad, a.grad)
