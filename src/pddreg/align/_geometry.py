@@ -29,10 +29,22 @@ __all__ = [
     "n_params",
     "rotation_matrix",
     "rotation_vector",
+    "unravel",
 ]
 
 #: The transform models, simplest first.
 MODES = ("translation", "rigid", "similarity", "affine")
+
+
+def unravel(flat: Tensor, shape: Sequence[int]) -> Tensor:
+    """Array indices ``(*flat.shape, ndim)`` of the flat (C-order) indices ``flat`` into
+    ``shape`` (``torch.unravel_index`` imports sympy on its first call: a second or so)."""
+    out = []
+    rest = flat
+    for size in reversed(tuple(int(s) for s in shape)):
+        out.append(rest % size)
+        rest = torch.div(rest, size, rounding_mode="floor")
+    return torch.stack(out[::-1], dim=-1)
 
 
 def n_params(mode: str, ndim: int) -> int:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._features import PointSampler, mind_and_jacobian, mind_from_samples
-from ._geometry import increment, jacobian_basis, n_params
+from ._geometry import increment, jacobian_basis, n_params, unravel
 from ._pyramid import Level
 
 __all__ = ["LevelProblem", "evaluate", "make_problem", "refine"]
@@ -80,7 +80,7 @@ def _level_points(level: Level, max_points: int, seed: int) -> Tensor:
     if flat.numel() > max_points:
         gen = torch.Generator().manual_seed(seed)
         flat = flat[torch.randperm(flat.numel(), generator=gen)[:max_points].to(dev)]
-    return torch.stack(torch.unravel_index(flat, level.shape), dim=1)
+    return unravel(flat, level.shape)
 
 
 def _unrelated_cost(

@@ -27,7 +27,7 @@ from torch import Tensor
 from pddreg.features.mind import mind_ssc
 from pddreg.spatial import sample
 
-from ._geometry import about, rotation_matrix
+from ._geometry import about, rotation_matrix, unravel
 from ._pyramid import Level
 
 __all__ = ["Candidate", "rotation_set", "search"]
@@ -232,7 +232,7 @@ def search(
                 v = float(vals[j])
                 if not math.isfinite(v):
                     continue
-                t = list(torch.unravel_index(idx[j], score.shape[1:]))
+                t = unravel(idx[j], score.shape[1:]).tolist()
                 best.append((v, start + j, bi, [int(x) for x in t]))
     best.sort(key=lambda x: x[0])
     out: list[Candidate] = []
