@@ -118,3 +118,14 @@ def test_box3_backward_is_the_transpose(shape):
     (up * inst._smooth(b, 2)).sum().backward()
     torch.testing.assert_close(inst._smooth(x, 2), _box_filter(_box_filter(x, 1), 1))
     torch.testing.assert_close(b.grad, a.grad)
+
+
+def test_feature_optimise_native_broadcasts_a_mask_of_batch_one(monkeypatch):
+    """Two pairs with one moving mask: as the PyTorch path, which broadcasts it."""
+    gen = torch.Generator().manual_seed(6)
+    ff, fm = torch.rand(2, 2, 3, 9, 10, generator=gen)
+    mask = (torch.rand(1, 1, 9, 10, generator=gen) > 0.2).float()
+    init = 0.3 + 0.1 * torch.rand(2, 2, 9, 10, generator=gen)
+    native = feature_optimise(ff, fm, init, iters=5, moving_mask=mask)
+    monkeypatch.setattr(_native, "supports", lambda *a: False)
+    torch.testing.assert_close(native, feature_optimise(ff, fm, init, iters=5, moving_mask=mask))

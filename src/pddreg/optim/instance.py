@@ -264,7 +264,10 @@ def _native_warped_ssd(
     perm = (0, *range(2, feat_fixed.dim()), 1)
     fixed = feat_fixed.permute(perm).contiguous()
     moving = feat_moving.permute(perm).contiguous()
-    mask = None if moving_mask is None else moving_mask.float().contiguous()
+    batch = feat_fixed.shape[0]
+    mask = None
+    if moving_mask is not None:  # the kernel reads one mask per batch item
+        mask = moving_mask.float().expand(batch, *moving_mask.shape[1:]).contiguous()
 
     def ssd(dense: Tensor) -> tuple[Tensor, Tensor | None]:
         if mask is None:
