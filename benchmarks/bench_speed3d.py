@@ -1,12 +1,12 @@
 """Speed and accuracy of ``pddreg register`` with its defaults (the default method and its global
-stage) against ANTs SyN (affine + SyN) on real 3D volumes from 91x109x91 to 192x160x256 voxels,
-in the same run.
+stage) and of ``mind`` (with the same global stage) against ANTs SyN (affine + SyN) on real 3D
+volumes from 91x109x91 to 192x160x256 voxels, in the same run.
 
 Each case is a real volume of ``--data`` resampled to the size (isotropic voxels), moved by a
 known rotation of 10 degrees, a shift of 8 % of the field of view and a smooth deformation
 (:mod:`pddreg.data.cases`): ``fixed = source o phi``, ``moving = source``, so the true field is
 ``phi(x) - x``. Columns: wall time of the registration call and mean end-point error inside the
-object (voxels), per method, and the time ratio ANTs / pddreg.
+object (voxels), per method, and the time ratio ANTs / pddreg per method.
 
     python benchmarks/bench_speed3d.py --threads 2 -o benchmarks/RESULTS.md --append
 """
@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sizes", nargs="*", default=None, help="e.g. 91x109x91 192x160x256")
     p.add_argument("--no-ants", action="store_true")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["default", "mind"],
+        help="pddreg methods ('default': register's own default method)",
+    )
     p.add_argument("-o", "--output", type=Path, default=None)
     p.add_argument("--append", action="store_true")
     args = p.parse_args(argv)
@@ -80,16 +86,17 @@ def main(argv: list[str] | None = None) -> int:
             def epe(d: np.ndarray, case=case) -> float:
                 return float(np.sqrt(((d - case.disp) ** 2).sum(0))[case.mask].mean())
 
-            t0 = time.perf_counter()
-            res = pddreg.register(case.fixed, case.moving, uncertainty=False)
-            t_ours = time.perf_counter() - t0
             row = {
                 "case": name,
                 "shape": "x".join(map(str, shape)),
                 "before": epe(np.zeros_like(case.disp)),
-                "ours_s": t_ours,
-                "ours": epe(res.disp),
             }
+            for method in args.methods:
+                kw = {} if method == "default" else {"method": method}
+                t0 = time.perf_counter()
+                res = pddreg.register(case.fixed, case.moving, uncertainty=False, **kw)
+                row[f"{method}_s"] = time.perf_counter() - t0
+                row[method] = epe(res.disp)
             if not args.no_ants:
                 from pddreg.report import peers
 
@@ -99,23 +106,21 @@ def main(argv: list[str] | None = None) -> int:
                 row["ants"] = epe(np.asarray(d))
             log.info("%s", row)
             rows.append(row)
+    heads = [f"`{m}` s | EPE | ANTs / `{m}`" for m in args.methods]
     lines = [
         f"## `python benchmarks/bench_speed3d.py --threads {args.threads}`",
         "",
-        "| case | grid | EPE before | pddreg (default + global) s | EPE | ANTs SyN s | EPE "
-        "| ANTs / pddreg time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | grid | EPE before | " + " | ".join(heads) + " | ANTs SyN s | EPE |",
+        "|---|---|---|" + "---|---|---|" * len(args.methods) + "---|---|",
     ]
     for r in rows:
-        ants = (
-            f"{r['ants_s']:.1f} | {r['ants']:.2f} | {r['ants_s'] / r['ours_s']:.1f}x"
-            if "ants_s" in r
-            else "- | - | -"
-        )
-        lines.append(
-            f"| {r['case']} | {r['shape']} | {r['before']:.2f} | {r['ours_s']:.1f} | "
-            f"{r['ours']:.2f} | {ants} |"
-        )
+        cells = []
+        for m in args.methods:
+            ratio = f"{r['ants_s'] / r[m + '_s']:.1f}x" if "ants_s" in r else "-"
+            cells.append(f"{r[m + '_s']:.1f} | {r[m]:.2f} | {ratio}")
+        ants = f"{r['ants_s']:.1f} | {r['ants']:.2f}" if "ants_s" in r else "- | -"
+        head = f"| {r['case']} | {r['shape']} | {r['before']:.2f} | "
+        lines.append(head + " | ".join(cells) + f" | {ants} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:

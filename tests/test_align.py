@@ -214,8 +214,8 @@ def test_anisotropic_spacing_rigid_in_mm():
     err = s @ (res.matrix - true)
     err_mm = (err[:3, :3] @ pts + err[:3, 3:]).norm(dim=0)
     assert float(err_mm.mean()) < 0.7
-    # 20 slices of 3 mm pin the angle loosely: 14.3 degrees from the 17.5-degree search
-    # lattice, 13.1 from the 11.67-degree one, 13.3 from 8.75 (0.33-0.40 mm mean error)
+    # 20 slices of 3 mm pin the angle loosely: 14.3 degrees from a 17.5-degree search lattice,
+    # 13.3 from the 11.7-degree one and from 8.75, 13.1 from 11.67 (0.33-0.40 mm mean error)
     assert res.parameters["rotation_angle_deg"] == pytest.approx(math.hypot(12.0, 8.0), abs=1.5)
 
 
