@@ -12,6 +12,10 @@ it in a few seconds, once per source version, into ``$PDDREG_CACHE_DIR`` (defaul
 ``~/.cache/pddreg``, else a temporary folder); the calls go through ``ctypes``, which releases
 the GIL, so ``torch.get_num_threads()`` Python threads split each call.
 
+``pdd_warp_ssd`` (:func:`warp_ssd`) serves the instance optimisation of ``pddreg.optim``: the
+moving features warped by a field, their SSD against the fixed ones and its gradient with
+respect to the field in one pass (``grid_sample``'s forward and backward otherwise).
+
 Used only where it computes exactly what the PyTorch code does: float32 tensors on the CPU
 (:func:`usable`: outside autograd, for inference; :func:`supports`: also under autograd, where
 ``_autograd`` wraps the forward kernels and their backward kernels, ``pdd_*_bwd``,
