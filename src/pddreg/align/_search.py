@@ -228,12 +228,12 @@ def search(
             score = torch.where(ov >= min_overlap * tot, score, torch.full_like(score, math.inf))
             flat = score.flatten(1)
             vals, idx = flat.min(dim=1)
+            shifts = unravel(idx, score.shape[1:]).tolist()
             for j in range(len(rots)):
                 v = float(vals[j])
                 if not math.isfinite(v):
                     continue
-                t = unravel(idx[j], score.shape[1:]).tolist()
-                best.append((v, start + j, bi, [int(x) for x in t]))
+                best.append((v, start + j, bi, shifts[j]))
     best.sort(key=lambda x: x[0])
     out: list[Candidate] = []
     step_mm = [fixed.to_full[i, i].item() * fixed_spacing[i] for i in range(ndim)]

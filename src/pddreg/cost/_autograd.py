@@ -338,6 +338,7 @@ def warp_ssd(
 ):
     """``(B, 1, *S)`` SSD of ``fixed`` against ``moving`` warped by ``disp`` (``(B, ndim, *S)``,
     voxels), features ``(B, *S, C)`` channels last; differentiable with respect to ``disp``.
-    With ``moving_mask`` ``(B, 1, *S)``: ``(ssd, mask warped by disp with zeros outside)``."""
-    mask = None if moving_mask is None else _c(moving_mask.float())
+    With ``moving_mask`` ``(B, 1, *S)`` float32: ``(ssd, mask warped by disp with zeros
+    outside)``."""
+    mask = None if moving_mask is None else _c(moving_mask)
     return _WarpSSD.apply(_c(fixed), _c(moving), disp, mask)

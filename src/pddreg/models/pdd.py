@@ -606,6 +606,7 @@ class PDDNet(nn.Module):
         if self.config.level_specs is None:
             return None
         from pddreg.optim import capture_start, keep_better
+        from pddreg.optim.mindreg import blend_distances
 
         stride = int(getattr(self.features, "stride", 1))
         start = capture_start(
@@ -626,7 +627,8 @@ class PDDNet(nn.Module):
         )
         if torch.equal(disp, plain["disp"]):
             return plain
-        if (disp - wide["disp"]).abs().sum() < (disp - plain["disp"]).abs().sum():
+        to_plain, to_wide = blend_distances(disp, plain["disp"], wide["disp"])
+        if to_wide.sum() < to_plain.sum():
             # mostly the capture run: it runs last (the forward hooks record it)
             wide = self(fixed, moving, fixed_mask, moving_mask, init=field)
             return {**wide, "disp": disp}

@@ -336,6 +336,7 @@ def feature_optimise(
     Returns:
         ``(B, ndim, *F)`` refined field in voxels of ``F``, detached.
     """
+    from pddreg.cost import _native
     from pddreg.spatial import resize_field
 
     if feat_fixed.shape != feat_moving.shape or feat_fixed.dim() not in (4, 5):
@@ -359,8 +360,6 @@ def feature_optimise(
         params0 = resize_field(init.detach(), grid) if grid != shape else init.detach().clone()
     params = params0.clone().requires_grad_(True)
     opt = _Adam(params, lr=lr)
-    from pddreg.cost import _native
-
     native = _native.supports(feat_fixed, feat_moving, params, fixed_mask, moving_mask)
     ssd_fn = (_native_warped_ssd if native else _warped_ssd)(feat_fixed, feat_moving, moving_mask)
     with torch.enable_grad():

@@ -22,6 +22,7 @@ from .uncertainty import Posterior
 
 __all__ = [
     "MindConfig",
+    "blend_distances",
     "capture",
     "capture_level",
     "capture_start",
@@ -354,7 +355,8 @@ def register_mind(
     chosen = keep_better(plain, wide, features(fixed), features(moving), fixed_mask, moving_mask)
     if posterior is not None and posts[0] is not None and posts[1] is not None:
         # the batch elements whose blend lies nearer ``wide`` take its probabilities
-        take = (chosen - wide).abs().flatten(1).sum(1) < (chosen - plain).abs().flatten(1).sum(1)
+        to_plain, to_wide = blend_distances(chosen, plain, wide)
+        take = to_wide < to_plain
         posterior.update(posts[0].select(take, posts[1]))
     if cfg.instance is None or cfg.instance.iters <= 0:
         return chosen
@@ -472,6 +474,12 @@ CAPTURE_MARGIN = 0.25
 #: ... over windows of this fraction of the longest extent of the feature map (see
 #: :func:`keep_better`).
 CAPTURE_WINDOW = 1 / 6
+
+
+def blend_distances(blend: Tensor, plain: Tensor, wide: Tensor) -> tuple[Tensor, Tensor]:
+    """L1 distances ``(B,)`` of a :func:`keep_better` blend to ``plain`` and to ``wide`` (which
+    run it lies nearer: whose other outputs, e.g. probabilities, stand for it)."""
+    return tuple((blend - x).abs().flatten(1).sum(1) for x in (plain, wide))
 
 
 def keep_better(
