@@ -87,6 +87,36 @@ def test_box_filter_matches_avg_pool():
     assert torch.allclose(_box_filter(x3, 3), ref3)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 12, 19, 23, 17), (2, 4, 70, 33), (1, 1, 40, 3, 130), (1, 2, 1, 9, 300), (3, 1, 2, 50, 2)],
+)
+def test_box_filter_native_equals_pytorch(monkeypatch, shape):
+    """The native kernel (columns split across threads, in-place passes after the first) sums
+    in the PyTorch path's order: equal bit for bit, the input untouched."""
+    from pddreg.cost import _native
+
+    if not _native.available():
+        pytest.skip("native kernels not built")
+    x = torch.randn(shape)
+    keep = x.clone()
+    saved = torch.get_num_threads()
+    try:
+        for r in (1, 2, 3):
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                got = _native.box_filter(x, r)
+                with monkeypatch.context() as m:
+                    m.setattr(_native, "usable", lambda *a: False)
+                    ref = _box_filter(x, r)
+                assert torch.equal(got, ref), (r, threads)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(x, keep)
+    # the dispatch: float32 CPU tensors of 4096 values and more take the kernel
+    assert torch.equal(_box_filter(x, 1), _native.box_filter(x, 1))
+
+
 def test_constant_image_is_finite():
     m = mind_ssc(torch.full((1, 1, 10, 10, 10), 0.3))
     assert torch.isfinite(m).all() and torch.allclose(m, torch.ones(()))

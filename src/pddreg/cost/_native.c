@@ -1375,6 +1375,58 @@ void pdd_warp_ssd(const float* f, const float* m, const float* u, float* ssd, fl
     FTZ_END
 }
 
+/* Box mean along the middle axis of x (P, n, Q), replicate borders, rows [p0, p1) and columns
+ * [q0, q1): y[p, i, q] = (x[p, c(i - r), q] + x[p, c(i - r + 1), q] + ... + x[p, c(i + r), q])
+ * / (2r + 1) with c clamping to [0, n), summed in that order (as the padded form, so the result
+ * agrees bit for bit).  y may be x: then each block of BX_W columns is first copied to wk
+ * (n * BX_W floats; Q == 1: the row, padded, n + 2r floats). */
+#define BX_W 64
+void pdd_box(const float* x, float* y, int64_t n, int64_t Q, int r, int64_t p0, int64_t p1,
+             int64_t q0, int64_t q1, float* wk) {
+    FTZ_BEGIN
+    const float k = (float)(2 * r + 1);
+    const int inplace = x == y;
+    for (int64_t p = p0; p < p1; ++p) {
+        const float* xp = x + p * n * Q;
+        float* yp = y + p * n * Q;
+        if (Q == 1) { /* along the contiguous axis: the padded row, then 2r + 1 shifted sums */
+            for (int i = 0; i < r; ++i) wk[i] = xp[0], wk[n + r + i] = xp[n - 1];
+            memcpy(wk + r, xp, n * sizeof(float));
+            float* RESTRICT out = yp;
+            const float* RESTRICT a = wk;
+            for (int64_t i = 0; i < n; ++i) out[i] = a[i];
+            for (int o = 1; o <= 2 * r; ++o)
+                for (int64_t i = 0; i < n; ++i) out[i] += a[i + o];
+            for (int64_t i = 0; i < n; ++i) out[i] /= k;
+            continue;
+        }
+        for (int64_t b0 = q0; b0 < q1; b0 += inplace ? BX_W : q1 - q0) {
+            /* the block's source rows: a copy in wk (stride w) in place, else x itself */
+            const int64_t w = inplace && q1 - b0 > BX_W ? BX_W : q1 - b0;
+            const float* src = xp + b0;
+            int64_t ld = Q;
+            if (inplace) {
+                for (int64_t i = 0; i < n; ++i) memcpy(wk + i * w, src + i * Q, w * sizeof(float));
+                src = wk;
+                ld = w;
+            }
+            for (int64_t i = 0; i < n; ++i) {
+                int64_t j = i - r < 0 ? 0 : (i - r >= n ? n - 1 : i - r);
+                const float* RESTRICT a = src + j * ld;
+                float* RESTRICT out = yp + i * Q + b0;
+                for (int64_t q = 0; q < w; ++q) out[q] = a[q];
+                for (int o = -r + 1; o <= r; ++o) {
+                    j = i + o < 0 ? 0 : (i + o >= n ? n - 1 : i + o);
+                    const float* RESTRICT c = src + j * ld;
+                    for (int64_t q = 0; q < w; ++q) out[q] += c[q];
+                }
+                for (int64_t q = 0; q < w; ++q) out[q] /= k;
+            }
+        }
+    }
+    FTZ_END
+}
+
 /* Ask Linux for transparent huge pages on [p, p + bytes) (the whole 2 MiB pages inside it),
  * before the memory is first touched: the kernels above read a few cache lines from each of
  * thousands of rows, and with 4 kB pages every row is a TLB miss.  No effect elsewhere. */

@@ -15,6 +15,8 @@ the GIL, so ``torch.get_num_threads()`` Python threads split each call.
 ``pdd_warp_ssd`` (:func:`warp_ssd`) serves the instance optimisation of ``pddreg.optim``: the
 moving features warped by a field, their SSD against the fixed ones and its gradient with
 respect to the field in one pass (``grid_sample``'s forward and backward otherwise).
+``pdd_box`` (:func:`box_filter`) is the replicate-border box mean of MIND-SSC and of the
+levels' feature smoothing, one pass per axis instead of ``2r + 1`` slice additions.
 
 Used only where it computes exactly what the PyTorch code does: float32 tensors on the CPU
 (:func:`usable`: outside autograd, for inference; :func:`supports`: also under autograd, where
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "available",
+    "box_filter",
     "correlation",
     "empty_like",
     "lattice_sums",
@@ -68,6 +71,7 @@ _SOURCE = Path(__file__).with_name("_native.c")
 _MC_W = 32  # column block of pdd_minconv (MC_W in the C source)
 _MB_W = 16  # column block of pdd_minconv_bwd (MB_W)
 _SF_T = 2048  # column tile of pdd_soft_field (SF_T)
+_BX_W = 64  # column block of pdd_box (BX_W)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -93,6 +97,7 @@ _SIGNATURES = {
     "pdd_softmax_field": [_p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
     "pdd_softmax_bwd": [_p, _p, _p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
     "pdd_warp_ssd": [_p, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i, _l, _l],
+    "pdd_box": [_p, _p, _l, _l, _i, _l, _l, _l, _l, _p],
 }
 
 
@@ -734,3 +739,30 @@ def warp_ssd(
     tensors = [fixed, moving, disp, ssd, grad, mk, wk, gk]
     _per_item(tensors, call, _split(math.prod(shape), 1024, 8 * C), 1)
     return (ssd, grad, wk, gk) if masked else (ssd, grad)
+
+
+def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Box mean over a ``(2 radius + 1)^ndim`` window with replicate borders of a float32
+    ``(B, C, *S)`` tensor (``pddreg.features.mind._box_filter``'s sums in its order): one pass
+    per spatial axis, the first into a new tensor, the others in place (no huge pages: these
+    passes stream, and a huge-page fault can stall for compaction)."""
+    x = x.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    lib = _library()
+    src = x
+    threads = torch.get_num_threads()
+    for axis in range(2, x.dim()):
+        n = x.shape[axis]
+        P = math.prod(x.shape[:axis])
+        Q = math.prod(x.shape[axis + 1 :])
+        if P >= 2 * threads or Q <= _BX_W:
+            tasks = [(p0, p1, 0, Q) for p0, p1 in _split(P, 1, n * Q * (2 * radius + 1))]
+        else:
+            tasks = [(0, P, q0, q1) for q0, q1 in _split(Q, _BX_W, P * n * (2 * radius + 1))]
+
+        def call(p0: int, p1: int, q0: int, q1: int, w: int, s=src, n=n, Q=Q) -> None:
+            lib.pdd_box(s.data_ptr(), out.data_ptr(), n, Q, radius, p0, p1, q0, q1, w)
+
+        _tasks(call, tasks, n * min(Q, _BX_W) + 2 * radius)
+        src = out
+    return out
