@@ -309,3 +309,45 @@ def test_float64_and_config():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         align(**kwargs)
+
+
+def _homography_pair(shape=(96, 120)):
+    """A 2D view of SCENE_2D-like content through a homography (fixed mm -> moving mm): the
+    fixed image, the moving image, the true index map (spacing 1)."""
+    scene = Scene((float(shape[0]), float(shape[1])), seed=3, n=20)
+    h = affine_mm(2, [8.0], [0.95, 1.05], [0.05, -0.04], list(map(float, shape)))
+    h[2, :2] = torch.tensor([0.0035, -0.0025], dtype=torch.float64)
+    fixed = scene.render(shape, (1.0, 1.0))
+    pts = identity_grid(shape, dtype=torch.float64).reshape(2, -1).t()
+    inv = torch.linalg.inv(h)
+    q = pts @ inv[:2, :2].t() + inv[:2, -1]
+    q = q / (pts @ inv[2, :2] + inv[2, 2])[:, None]
+    moving = (scene(q).reshape(shape) / 1.2).clamp(0, 1).float()[None, None]
+    return fixed, moving, h
+
+
+def _epe_h(found, true, fixed):
+    from pddreg.align._geometry import apply_h
+
+    pts = torch.nonzero(fixed[0, 0] > 0.05).double()
+    return float((apply_h(found, pts) - apply_h(true, pts)).norm(dim=1).mean())
+
+
+def test_2d_homography_auto_projective():
+    fixed, moving, true = _homography_pair()
+    assert _epe_h(EYE3, true, fixed) > 5
+    res = align(fixed, moving, mode="auto")
+    assert res.mode == "projective"
+    assert abs(float(res.matrix[2, 0])) > 1e-3  # a perspective row
+    assert _epe_h(res.matrix, true, fixed) < 0.5
+    # the affine map alone stays several voxels off: what the perspective row buys
+    aff = align(fixed, moving, mode="affine")
+    assert aff.mode == "affine" and torch.equal(aff.matrix[2], EYE3[2])
+    assert _epe_h(aff.matrix, true, fixed) > 1.5
+    assert res.parameters["perspective"][:2] == pytest.approx(res.matrix[2, :2].tolist())
+
+
+def test_projective_off_by_config():
+    fixed, moving, _ = _homography_pair()
+    res = align(fixed, moving, mode="auto", config=AlignConfig(projective={2: False, 3: False}))
+    assert res.mode == "affine"

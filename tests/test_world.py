@@ -439,3 +439,47 @@ def test_headers_apart_with_labels_register_and_report(two_grids, tmp_path, caps
     assert "mean Dice - -> " in line
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mean_dice_before"] is None and metrics["mean_dice"] > 0.5
+
+
+def test_projective_global_stage_files_and_apply(tmp_path):
+    """A 2D view through a homography: ``--affine projective`` writes the homography to
+    affine.txt (marked, no affine.tfm), composes it into the field, and ``apply`` reproduces
+    the warped image."""
+    from test_align import _homography_pair
+
+    fixed, moving, true = _homography_pair()
+    np.save(tmp_path / "f.npy", fixed[0, 0].numpy())
+    np.save(tmp_path / "m.npy", moving[0, 0].numpy())
+    out = tmp_path / "reg"
+    argv = ["register", str(tmp_path / "f.npy"), str(tmp_path / "m.npy"), "-o", str(out)]
+    assert main([*argv, "--method", "mind", "--affine", "projective", "--device", "cpu"]) == 0
+    text = (out / "affine.txt").read_text()
+    assert "projective" in text and not (out / "affine.tfm").exists()
+    world = np.loadtxt(out / "affine.txt")
+    assert abs(world[2, 0]) > 1e-3  # the perspective row survives the world frame
+    meta = json.loads((out / "metrics.json").read_text())
+    assert meta["affine_mode"] == "projective"
+    # the field holds the homography: fixed voxel x -> moving x + u(x), near the true map
+    disp = np.load(out / "disp.npy")
+    pts = np.argwhere(fixed[0, 0].numpy() > 0.05).astype(np.float64)
+    q = np.c_[pts, np.ones(len(pts))] @ true.numpy().T
+    truth = q[:, :2] / q[:, 2:]
+    got = pts + disp[:, pts[:, 0].astype(int), pts[:, 1].astype(int)].T
+    assert np.linalg.norm(got - truth, axis=1).mean() < 0.6
+    warped = np.load(out / "warped.npy")
+    np.testing.assert_array_equal(apply_registration(out, str(tmp_path / "m.npy")), warped)
+
+
+def test_apply_matrix_divides_for_a_homography():
+    from pddreg.spatial import apply_matrix, is_projective, overlap_fraction
+
+    h = np.array([[1.1, 0.05, 3.0], [-0.02, 0.9, -2.0], [0.004, -0.002, 1.0]])
+    assert is_projective(h) and not is_projective(np.eye(3))
+    coords = torch.rand(1, 2, 5, 7, dtype=torch.float64) * 40
+    got = apply_matrix(h, coords)[0].reshape(2, -1).numpy()
+    p = coords[0].reshape(2, -1).numpy()
+    q = h @ np.vstack([p, np.ones(p.shape[1])])
+    np.testing.assert_allclose(got, q[:2] / q[2], rtol=1e-12)
+    # a horizon inside the fixed grid: the points behind it are outside, not wrapped round
+    behind = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-0.05, 0.0, 1.0]])
+    assert 0.0 < overlap_fraction(behind, (40, 40), (40, 40)) < 0.6

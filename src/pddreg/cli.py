@@ -271,10 +271,11 @@ def _add_register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--moving-mask", metavar="M", help="only voxels inside count (moving grid)")
     p.add_argument(
         "--affine",
-        choices=("auto", "rigid", "affine", "translation", "off"),
+        choices=("auto", "rigid", "affine", "projective", "translation", "off"),
         default="auto",
-        help="global stage before the deformable one (default auto: affine, kept where it "
-        "improves the similarity)",
+        help="global stage before the deformable one (default auto: affine, in 2D then a "
+        "homography, each kept where it improves the similarity; projective: the homography "
+        "always)",
     )
     p.add_argument(
         "--same-grid",
@@ -625,7 +626,7 @@ def _add_batch(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--affine",
-        choices=("auto", "rigid", "affine", "translation", "off"),
+        choices=("auto", "rigid", "affine", "projective", "translation", "off"),
         default="auto",
         help="global stage (as pddreg register)",
     )

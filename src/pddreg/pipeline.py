@@ -46,7 +46,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AFFINE_MODES = ("auto", "rigid", "affine", "translation", "off")
+AFFINE_MODES = ("auto", "rigid", "affine", "projective", "translation", "off")
 
 #: ``(fixed_w, moving_w, fixed_mask_w, moving_mask_w) -> u_w``: images ``(1, 1, *W)`` in
 #: [0, 1], masks ``(1, 1, *W)`` in [0, 1] or None, field ``(1, ndim, *W)`` in working voxels.

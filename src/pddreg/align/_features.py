@@ -20,6 +20,8 @@ from torch import Tensor
 from pddreg.features.mind import VARIANCE_CLAMP, neighbour_pairs
 from pddreg.spatial import sample, voxel_to_normalised
 
+from ._geometry import apply_h, is_projective
+
 __all__ = ["PointSampler", "neighbour_pairs", "point_mind", "sample_points"]
 
 
@@ -68,11 +70,16 @@ class PointSampler:
         n = self.ndim
         mat = (self.to_norm @ matrix).to(points.device, points.dtype)
         lin, off = mat[:n, :n], mat[:n, -1]
-        centre = points @ lin.t() + off  # (N, n), already in grid_sample's (x, y, z) order
-        d = offsets.to(points.dtype) @ lin.t()  # (K, n)
-        grid = (centre[:, None, :] + d[None]).reshape(
-            (1, points.shape[0], d.shape[0]) + (1,) * (n - 2) + (n,)
-        )
+        if is_projective(matrix):  # a homography: every sample through the division
+            centre = apply_h(mat, points)
+            pts = apply_h(mat, points[:, None, :] + offsets.to(points.dtype)[None])
+            k = offsets.shape[0]
+        else:
+            centre = points @ lin.t() + off  # (N, n), already in grid_sample's (x, y, z) order
+            d = offsets.to(points.dtype) @ lin.t()  # (K, n)
+            pts = centre[:, None, :] + d[None]
+            k = d.shape[0]
+        grid = pts.reshape((1, points.shape[0], k) + (1,) * (n - 2) + (n,))
         out = F.grid_sample(
             self.image,
             grid.to(self.image.dtype),
@@ -80,7 +87,7 @@ class PointSampler:
             padding_mode="border",
             align_corners=True,
         )
-        return out.reshape(self.image.shape[1], points.shape[0], d.shape[0]), centre
+        return out.reshape(self.image.shape[1], points.shape[0], k), centre
 
 
 @lru_cache(maxsize=8)

@@ -11,6 +11,9 @@ Convention:
       ``init @ inv(S_f) @ T @ S_f`` with ``S_f = diag(fixed_spacing, 1)``: ``T`` corrects the
       initial (world) alignment in the fixed image's own physical frame, so a rigid ``T`` is a
       rigid motion in mm whatever the voxel sizes.
+    * The ``projective`` model (2D photographs under a change of viewpoint, a homography) has a
+      last row other than ``[0, ..., 0, 1]``: a point maps to ``q[:ndim] / q[ndim]`` with
+      ``q = T [p, 1]`` (:func:`apply_h`); the other models keep that row.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from torch import Tensor
 
 __all__ = [
     "MODES",
+    "apply_h",
     "decompose",
+    "is_projective",
     "diag_h",
     "increment",
     "n_params",
@@ -33,7 +38,7 @@ __all__ = [
 ]
 
 #: The transform models, simplest first.
-MODES = ("translation", "rigid", "similarity", "affine")
+MODES = ("translation", "rigid", "similarity", "affine", "projective")
 
 
 def unravel(flat: Tensor, shape: Sequence[int]) -> Tensor:
@@ -57,7 +62,29 @@ def n_params(mode: str, ndim: int) -> int:
         return ndim + ndim * (ndim - 1) // 2 + 1
     if mode == "affine":
         return ndim + ndim * ndim
+    if mode == "projective":
+        return 2 * ndim + ndim * ndim
     raise ValueError(f"unknown transform mode {mode!r}; expected one of {MODES}")
+
+
+def is_projective(matrix: Tensor) -> bool:
+    """Whether a homogeneous matrix has a perspective part (last row not ``[0, .., 0, 1]``)."""
+    last = matrix[-1].detach().double().cpu()
+    ref = torch.zeros_like(last)
+    ref[-1] = 1.0
+    return not bool(torch.equal(last, ref))
+
+
+def apply_h(matrix: Tensor, points: Tensor) -> Tensor:
+    """``points`` ``(..., ndim)`` mapped by a homogeneous ``matrix`` (with the perspective
+    division where the last row asks for it), in ``points``' dtype."""
+    ndim = points.shape[-1]
+    m = matrix.to(points.device, points.dtype)
+    out = points @ m[:ndim, :ndim].t() + m[:ndim, -1]
+    if is_projective(matrix):
+        w = points @ m[ndim, :ndim] + m[ndim, -1]
+        out = out / w.unsqueeze(-1)
+    return out
 
 
 def diag_h(values: Sequence[float]) -> Tensor:
@@ -158,6 +185,17 @@ def increment(mode: str, ndim: int, theta: Tensor, centre: Tensor, scale: float)
         return about(rotation_matrix(rest, ndim), centre, t)
     if mode == "similarity":
         return about(torch.exp(rest[-1]) * rotation_matrix(rest[:-1], ndim), centre, t)
+    if mode == "projective":
+        # p -> c + (A (p - c) + t) / (1 + v . (p - c) / scale): the affine increment about c
+        # with a perspective row, v = rest[ndim^2:] (so a parameter of 1 moves points at
+        # distance ``scale`` by about 1 mm, as the linear ones)
+        lin = torch.eye(ndim, dtype=torch.float64) + rest[: ndim * ndim].reshape(ndim, ndim)
+        mid = torch.eye(ndim + 1, dtype=torch.float64)
+        mid[:ndim, :ndim] = lin
+        mid[:ndim, -1] = t
+        mid[ndim, :ndim] = rest[ndim * ndim :] / scale
+        c = centre.to(torch.float64)
+        return translation_h(c) @ mid @ translation_h(-c)
     lin = torch.eye(ndim, dtype=torch.float64) + rest.reshape(ndim, ndim)
     return about(lin, centre, t)
 
@@ -165,7 +203,9 @@ def increment(mode: str, ndim: int, theta: Tensor, centre: Tensor, scale: float)
 def jacobian_basis(mode: str, ndim: int) -> list[Tensor]:
     """d delta(p) / d theta_k at theta = 0 is ``B_k (p - c) / scale`` (translation: ``e_k``).
 
-    Returns the (ndim, ndim) matrices ``B_k`` for the non-translation parameters.
+    Returns the (ndim, ndim) matrices ``B_k`` for the non-translation parameters (projective:
+    those of its linear part; the perspective parameters have the columns
+    ``-(p - c) ((p - c) / scale)_j / scale``, see ``_refine._dpdt``).
     """
     if mode == "translation":
         return []
@@ -173,6 +213,8 @@ def jacobian_basis(mode: str, ndim: int) -> list[Tensor]:
         return _skew_basis(ndim)
     if mode == "similarity":
         return _skew_basis(ndim) + [torch.eye(ndim, dtype=torch.float64)]
+    if mode not in ("affine", "projective"):
+        raise ValueError(f"unknown transform mode {mode!r}; expected one of {MODES}")
     out = []
     for i in range(ndim):
         for j in range(ndim):
@@ -211,4 +253,6 @@ def decompose(transform: Tensor, centre: Tensor) -> dict:
         "shear": shear,
         "centre_mm": [float(v) for v in centre],
         "matrix_mm": [[float(v) for v in row] for row in transform],
+        # the last row (perspective part of a projective map; [0, .., 0, 1] otherwise)
+        "perspective": [float(v) for v in transform[-1]],
     }

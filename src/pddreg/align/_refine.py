@@ -240,6 +240,8 @@ def _dpdt(prob: LevelProblem, mode: str) -> Tensor:
     if basis:
         b = torch.stack(basis).to(dev, dtype)  # (K, n, n)
         cols.append(torch.einsum("kij,nj->nik", b, rel))
+    if mode == "projective":  # the perspective row (see _geometry.increment)
+        cols.append(-rel[:, :, None] * rel[:, None, :])
     out = torch.cat(cols, dim=2)
     prob._jac[key] = out
     return out

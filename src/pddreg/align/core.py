@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from ._geometry import decompose, diag_h, translation_h
+from ._geometry import apply_h, decompose, diag_h, translation_h
 from ._pyramid import build_pyramid, centre_of_mass, foreground, gaussian_blur
 from ._refine import LevelProblem, evaluate, make_problem, refine
 from ._search import rotation_set, search
@@ -47,7 +47,7 @@ __all__ = ["AlignConfig", "AlignResult", "align"]
 
 logger = logging.getLogger(__name__)
 
-_MODES = ("translation", "rigid", "affine", "auto")
+_MODES = ("translation", "rigid", "affine", "projective", "auto")
 
 
 @dataclass
@@ -109,6 +109,12 @@ class AlignConfig:
             contrasts); ``screen_method``: the same for the screening steps.
         rtol: a level stops when the predicted decrease of its cost is below this fraction
             (levels before the finest, the finest).
+    Projective (2D: photographs under a change of viewpoint, a homography):
+        projective: per dimension, whether ``auto`` tries a homography after the affine map
+            (2D True, 3D False): the affine result refined from the search level to the finest
+            with the perspective row free (inverse-compositional steps) ...
+        projective_margin: ... and kept where its finest-level cost is below ``(1 -
+            projective_margin)`` times the affine one.
     Auto:
         margin, margin_abs: ``auto`` keeps the affine result only when its similarity is below
             ``(1 - margin) * before`` and ``before - margin_abs`` ...
@@ -151,6 +157,8 @@ class AlignConfig:
     method: str = "esm"
     screen_method: str = "esm"
     rtol: tuple[float, float] = (1e-3, 1e-5)
+    projective: dict[int, bool] = field(default_factory=lambda: {2: True, 3: False})
+    projective_margin: float = 0.25
     margin: float = 0.02
     margin_abs: float = 1e-4
     min_motion: float = 1.0
@@ -403,7 +411,7 @@ def _align(
             coarse_mode = "rigid"
         else:
             coarse_mode = cfg.coarse_model
-        final_mode = "affine" if mode == "auto" else mode
+        final_mode = "affine" if mode in ("auto", "projective") else mode
 
         # coarse search around the initial map and the centre-aligned map: one window that
         # covers both when they are close, else one window each
@@ -499,14 +507,42 @@ def _align(
         for i in range(start_fine, len(problems)):
             iters = cfg.iterations if i == finest else cfg.mid_iterations
             transform, _ = run(transform, math.inf, range(i, i + 1), final_mode, iters)
-        times["refine"] = time.perf_counter()
-        before = evaluate(problems[finest], ident)[0][0]
         after = evaluate(problems[finest], transform)[0][0]
         used = final_mode
+        if mode == "projective" or (mode == "auto" and cfg.projective.get(ndim, False)):
+            # the homography from the affine map and from the other starts (a strong
+            # perspective leaves the affine map far off): each refined on the levels up to the
+            # search level, the best of them on the finer ones; kept by its margin (always for
+            # "projective")
+            coarse: list[tuple[Tensor, float]] = []
+            for start in [transform] + [t for t, _ in finals] + [t for t, _ in scored]:
+                coarse.append(
+                    run(start, math.inf, range(first, search_level + 1), "projective", 10, "ic")
+                )
+            proj = min(coarse, key=lambda tc: tc[1])[0]
+            for i in range(search_level + 1, len(problems)):
+                iters = cfg.iterations if i == finest else cfg.mid_iterations
+                proj, _ = run(proj, math.inf, range(i, i + 1), "projective", iters, "ic")
+            proj = proj / proj[-1, -1]
+            cost = evaluate(problems[finest], proj)[0][0]
+            # a homography whose last coordinate varies by more than 4x over the fixed
+            # image (or changes sign) is degenerate: a horizon inside the field of view
+            corners = torch.cartesian_prod(
+                *[
+                    torch.tensor([0.0, (n - 1) * h], dtype=torch.float64)
+                    for n, h in zip(fixed.shape[2:], sf, strict=True)
+                ]
+            ).reshape(-1, ndim)
+            w = corners @ proj[-1, :ndim] + proj[-1, -1]
+            sane = bool((w > 0).all()) and float(w.max() / w.min()) < 4.0
+            if sane and (mode == "projective" or cost < (1.0 - cfg.projective_margin) * after):
+                transform, after, used = proj, cost, "projective"
+        times["refine"] = time.perf_counter()
+        before = evaluate(problems[finest], ident)[0][0]
         if mode == "auto":
             fine = problems[finest]
             pts = fine.points.double()
-            moved = pts @ transform[:ndim, :ndim].t().to(pts) + transform[:ndim, -1].to(pts)
+            moved = apply_h(transform, pts)
             step = torch.tensor(fine.spacing, dtype=torch.float64, device=pts.device)
             motion = float(((moved - pts) / step).norm(dim=1).mean())
             better = after < (1.0 - cfg.margin) * before and after < before - cfg.margin_abs

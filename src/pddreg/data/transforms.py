@@ -12,8 +12,10 @@ Files in a registration folder (all on the fixed grid):
   intent ``NIFTI_INTENT_VECTOR`` as ANTs writes its warps: ``antsApplyTransforms -t
   disp_itk.nii.gz``, ``sitk.DisplacementFieldTransform`` and 3D Slicer apply it directly;
 * ``affine.txt`` (when the global stage ran): the world map ``(ndim + 1, ndim + 1)`` from fixed
-  world points to moving world points (mm, NIfTI's RAS frame), and ``affine.tfm``: the same map
-  as an ITK ``AffineTransform`` (LPS, fixed -> moving point, as ITK's resamplers take it);
+  world points to moving world points (mm, NIfTI's RAS frame; a 2D homography of the global
+  stage has a perspective last row: divide by the last coordinate), and ``affine.tfm``: the
+  same map as an ITK ``AffineTransform`` (LPS, fixed -> moving point, as ITK's resamplers take
+  it; not written for a homography);
 * ``transform.json``: the grids (fixed shape and index-to-world matrix, the moving image's
   shape and matrix), whether the headers were used (``"space": "world"``) or both arrays were
   one index grid (``"index"``), and the names of the files above.
@@ -93,7 +95,14 @@ def itk_affine_text(world_map: np.ndarray) -> str:
 
 
 def write_affine(folder: str | os.PathLike, world_map: np.ndarray) -> list[Path]:
-    """Write ``affine.txt`` (RAS world map, one row a line) and ``affine.tfm`` (ITK)."""
+    """Write ``affine.txt`` (RAS world map, one row a line) and ``affine.tfm`` (ITK).
+
+    A projective map (the 2D global stage's homography) goes to ``affine.txt`` only, marked in
+    its header (a point maps to ``q[:n] / q[n]``): ITK's transform files have no homography,
+    and ``disp_itk.nii.gz`` holds the whole map for the ITK tools.
+    """
+    from pddreg.spatial import is_projective
+
     folder = Path(folder)
     w = np.asarray(world_map, dtype=np.float64)
     rows = "\n".join(" ".join(f"{v:.10g}" for v in row) for row in w)
@@ -102,6 +111,13 @@ def write_affine(folder: str | os.PathLike, world_map: np.ndarray) -> list[Path]
         "homogeneous\n"
     )
     txt, tfm = folder / "affine.txt", folder / "affine.tfm"
+    if is_projective(w):
+        header += (
+            "# projective (homography): q = M [p, 1], the moving point is q[:n] / q[n]; no "
+            "affine.tfm (ITK has no such transform file), disp_itk.nii.gz holds the whole map\n"
+        )
+        _atomic_text(txt, header + rows + "\n")
+        return [txt]
     _atomic_text(txt, header + rows + "\n")
     _atomic_text(tfm, itk_affine_text(w))
     return [txt, tfm]

@@ -32,6 +32,7 @@ from .grid import identity_grid
 __all__ = [
     "RAS_TO_LPS",
     "apply_matrix",
+    "is_projective",
     "field_to_world",
     "grid_map",
     "map_coords",
@@ -91,7 +92,8 @@ def grid_map(fixed_world: np.ndarray, moving_world: np.ndarray) -> np.ndarray:
 
 
 def apply_matrix(matrix: np.ndarray | torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Apply a homogeneous matrix ``(ndim + 1, ndim + 1)`` to coordinates ``(B, ndim, *S)``."""
+    """Apply a homogeneous matrix ``(ndim + 1, ndim + 1)`` to coordinates ``(B, ndim, *S)``
+    (with the perspective division for a projective matrix, :func:`is_projective`)."""
     ndim = coords.shape[1]
     m = torch.as_tensor(
         np.asarray(matrix, dtype=np.float64) if not torch.is_tensor(matrix) else matrix,
@@ -105,7 +107,19 @@ def apply_matrix(matrix: np.ndarray | torch.Tensor, coords: torch.Tensor) -> tor
         )
     lin = m[:ndim, :ndim]
     out = torch.einsum("ij,bj...->bi...", lin, coords)
-    return out + m[:ndim, ndim].view(1, ndim, *([1] * (coords.dim() - 2)))
+    out = out + m[:ndim, ndim].view(1, ndim, *([1] * (coords.dim() - 2)))
+    if is_projective(m):
+        w = torch.einsum("j,bj...->b...", m[ndim, :ndim], coords) + m[ndim, ndim]
+        out = out / w.unsqueeze(1)
+    return out
+
+
+def is_projective(matrix: np.ndarray | torch.Tensor) -> bool:
+    """Whether a homogeneous matrix has a perspective part (a homography of the 2D global
+    stage: its last row is not ``[0, ..., 0, 1]``); :func:`apply_matrix` then divides by the
+    last coordinate."""
+    last = np.asarray(matrix.detach().cpu() if torch.is_tensor(matrix) else matrix, np.float64)[-1]
+    return bool(np.any(last[:-1] != 0.0) or last[-1] != 1.0)
 
 
 def map_coords(
@@ -179,6 +193,9 @@ def overlap_fraction(
     axes = [np.linspace(0, s - 1, min(s, samples)) for s in fixed_shape]
     pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(fixed_shape))
     mapped = pts @ m[:-1, :-1].T + m[:-1, -1]
+    if is_projective(m):
+        w = pts @ m[-1, :-1] + m[-1, -1]
+        mapped = np.where(w[:, None] > 0, mapped / np.where(w > 0, w, 1.0)[:, None], np.inf)
     inside = np.all((mapped >= -0.5) & (mapped <= moving_shape - 0.5), axis=1)
     return float(inside.mean())
 
