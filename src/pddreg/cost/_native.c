@@ -1378,7 +1378,8 @@ void pdd_warp_ssd(const float* f, const float* m, const float* u, float* ssd, fl
 /* Box mean along the middle axis of x (P, n, Q), replicate borders, rows [p0, p1) and columns
  * [q0, q1): y[p, i, q] = (x[p, c(i - r), q] + x[p, c(i - r + 1), q] + ... + x[p, c(i + r), q])
  * / (2r + 1) with c clamping to [0, n), summed in that order (as the padded form, so the result
- * agrees bit for bit).  y may be x: then each block of BX_W columns is first copied to wk
+ * agrees bit for bit, except that denormal inputs and results are flushed to zero, as in every
+ * kernel here).  y may be x: then each block of BX_W columns is first copied to wk
  * (n * BX_W floats; Q == 1: the row, padded, n + 2r floats). */
 #define BX_W 64
 void pdd_box(const float* x, float* y, int64_t n, int64_t Q, int r, int64_t p0, int64_t p1,
