@@ -27,7 +27,7 @@ from torch import Tensor
 from pddreg.features.mind import mind_ssc
 from pddreg.spatial import sample
 
-from ._geometry import about, rotation_matrix, unravel
+from ._geometry import about, is_projective, rotation_matrix, translation_h, unravel
 from ._pyramid import Level
 
 __all__ = ["Candidate", "rotation_set", "search"]
@@ -96,8 +96,16 @@ def _apply(mat: Tensor, pts: Tensor) -> Tensor:
     lin = mat[..., :ndim, :ndim]
     off = mat[..., :ndim, -1]
     if mat.dim() == 2:
-        return torch.einsum("ij,j...->i...", lin, pts) + off.reshape((ndim,) + (1,) * ndim)
-    return torch.einsum("bij,j...->bi...", lin, pts) + off.reshape(off.shape + (1,) * ndim)
+        out = torch.einsum("ij,j...->i...", lin, pts) + off.reshape((ndim,) + (1,) * ndim)
+        if is_projective(mat):  # a homography (the tilted starts of the 2D global stage)
+            w = torch.einsum("j,j...->...", mat[ndim, :ndim], pts) + mat[ndim, ndim]
+            out = out / w
+        return out
+    out = torch.einsum("bij,j...->bi...", lin, pts) + off.reshape(off.shape + (1,) * ndim)
+    if any(is_projective(m) for m in mat):
+        w = torch.einsum("bj,j...->b...", mat[:, ndim, :ndim], pts)
+        out = out / (w + mat[:, ndim, ndim].reshape((-1,) + (1,) * ndim)).unsqueeze(1)
+    return out
 
 
 def _inside(coords: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -136,7 +144,9 @@ def search(
 
     ``bases``: homogeneous mm transforms around which the translations are searched (e.g. the
     initial map and the centre-of-mass alignment); ``linears``: ``(ndim, ndim)`` maps (rotations,
-    rotations times scales) applied about ``centre``: candidate ``base @ about(L, c, tau)``.
+    rotations times scales) applied about ``centre``: candidate ``base @ about(L, c, tau)``;
+    a homogeneous ``(ndim + 1, ndim + 1)`` entry of ``linears`` (a homography ``P``, already
+    about its centre) gives the candidate ``base @ translation(tau) @ P``.
     """
     ndim = len(fixed.shape)
     dtype = fixed.image.dtype
@@ -207,7 +217,12 @@ def search(
     for start in range(0, len(linears), batch):
         rots = linears[start : start + batch]
         # fixed mapped by L^-1 about c: f_L(q) = fixed(L^-1 (q - c) + c)
-        inv = torch.stack([about(torch.linalg.inv(r), centre) for r in rots])  # (B, n+1, n+1)
+        inv = torch.stack(
+            [
+                torch.linalg.inv(r) if r.shape[0] > ndim else about(torch.linalg.inv(r), centre)
+                for r in rots
+            ]
+        )  # (B, n+1, n+1)
         mats = fix_from_mm[None] @ inv
         coords = _apply(mats, pts).to(dtype)
         img = sample(f_img, coords)
@@ -239,6 +254,7 @@ def search(
     step_mm = [fixed.to_full[i, i].item() * fixed_spacing[i] for i in range(ndim)]
     for v, ri, bi, t in best[:keep]:
         tau = torch.tensor([(t[i] - m[i]) * step_mm[i] for i in range(ndim)], dtype=torch.float64)
-        rot = about(linears[ri], centre, tau)
+        lin = linears[ri]
+        rot = translation_h(tau) @ lin if lin.shape[0] > ndim else about(lin, centre, tau)
         out.append(Candidate(bases[bi] @ rot, v / n_channels, ri))
     return out

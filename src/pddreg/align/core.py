@@ -29,6 +29,7 @@ better), which is robust to contrast changes, including non-monotonic ones.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from ._geometry import apply_h, decompose, diag_h, translation_h
+from ._geometry import about, apply_h, decompose, diag_h, translation_h
 from ._pyramid import build_pyramid, centre_of_mass, foreground, gaussian_blur
 from ._refine import LevelProblem, evaluate, make_problem, refine
 from ._search import rotation_set, search
@@ -113,6 +114,9 @@ class AlignConfig:
         projective: per dimension, whether ``auto`` tries a homography after the affine map
             (2D True, 3D False): the affine result refined from the search level to the finest
             with the perspective row free (inverse-compositional steps) ...
+        tilts, tilt_rotations: the homography also starts from a second search, with the
+            best ``tilt_rotations`` linear maps of the first tilted by these amounts (the
+            image edges scaled by ``1 -+ t``) along each axis and diagonal.
         projective_margin: ... and kept where its finest-level cost is below ``(1 -
             projective_margin)`` times the affine one. On ``benchmarks/bench_viewpoint.py``
             (six real photographs under tilts whose corners move 5-20 % of the width) the
@@ -164,11 +168,38 @@ class AlignConfig:
     rtol: tuple[float, float] = (1e-3, 1e-5)
     projective: dict[int, bool] = field(default_factory=lambda: {2: True, 3: False})
     projective_margin: float = 0.25
+    tilts: tuple[float, ...] = (0.2, 0.4)
+    tilt_rotations: int = 3
     margin: float = 0.02
     margin_abs: float = 1e-4
     min_motion: float = 1.0
     seed: int = 0
     threads: int | None = None
+
+
+def _distinct_linears(cands: list, ndim: int) -> list[Tensor]:
+    """The linear parts of the candidates (their bases are translations), best first, each
+    once."""
+    out: list[Tensor] = []
+    for c in cands:
+        lin = c.transform[:ndim, :ndim]
+        if not any(torch.allclose(lin, o, atol=1e-9) for o in out):
+            out.append(lin)
+    return out
+
+
+def _tilt_rows(ndim: int, half: Sequence[float], tilts: Sequence[float]) -> list[Tensor]:
+    """Perspective rows ``v`` (per mm) of tilts about the centre: ``1 + v . (p - c)`` reaches
+    ``1 +- t`` at the edge of the field of view (``half``: half extents in mm), along each
+    axis and each diagonal, for every ``t`` of ``tilts``."""
+    out = []
+    for t in tilts:
+        for signs in itertools.product((-1.0, 0.0, 1.0), repeat=ndim):
+            if any(signs):
+                norm = math.sqrt(sum(abs(x) for x in signs))
+                v = [x * t / (norm * h) for x, h in zip(signs, half, strict=True)]
+                out.append(torch.tensor(v, dtype=torch.float64))
+    return out
 
 
 def _per_dim(value: int | dict[int, int], ndim: int) -> int:
@@ -521,6 +552,18 @@ def _align(
             # "projective")
             coarse: list[tuple[Tensor, float]] = []
             starts_p = [transform] + [t for t, _ in finals] + [t for t, _ in scored]
+            # and the search once more with the best linear maps tilted (a strong viewpoint
+            # change lies outside the basin of every affine start)
+            half = [(n - 1) * h / 2.0 for n, h in zip(fixed.shape[2:], sf, strict=True)]
+            tilted = []
+            for lin in _distinct_linears(cands, ndim)[: cfg.tilt_rotations]:
+                for v in _tilt_rows(ndim, half, cfg.tilts):
+                    tilt = torch.eye(ndim + 1, dtype=torch.float64)
+                    tilt[ndim, :ndim] = v
+                    tilt = translation_h(centre) @ tilt @ translation_h(-centre)
+                    tilted.append(about(lin, centre) @ tilt)
+            if tilted:
+                starts_p += [c.transform for c in search(*args, tilted, keep=cfg.keep, **kw)]
             for start in starts_p:
                 coarse.append(
                     run(start, math.inf, range(first, search_level + 1), "projective", 10, "ic")
