@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real as R  # noqa: E402  (the shared output writer of benchmarks/real.py)
 
 log = logging.getLogger("bench_speed3d")
 
@@ -47,12 +51,7 @@ def resized(volume: np.ndarray, spacing: tuple[float, ...], shape: tuple[int, ..
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=Path(__file__).resolve().parents[2] / "shared" / "data" / "real",
-    )
-    p.add_argument("--threads", type=int, default=2)
+    R.script_arguments(p)
     p.add_argument("--sizes", nargs="*", default=None, help="e.g. 91x109x91 192x160x256")
     p.add_argument("--no-ants", action="store_true")
     p.add_argument(
@@ -61,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         default=["default", "mind"],
         help="pddreg methods ('default': register's own default method)",
     )
-    p.add_argument("-o", "--output", type=Path, default=None)
-    p.add_argument("--append", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
@@ -126,12 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         ants = f"{r['ants_s']:.1f} | {r['ants']:.2f}" if "ants_s" in r else "- | -"
         head = f"| {r['case']} | {r['shape']} | {r['before']:.2f} | "
         lines.append(head + " | ".join(cells) + f" | {ants} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        mode = "a" if args.append else "w"
-        with open(args.output, mode) as fh:
-            fh.write(("\n" if args.append else "") + text)
+    R.emit(lines, args)
     return 0
 
 

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import real as R  # noqa: E402  (the shared output writer of benchmarks/real.py)
 
 log = logging.getLogger("bench_viewpoint")
 
@@ -55,17 +59,10 @@ def homography_case(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=Path(__file__).resolve().parents[2] / "shared" / "data" / "real",
-    )
-    p.add_argument("--threads", type=int, default=2)
+    R.script_arguments(p)
     p.add_argument("--frames", nargs="*", default=list(FRAMES))
     p.add_argument("--strengths", nargs="*", type=float, default=list(STRENGTHS))
     p.add_argument("--no-ants", action="store_true")
-    p.add_argument("-o", "--output", type=Path, default=None)
-    p.add_argument("--append", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
@@ -133,12 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {s:g} | {before:.1f} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
     lines.append("")
     lines.append("(H): the global stage kept the homography.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        mode = "a" if args.append else "w"
-        with open(args.output, mode) as fh:
-            fh.write(("\n" if args.append else "") + text)
+    R.emit(lines, args)
     return 0
 
 

@@ -1074,6 +1074,27 @@ def write_output(path: Path | None, text: str, append: bool) -> None:
     log.info("wrote %s", path)
 
 
+def emit(lines: list[str], args: argparse.Namespace) -> None:
+    """Print the Markdown ``lines`` and write them to ``args.output`` (``args.append``)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_output(args.output, text, args.append)
+
+
+def script_arguments(p: argparse.ArgumentParser) -> None:
+    """``--data`` (default: the shared real-image folder next to this checkout), ``--threads``,
+    ``-o`` and ``--append``: the options of the smaller benchmark scripts."""
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "data" / "real",
+        help="the real-image folder",
+    )
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("-o", "--output", type=Path, default=None, help="write the Markdown here")
+    p.add_argument("--append", action="store_true", help="append to --output")
+
+
 def common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the real-image folder")
     p.add_argument("--quick", action="store_true", help="fewer and smaller cases")
