@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pddreg.features.mind import VARIANCE_CLAMP, neighbour_pairs
-from pddreg.spatial import sample, voxel_to_normalised
+from pddreg.spatial import is_projective, sample, voxel_to_normalised
 
-from ._geometry import apply_h, is_projective
+from ._geometry import apply_h
 
 __all__ = ["PointSampler", "neighbour_pairs", "point_mind", "sample_points"]
 

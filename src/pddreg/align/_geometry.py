@@ -24,11 +24,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from pddreg.spatial import is_projective
+
 __all__ = [
     "MODES",
     "apply_h",
     "decompose",
-    "is_projective",
     "diag_h",
     "increment",
     "n_params",
@@ -65,14 +66,6 @@ def n_params(mode: str, ndim: int) -> int:
     if mode == "projective":
         return 2 * ndim + ndim * ndim
     raise ValueError(f"unknown transform mode {mode!r}; expected one of {MODES}")
-
-
-def is_projective(matrix: Tensor) -> bool:
-    """Whether a homogeneous matrix has a perspective part (last row not ``[0, .., 0, 1]``)."""
-    last = matrix[-1].detach().double().cpu()
-    ref = torch.zeros_like(last)
-    ref[-1] = 1.0
-    return not bool(torch.equal(last, ref))
 
 
 def apply_h(matrix: Tensor, points: Tensor) -> Tensor:

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from pddreg.features.mind import mind_ssc
-from pddreg.spatial import sample
+from pddreg.spatial import is_projective, sample
 
-from ._geometry import about, is_projective, rotation_matrix, translation_h, unravel
+from ._geometry import about, rotation_matrix, translation_h, unravel
 from ._pyramid import Level
 
 __all__ = ["Candidate", "rotation_set", "search"]

@@ -111,14 +111,15 @@ def write_affine(folder: str | os.PathLike, world_map: np.ndarray) -> list[Path]
         "homogeneous\n"
     )
     txt, tfm = folder / "affine.txt", folder / "affine.tfm"
-    if is_projective(w):
+    projective = is_projective(w)
+    if projective:
         header += (
             "# projective (homography): q = M [p, 1], the moving point is q[:n] / q[n]; no "
             "affine.tfm (ITK has no such transform file), disp_itk.nii.gz holds the whole map\n"
         )
-        _atomic_text(txt, header + rows + "\n")
-        return [txt]
     _atomic_text(txt, header + rows + "\n")
+    if projective:
+        return [txt]
     _atomic_text(tfm, itk_affine_text(w))
     return [txt, tfm]
 
