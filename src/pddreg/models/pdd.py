@@ -188,7 +188,8 @@ def default_config(ndim: int) -> PDDNetConfig:
     learned regularisation weights, on the mean-normalised SSD times 4 with ``mind``'s prior;
     trained on synthetic pairs against their true fields (``field_loss``). :meth:`PDDNet.register`
     refines the network's field on MIND-SSC by default (``instance_opt``, ``io_features``): the
-    most accurate method of ``benchmarks/real.py`` and ``benchmarks/bench_capture.py``; in 3D
+    most accurate method of ``benchmarks/bench_capture.py`` (within 0.03 voxel of ``mind`` on
+    ``benchmarks/real.py``); in 3D
     with 50 steps instead of ``mind``'s 30 (from the network's coarser field; the full real.py
     volumes on one grid without a global stage: mean EPE 0.52 vs 0.54, ``mind`` 0.56, at 1.4x
     the refinement's time).
