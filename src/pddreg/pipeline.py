@@ -291,10 +291,9 @@ def run(
     grid_w = map_coords(np.eye(ndim + 1), work_shape, device=dev)  # working voxels
     if same:
         fixed_w, moving_w = fixed, moving
+        coords_m = grid_w
         fmask_w = fixed_mask
-        mmask_w = inside_domain(grid_w, shape_m, [margin_mm / s for s in moving_spacing])
-        if moving_mask is not None:
-            mmask_w = mmask_w * moving_mask.to(fixed.dtype)
+        user_m = None if moving_mask is None else moving_mask.to(fixed.dtype)
     else:
         coords_f = map_coords(to_fixed, work_shape, device=dev)  # working -> fixed voxels
         pitch_f = [w / f for w, f in zip(work_spacing, fixed_spacing, strict=True)]
@@ -304,11 +303,14 @@ def run(
         fmask_w = None
         if fixed_mask is not None:
             fmask_w = resample(fixed_mask.to(fixed.dtype), coords_f, padding="zeros").clamp(0, 1)
-        mmask_w = inside_domain(coords_m, shape_m, [margin_mm / s for s in moving_spacing])
+        user_m = None
         if moving_mask is not None:
-            mmask_w = mmask_w * resample(moving_mask.to(fixed.dtype), coords_m, padding="zeros")
-    edge = inside_domain(grid_w, work_shape, [margin_mm / s for s in work_spacing])
-    fmask_w = edge.to(fixed.dtype) if fmask_w is None else fmask_w * edge.to(fixed.dtype)
+            user_m = resample(moving_mask.to(fixed.dtype), coords_m, padding="zeros")
+    mmask_w = inside_domain(coords_m, shape_m, [margin_mm / s for s in moving_spacing])
+    if user_m is not None:
+        mmask_w = mmask_w * user_m
+    edge = inside_domain(grid_w, work_shape, [margin_mm / s for s in work_spacing]).to(fixed.dtype)
+    fmask_w = edge if fmask_w is None else fmask_w * edge
     timings["resample"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     u_w = deformable(fixed_w, moving_w, fmask_w, mmask_w)
