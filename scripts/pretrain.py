@@ -18,6 +18,7 @@ repository), and ``--resume`` continues it, also towards a larger ``--steps``:
     nice -n 10 python scripts/pretrain.py --dim 2 --steps 6000 --resume
     nice -n 10 python scripts/pretrain.py --dim 3 --steps 2000 --resume
     python scripts/pretrain.py --dim 2 --steps 200 --device cuda   # on a GPU where one is at hand
+    python scripts/pretrain.py --dim 2 --refresh-config   # the refinement settings only
 """
 
 from __future__ import annotations
@@ -196,6 +197,25 @@ def _plot(rows: list[dict[str, float]], names: list[str], path: Path, baseline: 
     plt.close(fig)
 
 
+#: The settings of :class:`pddreg.models.PDDNetConfig` used only at inference (the refinement
+#: of the network's field), which ``--refresh-config`` sets in a trained file.
+INFERENCE_FIELDS = ("instance_opt", "io_iters", "io_lambda", "io_lr", "io_features", "io_levels")
+
+
+def refresh_config(ndim: int, path: Path) -> int:
+    """Set :data:`INFERENCE_FIELDS` of the weights in ``path`` to ``default_config(ndim)``'s
+    (the weights themselves unchanged)."""
+    from pddreg.models import load_model
+
+    model = load_model(path)
+    ref = default_config(ndim)
+    for name in INFERENCE_FIELDS:
+        setattr(model.config, name, getattr(ref, name))
+    save_model(model, path)
+    log.info("%s: inference settings %s", path, {k: getattr(ref, k) for k in INFERENCE_FIELDS})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, choices=(2, 3), required=True)
@@ -210,11 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-data", type=Path, default=REAL, help="real images for validation")
     p.add_argument("-o", "--output", type=Path, default=None, help="weights file to write")
     p.add_argument("--plot-only", action="store_true", help="only redraw the plot from the CSV log")
+    p.add_argument(
+        "--refresh-config",
+        action="store_true",
+        help="only write default_config()'s inference settings (refinement) into the weights file",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     ndim = args.dim
     out = args.output or WEIGHTS / f"pdd{ndim}d.pt"
+    if args.refresh_config:
+        return refresh_config(ndim, out)
     CHECKPOINTS.mkdir(parents=True, exist_ok=True)
     ckpt = CHECKPOINTS / f"pretrain{ndim}d.ckpt"
     log_csv = out.with_name(out.stem + "_log.csv")

@@ -108,6 +108,14 @@ def test_pretrained_loads(ndim):
     img = torch.rand(1, 1, *shape)
     disp = model.register(img, img)
     assert disp.shape == (1, ndim, *shape) and torch.isfinite(disp).all()
+    # the shipped file refines as default_config says (scripts/pretrain.py --refresh-config)
+    from pddreg.models import default_config
+
+    ref = default_config(ndim)
+    for name in ("instance_opt", "io_iters", "io_lambda", "io_lr", "io_features", "io_levels"):
+        assert getattr(model.config, name) == getattr(ref, name), name
+    with pytest.raises(ValueError, match="io_levels"):
+        PDDNetConfig(ndim=ndim, io_levels=-1)
 
 
 def test_pretrained_2d_on_unseen_phantoms():

@@ -125,6 +125,29 @@ def test_refine_mind_improves_a_rough_start_and_matches_register_mind():
         refine_mind(fixed, moving, init[..., :-1])
 
 
+def test_refine_mind_levels_search_from_the_start():
+    # 5.6 px away: mind's two finest 2D levels (+-4 px every 4, +-2 every 2) reach it
+    fixed, moving, t = _known_pair(t=(5.6, -3.7))
+    init = torch.zeros(1, 2, *fixed.shape[2:])
+    inner = (slice(None), slice(None), slice(12, -12), slice(12, -12))
+
+    def err(disp):
+        return float((disp - t.view(1, 2, 1, 1))[inner].norm(dim=1).mean())
+
+    searched = refine_mind(fixed, moving, init, levels=2, iters=0)
+    assert err(searched) < 0.25 * err(init)
+    assert err(refine_mind(fixed, moving, init, levels=2)) < 0.3
+    # all of mind's levels from a zero start are register_mind itself
+    cfg = MindConfig(capture=False)
+    assert torch.allclose(
+        refine_mind(fixed, moving, init, cfg, levels=3),
+        register_mind(fixed, moving, cfg),
+        atol=1e-3,
+    )
+    with pytest.raises(ValueError, match="levels"):
+        refine_mind(fixed, moving, init, levels=-1)
+
+
 def test_feature_optimise_bad_shapes():
     f = torch.rand(1, 4, 8, 8)
     with pytest.raises(ValueError, match="feature_optimise"):

@@ -69,6 +69,9 @@ class PDDNetConfig:
             ``mind``'s resolution, :func:`pddreg.optim.refine_mind`: the learned levels give
             the start, the training-free refinement the sub-voxel precision) or ``"learned"``
             (the network's own features on its feature grid).
+        io_levels: with ``io_features == "mind"``: how many of ``mind``'s finest discrete
+            levels run on MIND-SSC from the network's field before the Adam steps
+            (:func:`pddreg.optim.refine_mind`'s ``levels``; 0: the Adam steps alone).
         level_specs: the multi-level search of ``pddreg.optim.discrete_register``: one dict of
             :class:`pddreg.optim.LevelConfig` fields per level (coarse to fine, counted in
             feature voxels), each level with its own six learned weights. When given it
@@ -104,6 +107,7 @@ class PDDNetConfig:
     io_lambda: float | None = None
     io_lr: float | None = None
     io_features: str = "mind"
+    io_levels: int = 0
     level_specs: list[dict[str, Any]] | None = None
     normalise_cost: bool = False
     cost_scale: float = 1.0
@@ -119,6 +123,8 @@ class PDDNetConfig:
             )
         if self.levels not in (1, 2):
             raise ValueError(f"PDDNetConfig: levels must be 1 or 2, got {self.levels}")
+        if int(self.io_levels) < 0:
+            raise ValueError(f"PDDNetConfig: io_levels must be >= 0, got {self.io_levels}")
         if self.io_features not in ("mind", "learned"):
             raise ValueError(
                 f"PDDNetConfig: io_features must be 'mind' or 'learned', got {self.io_features!r}"
@@ -180,6 +186,22 @@ SHIPPED_LEVELS = {
 }
 
 
+#: The refinement of the shipped models' fields (:meth:`PDDNet.register`, ``io_*``), chosen on
+#: the known-answer cases of ``benchmarks/real.py`` (mean EPE over its 2D / 3D cases): the Adam
+#: steps alone (2D: 50 steps, diffusion 1; 3D: 50 steps) left the network's coarser field in
+#: local minima that ``mind``'s own levels avoid (2D chest CT 0.83 against ``mind``'s 0.69,
+#: echo 0.79 against 0.65, 3D brain MR remapped 0.94 against 0.85). ``mind``'s finest levels
+#: run from the network's field first (``io_levels``): 2D two levels 1.24 (Adam alone 1.50,
+#: ``mind`` 1.50), and 200 steps (the photographs' large motion keeps improving up to 200:
+#: Urban2 1.90 -> 1.44) with diffusion 0.7 (the best of 0.5 / 0.7 / 1 / 1.5) 1.05, no folding;
+#: 3D one level 0.547, two 0.544 (Adam alone 0.562, ``mind`` 0.551) at twice the extra time
+#: (+0.8 s against +1.4 s on the 97x97x80 chest CT); diffusion 0.7 in 3D was worse.
+SHIPPED_REFINEMENT: dict[int, dict[str, Any]] = {
+    2: {"io_levels": 2, "io_iters": 200, "io_lambda": 0.7},
+    3: {"io_levels": 1, "io_iters": 50},
+}
+
+
 def default_config(ndim: int) -> PDDNetConfig:
     """The configuration of the shipped pretrained models (``scripts/pretrain.py``).
 
@@ -187,12 +209,10 @@ def default_config(ndim: int) -> PDDNetConfig:
     learned ones, learned gains); the levels of :data:`SHIPPED_LEVELS`, each with its six
     learned regularisation weights, on the mean-normalised SSD times 4 with ``mind``'s prior;
     trained on synthetic pairs against their true fields (``field_loss``). :meth:`PDDNet.register`
-    refines the network's field on MIND-SSC by default (``instance_opt``, ``io_features``): the
-    most accurate method of ``benchmarks/bench_capture.py`` (within 0.03 voxel of ``mind`` on
-    ``benchmarks/real.py``); in 3D
-    with 50 steps instead of ``mind``'s 30 (from the network's coarser field; the full real.py
-    volumes on one grid without a global stage: mean EPE 0.52 vs 0.54, ``mind`` 0.56, at 1.4x
-    the refinement's time).
+    refines the network's field on MIND-SSC by default (``instance_opt``, ``io_features``):
+    :data:`SHIPPED_REFINEMENT` (``mind``'s two finest discrete levels from the network's
+    field, then Adam steps), the inference settings ``scripts/pretrain.py --refresh-config``
+    writes into the shipped files.
     """
     if ndim not in (2, 3):
         raise ValueError(f"default_config(): ndim must be 2 or 3, got {ndim}")
@@ -209,7 +229,7 @@ def default_config(ndim: int) -> PDDNetConfig:
         label_loss="warped",
         instance_opt=True,
         io_features="mind",
-        io_iters=50 if ndim == 3 else None,
+        **SHIPPED_REFINEMENT[ndim],
     )
 
 
@@ -525,10 +545,12 @@ class PDDNet(nn.Module):
         :meth:`forward` in eval mode without gradients. ``instance_opt`` (default:
         ``config.instance_opt``): then refine the field by Adam on a feature SSD + diffusion:
         with ``config.io_features == "mind"`` :func:`pddreg.optim.refine_mind` (MIND-SSC, the
-        settings of ``mind``'s own refinement), with ``"learned"``
+        settings of ``mind``'s own refinement, after ``config.io_levels`` of ``mind``'s finest
+        discrete levels), with ``"learned"``
         :func:`pddreg.optim.feature_optimise` on the learned features (defaults from
         :class:`pddreg.optim.InstanceConfig`); ``config.io_*`` and keyword arguments
-        (``iters``, ``lr``, ``lambda_``, ``grid_stride``, ``smooth``) override the settings.
+        (``iters``, ``lr``, ``lambda_``, ``grid_stride``, ``smooth``; ``levels`` for
+        ``"mind"``) override the settings.
         ``fixed_mask``, ``moving_mask``: ``(B, 1, *S)`` masks (see :meth:`forward`).
 
         ``capture`` (``level_specs`` models): the large-motion search of ``mind``. None or
@@ -573,6 +595,7 @@ class PDDNet(nn.Module):
         if cfg.io_features == "mind":
             from pddreg.optim import refine_mind
 
+            opts.setdefault("levels", cfg.io_levels)
             return refine_mind(
                 fixed, moving, out["disp"], fixed_mask=fixed_mask, moving_mask=moving_mask, **opts
             )

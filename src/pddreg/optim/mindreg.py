@@ -373,9 +373,11 @@ def refine_mind(
     *,
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
+    levels: int = 0,
     **instance: float,
 ) -> Tensor:
-    """The instance optimisation that ends :func:`register_mind`, started from any field.
+    """The instance optimisation that ends :func:`register_mind`, started from any field;
+    with ``levels`` the last ``levels`` of ``mind``'s discrete levels run first.
 
     Adam on the SSD of MIND-SSC features (at ``mind``'s feature resolution, with its
     :func:`default_instance` settings; keywords of :class:`InstanceConfig` such as ``iters``
@@ -390,6 +392,11 @@ def refine_mind(
         init: ``(B, ndim, *S)`` starting field in image voxels.
         config: :class:`MindConfig` (None: defaults); its ``instance`` is used when given.
         fixed_mask, moving_mask: ``(B, 1, *S)`` masks or None (see :func:`register_mind`).
+        levels: how many of the finest of ``mind``'s levels (the config's, or
+            :func:`default_levels` for the image) run on MIND-SSC from ``init`` before the
+            Adam steps: a discrete search of a few voxels around ``init`` that gradient steps
+            from a coarse start do not make
+            (0: the Adam steps alone).
 
     Returns:
         ``(B, ndim, *S)`` refined field in image voxels.
@@ -402,15 +409,22 @@ def refine_mind(
     ndim = fixed.dim() - 2
     cfg = (config or MindConfig()).resolved(ndim, tuple(fixed.shape[2:]))
     inst = replace(cfg.instance, **instance) if instance else cfg.instance
-    if inst is None or inst.iters <= 0:
-        return init
+    if inst is not None and inst.iters <= 0:
+        inst = None
+    if levels < 0:
+        raise ValueError(f"refine_mind(): 'levels' must be >= 0, got {levels}")
     stride = int(cfg.feature_stride or 1)
+    fshape = [-(-s // stride) for s in fixed.shape[2:]]
+    fine = tuple(cfg.levels or default_levels(ndim, fshape))[-levels:] if levels else ()
+    if inst is None and not fine:
+        return init
     with torch.no_grad():
         return discrete_register(
             fixed.float(),
             moving.float(),
             lambda image: mind_features(image, stride, cfg.mind_radius, cfg.mind_dilation),
-            (),
+            fine,
+            alpha=None if cfg.alpha is None else torch.tensor(cfg.alpha, dtype=torch.float32),
             instance=inst,
             init=init.float(),
             cost_scale=float(cfg.cost_scale or DEFAULT_COST_SCALE),
