@@ -10,9 +10,9 @@ __all__ = ["DEFAULT_METHOD", "METHODS"]
 #: them.
 METHODS = ("pdd", "mind", "none")
 
-#: The method when none is named: the one that measures best on ``benchmarks/bench_capture.py``
-#: (12 of 12 groups within 0.5 voxel of the aligned case against 7 for ``mind``, mean misaligned
-#: 0.42 against 0.53 voxels) and within 0.03 voxel of the best on ``benchmarks/real.py``
-#: (known-answer mean end-point error 1.19 voxels for ``pdd`` with its refinement, 1.16 for
-#: ``mind``, 2.71 for ANTs SyN).
+#: The method when none is named: the one that measures best on ``benchmarks/real.py``
+#: (known-answer mean end-point error 0.88 voxels for ``pdd`` with its refinement, 1.19 for
+#: ``mind``, 2.51 for ANTs SyN), on ``benchmarks/bench_capture.py`` (12 of 12 groups within 0.5
+#: voxel of the aligned case against 7 for ``mind``, mean misaligned 0.41 against 0.52 voxels)
+#: and on ``benchmarks/bench_viewpoint.py`` (at most 0.27 px against 0.64).
 DEFAULT_METHOD = "pdd"

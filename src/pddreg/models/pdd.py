@@ -194,11 +194,13 @@ SHIPPED_LEVELS = {
 #: run from the network's field first (``io_levels``): 2D two levels 1.24 (Adam alone 1.50,
 #: ``mind`` 1.50), and 200 steps (the photographs' large motion keeps improving up to 200:
 #: Urban2 1.90 -> 1.44) with diffusion 0.7 (the best of 0.5 / 0.7 / 1 / 1.5) 1.05, no folding;
-#: 3D one level 0.547, two 0.544 (Adam alone 0.562, ``mind`` 0.551) at twice the extra time
-#: (+0.8 s against +1.4 s on the 97x97x80 chest CT); diffusion 0.7 in 3D was worse.
+#: 3D one level 0.547, two 0.544 (Adam alone 0.562, ``mind`` 0.551), but on the larger volumes
+#: of ``benchmarks/bench_speed3d.py`` one level gained nothing (brain MR 91x109x91 and 128^3:
+#: EPE 0.32 / 0.33 either way) for 1.4x the default's time: 3D keeps the Adam steps alone
+#: (diffusion 0.7 was worse there too).
 SHIPPED_REFINEMENT: dict[int, dict[str, Any]] = {
     2: {"io_levels": 2, "io_iters": 200, "io_lambda": 0.7},
-    3: {"io_levels": 1, "io_iters": 50},
+    3: {"io_levels": 0, "io_iters": 50},
 }
 
 
@@ -210,9 +212,9 @@ def default_config(ndim: int) -> PDDNetConfig:
     learned regularisation weights, on the mean-normalised SSD times 4 with ``mind``'s prior;
     trained on synthetic pairs against their true fields (``field_loss``). :meth:`PDDNet.register`
     refines the network's field on MIND-SSC by default (``instance_opt``, ``io_features``):
-    :data:`SHIPPED_REFINEMENT` (``mind``'s two finest discrete levels from the network's
-    field, then Adam steps), the inference settings ``scripts/pretrain.py --refresh-config``
-    writes into the shipped files.
+    :data:`SHIPPED_REFINEMENT` (2D: ``mind``'s two finest discrete levels from the network's
+    field, then Adam steps; 3D: the Adam steps), the inference settings that
+    ``scripts/pretrain.py --refresh-config`` writes into the shipped files.
     """
     if ndim not in (2, 3):
         raise ValueError(f"default_config(): ndim must be 2 or 3, got {ndim}")

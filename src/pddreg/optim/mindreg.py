@@ -395,8 +395,7 @@ def refine_mind(
         levels: how many of the finest of ``mind``'s levels (the config's, or
             :func:`default_levels` for the image) run on MIND-SSC from ``init`` before the
             Adam steps: a discrete search of a few voxels around ``init`` that gradient steps
-            from a coarse start do not make
-            (0: the Adam steps alone).
+            from a coarse start do not make (0: the Adam steps alone).
 
     Returns:
         ``(B, ndim, *S)`` refined field in image voxels.
