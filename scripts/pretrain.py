@@ -199,7 +199,15 @@ def _plot(rows: list[dict[str, float]], names: list[str], path: Path, baseline: 
 
 #: The settings of :class:`pddreg.models.PDDNetConfig` used only at inference (the refinement
 #: of the network's field), which ``--refresh-config`` sets in a trained file.
-INFERENCE_FIELDS = ("instance_opt", "io_iters", "io_lambda", "io_lr", "io_features", "io_levels")
+INFERENCE_FIELDS = (
+    "instance_opt",
+    "io_iters",
+    "io_lambda",
+    "io_lr",
+    "io_features",
+    "io_levels",
+    "io_coarse",
+)
 
 
 def refresh_config(ndim: int, path: Path) -> int:

@@ -112,10 +112,20 @@ def test_pretrained_loads(ndim):
     from pddreg.models import default_config
 
     ref = default_config(ndim)
-    for name in ("instance_opt", "io_iters", "io_lambda", "io_lr", "io_features", "io_levels"):
+    for name in (
+        "instance_opt",
+        "io_iters",
+        "io_lambda",
+        "io_lr",
+        "io_features",
+        "io_levels",
+        "io_coarse",
+    ):
         assert getattr(model.config, name) == getattr(ref, name), name
     with pytest.raises(ValueError, match="io_levels"):
         PDDNetConfig(ndim=ndim, io_levels=-1)
+    with pytest.raises(ValueError, match="io_coarse"):
+        PDDNetConfig(ndim=ndim, io_coarse=-1)
 
 
 def test_pretrained_2d_on_unseen_phantoms():

@@ -146,6 +146,14 @@ def test_refine_mind_levels_search_from_the_start():
     )
     with pytest.raises(ValueError, match="levels"):
         refine_mind(fixed, moving, init, levels=-1)
+    # steps on pooled features first (2 px off in y): they end as near as the full-resolution ones
+    rough = init.clone()
+    rough[:, 0], rough[:, 1] = 5.6, -1.7
+    both = refine_mind(fixed, moving, rough, coarse=50, iters=50)
+    assert err(both) < 0.1 and not torch.allclose(both, refine_mind(fixed, moving, rough, iters=50))
+    assert torch.equal(refine_mind(fixed, moving, rough, coarse=5, iters=0), rough)
+    with pytest.raises(ValueError, match="coarse"):
+        refine_mind(fixed, moving, init, coarse=-1)
 
 
 def test_feature_optimise_bad_shapes():
