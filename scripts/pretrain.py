@@ -197,23 +197,11 @@ def _plot(rows: list[dict[str, float]], names: list[str], path: Path, baseline: 
     plt.close(fig)
 
 
-#: The settings of :class:`pddreg.models.PDDNetConfig` used only at inference (the refinement
-#: of the network's field), which ``--refresh-config`` sets in a trained file.
-INFERENCE_FIELDS = (
-    "instance_opt",
-    "io_iters",
-    "io_lambda",
-    "io_lr",
-    "io_features",
-    "io_levels",
-    "io_coarse",
-)
-
-
 def refresh_config(ndim: int, path: Path) -> int:
-    """Set :data:`INFERENCE_FIELDS` of the weights in ``path`` to ``default_config(ndim)``'s
-    (the weights themselves unchanged)."""
+    """Set :data:`pddreg.models.pdd.INFERENCE_FIELDS` of the weights in ``path`` to those of
+    ``default_config(ndim)`` (the weights themselves unchanged)."""
     from pddreg.models import load_model
+    from pddreg.models.pdd import INFERENCE_FIELDS
 
     model = load_model(path)
     ref = default_config(ndim)

@@ -110,17 +110,10 @@ def test_pretrained_loads(ndim):
     assert disp.shape == (1, ndim, *shape) and torch.isfinite(disp).all()
     # the shipped file refines as default_config says (scripts/pretrain.py --refresh-config)
     from pddreg.models import default_config
+    from pddreg.models.pdd import INFERENCE_FIELDS
 
     ref = default_config(ndim)
-    for name in (
-        "instance_opt",
-        "io_iters",
-        "io_lambda",
-        "io_lr",
-        "io_features",
-        "io_levels",
-        "io_coarse",
-    ):
+    for name in INFERENCE_FIELDS:
         assert getattr(model.config, name) == getattr(ref, name), name
     with pytest.raises(ValueError, match="io_levels"):
         PDDNetConfig(ndim=ndim, io_levels=-1)

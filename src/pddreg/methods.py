@@ -12,7 +12,7 @@ METHODS = ("pdd", "mind", "none")
 
 #: The method when none is named: the one that measures best on ``benchmarks/real.py``
 #: (known-answer mean end-point error 0.88 voxels for ``pdd`` with its refinement, 1.19 for
-#: ``mind``, 2.51 for ANTs SyN), on ``benchmarks/bench_capture.py`` (12 of 12 groups within 0.5
+#: ``mind``, 2.78 for ANTs SyN), on ``benchmarks/bench_capture.py`` (12 of 12 groups within 0.5
 #: voxel of the aligned case against 7 for ``mind``, mean misaligned 0.41 against 0.52 voxels)
-#: and on ``benchmarks/bench_viewpoint.py`` (at most 0.27 px against 0.64).
+#: and on ``benchmarks/bench_viewpoint.py`` (at most 0.36 px against 0.64).
 DEFAULT_METHOD = "pdd"

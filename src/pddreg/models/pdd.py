@@ -212,6 +212,19 @@ SHIPPED_REFINEMENT: dict[int, dict[str, Any]] = {
 }
 
 
+#: The fields of :class:`PDDNetConfig` used only at inference (the refinement of the network's
+#: field): ``scripts/pretrain.py --refresh-config`` sets them in a trained file.
+INFERENCE_FIELDS = (
+    "instance_opt",
+    "io_iters",
+    "io_lambda",
+    "io_lr",
+    "io_features",
+    "io_levels",
+    "io_coarse",
+)
+
+
 def default_config(ndim: int) -> PDDNetConfig:
     """The configuration of the shipped pretrained models (``scripts/pretrain.py``).
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -272,6 +273,33 @@ def mind_features(image: Tensor, stride: int = 1, radius: int = 1, dilation: int
     return mind_ssc(pool_features(image, stride), radius, dilation)
 
 
+def _mind_run(
+    cfg: MindConfig, stride: int, fixed_mask: Tensor | None, moving_mask: Tensor | None
+) -> tuple[Callable[[Tensor], Tensor], dict[str, Any]]:
+    """The MIND-SSC feature function (cached per image: the fixed and moving features serve
+    every run of one registration) and the keywords of :func:`discrete_register` for
+    ``cfg``."""
+    cache: dict[int, Tensor] = {}
+
+    def features(image: Tensor) -> Tensor:
+        key = id(image)
+        if key not in cache:
+            cache[key] = mind_features(image, stride, cfg.mind_radius, cfg.mind_dilation)
+        return cache[key]
+
+    common = {
+        "alpha": None if cfg.alpha is None else torch.tensor(cfg.alpha, dtype=torch.float32),
+        "cost_scale": float(cfg.cost_scale or DEFAULT_COST_SCALE),
+        "normalise": True,
+        "prior": cfg.prior,
+        "padding": PADDING,
+        "max_memory": cfg.max_memory,
+        "fixed_mask": fixed_mask,
+        "moving_mask": moving_mask,
+    }
+    return features, common
+
+
 def register_mind(
     fixed: Tensor,
     moving: Tensor,
@@ -317,26 +345,9 @@ def register_mind(
         moving = moving.float()
     stride = int(cfg.feature_stride or 1)
 
-    cache: dict[int, Tensor] = {}
-
-    def features(image: Tensor) -> Tensor:
-        key = id(image)
-        if key not in cache:  # the fixed and moving features serve every run below
-            cache[key] = mind_features(image, stride, cfg.mind_radius, cfg.mind_dilation)
-        return cache[key]
-
+    features, common = _mind_run(cfg, stride, fixed_mask, moving_mask)
     logger.debug("register_mind: %s, config %s", tuple(fixed.shape), cfg)
     levels = tuple(cfg.levels or default_levels(ndim))
-    common = {
-        "alpha": None if cfg.alpha is None else torch.tensor(cfg.alpha, dtype=torch.float32),
-        "cost_scale": float(cfg.cost_scale or DEFAULT_COST_SCALE),
-        "normalise": True,
-        "prior": cfg.prior,
-        "padding": PADDING,
-        "max_memory": cfg.max_memory,
-        "fixed_mask": fixed_mask,
-        "moving_mask": moving_mask,
-    }
     fshape = [-(-s // stride) for s in fixed.shape[2:]]
     extra = None
     if cfg.capture or (cfg.capture is None and not user_levels):
@@ -424,23 +435,7 @@ def refine_mind(
         return init
     if coarse < 0:
         raise ValueError(f"refine_mind(): 'coarse' must be >= 0, got {coarse}")
-    cache: dict[int, Tensor] = {}
-
-    def features(image: Tensor) -> Tensor:
-        if id(image) not in cache:  # both passes below use the same features
-            cache[id(image)] = mind_features(image, stride, cfg.mind_radius, cfg.mind_dilation)
-        return cache[id(image)]
-
-    common = {
-        "alpha": None if cfg.alpha is None else torch.tensor(cfg.alpha, dtype=torch.float32),
-        "cost_scale": float(cfg.cost_scale or DEFAULT_COST_SCALE),
-        "normalise": True,
-        "prior": cfg.prior,
-        "padding": PADDING,
-        "max_memory": cfg.max_memory,
-        "fixed_mask": fixed_mask,
-        "moving_mask": moving_mask,
-    }
+    features, common = _mind_run(cfg, stride, fixed_mask, moving_mask)
     fixed, moving, init = fixed.float(), moving.float(), init.float()
     with torch.no_grad():
         if coarse and inst is not None:
