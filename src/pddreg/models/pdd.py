@@ -569,11 +569,11 @@ class PDDNet(nn.Module):
         ``config.instance_opt``): then refine the field by Adam on a feature SSD + diffusion:
         with ``config.io_features == "mind"`` :func:`pddreg.optim.refine_mind` (MIND-SSC, the
         settings of ``mind``'s own refinement, after ``config.io_levels`` of ``mind``'s finest
-        discrete levels), with ``"learned"``
+        discrete levels and ``config.io_coarse`` steps at half resolution), with ``"learned"``
         :func:`pddreg.optim.feature_optimise` on the learned features (defaults from
         :class:`pddreg.optim.InstanceConfig`); ``config.io_*`` and keyword arguments
-        (``iters``, ``lr``, ``lambda_``, ``grid_stride``, ``smooth``; ``levels`` for
-        ``"mind"``) override the settings.
+        (``iters``, ``lr``, ``lambda_``, ``grid_stride``, ``smooth``; ``levels`` and
+        ``coarse`` for ``"mind"``) override the settings.
         ``fixed_mask``, ``moving_mask``: ``(B, 1, *S)`` masks (see :meth:`forward`).
 
         ``capture`` (``level_specs`` models): the large-motion search of ``mind``. None or

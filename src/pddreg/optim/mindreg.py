@@ -424,17 +424,17 @@ def refine_mind(
     ndim = fixed.dim() - 2
     cfg = (config or MindConfig()).resolved(ndim, tuple(fixed.shape[2:]))
     inst = replace(cfg.instance, **instance) if instance else cfg.instance
+    if levels < 0 or coarse < 0:
+        raise ValueError(
+            f"refine_mind(): 'levels' and 'coarse' must be >= 0, got {levels} and {coarse}"
+        )
     if inst is not None and inst.iters <= 0:
         inst = None
-    if levels < 0:
-        raise ValueError(f"refine_mind(): 'levels' must be >= 0, got {levels}")
     stride = int(cfg.feature_stride or 1)
     fshape = [-(-s // stride) for s in fixed.shape[2:]]
     fine = tuple(cfg.levels or default_levels(ndim, fshape))[-levels:] if levels else ()
     if inst is None and not fine:
         return init
-    if coarse < 0:
-        raise ValueError(f"refine_mind(): 'coarse' must be >= 0, got {coarse}")
     features, common = _mind_run(cfg, stride, fixed_mask, moving_mask)
     fixed, moving, init = fixed.float(), moving.float(), init.float()
     with torch.no_grad():
