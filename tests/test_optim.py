@@ -229,3 +229,55 @@ def test_mind_config_resolution():
     assert tiny.feature_stride == 1 and tiny.instance.pool == 1
     two = MindConfig().resolved(2, (256, 320))
     assert two.feature_stride == 1 and len(two.levels) == 3
+
+
+def test_block_mean_is_the_box_filtered_cost_at_the_control_points():
+    from pddreg.features.mind import _box_filter
+    from pddreg.optim.discrete import _block_mean, _to_grid
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((12, 18), (9, 6, 12)):
+        cost = torch.rand(1, 7, *shape, generator=g, dtype=torch.float64)
+        for radius in (1, 3):
+            # odd strides: the control points sit on voxels, the window is the box filter's
+            want = _to_grid(_box_filter(cost, radius), 3, "point")
+            assert torch.allclose(_block_mean(cost, radius, 3), want)
+        # even strides: the window of 2r + 2 voxels centred between the two middle voxels
+        got = _block_mean(cost, 1, 2)
+        pad = F.pad(cost, [2, 2] * len(shape), mode="replicate")
+        idx = tuple(slice(1 + 2 * i, 5 + 2 * i) for i in (2, 1, 3)[: len(shape)])
+        want = pad[(0, 0, *idx)].mean()
+        assert torch.isclose(got[(0, 0, 2, 1, 3)[: 2 + len(shape)]], want)
+    with pytest.raises(ValueError, match="aggregate"):
+        LevelConfig(aggregate=-1)
+    with pytest.raises(ValueError, match="alpha"):
+        LevelConfig(alpha=(1.0, 2.0))
+
+
+def test_block_matching_level_follows_a_near_layer():
+    # a block moves 40 px, the background 6 px (stereo-like): a coarse level that averages the
+    # cost over 10 x 10 pooled voxels (aggregate) with a data-led regulariser follows both; the
+    # same level comparing pooled features voxel by voxel (as mind's capture level) does not
+    from pddreg.optim.discrete import level_step
+    from pddreg.optim.mindreg import mind_features
+
+    g = torch.Generator().manual_seed(0)
+    shape = (160, 240)
+    noise = torch.randn(1, 1, *shape, generator=g)
+    moving = F.avg_pool2d(noise, 7, 1, 3) + F.avg_pool2d(noise, 15, 1, 7)
+    moving = (moving - moving.min()) / (moving.max() - moving.min())
+    u = torch.zeros(1, 2, *shape)
+    u[:, 1] = 6.0
+    u[:, 1, 40:120, 60:140] = 40.0
+    fixed = warp(moving, u)
+    feats = mind_features(fixed), mind_features(moving)
+    common = dict(pool=2, grid_stride=4, radius=22, fixed_sampling="point", prior=1.0)
+    blocks = LevelConfig(**common, aggregate=4, alpha=(1.0, 0.5, 1.0, 0.5, 0.0, 16.0))
+    flat = LevelConfig(**common, smooth=1, field_smooth=3)
+
+    def block_error(lv):
+        out = level_step(*feats, None, lv, None, normalise=True, cost_scale=4.0).residual
+        return float((out - u).norm(dim=1)[0, 52:108, 72:128].mean())
+
+    errors = block_error(blocks), block_error(flat)
+    assert errors[0] < 1.0 and errors[1] > 2.0, errors

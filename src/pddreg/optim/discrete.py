@@ -60,6 +60,13 @@ class LevelConfig:
             radius; 0: none); None takes :func:`discrete_register`'s ``prior``.
         field_smooth: box-3 averaging passes of this level's residual field on its control
             grid (replicate borders): a coarse level then passes on only its bulk motion.
+        aggregate: radius of a box window (voxels of ``P``) over which the cost of every
+            displacement is averaged before it is sampled at the control points (block
+            matching: the mean SSD over the window, not the SSD of window-averaged features,
+            which flattens the cost of coarse levels; 0: none). The correlation then runs at
+            every voxel of ``P``, so the level costs ``grid_stride^ndim`` times more.
+        alpha: this level's six regularisation weights (see ``pddreg.cost.regularise``);
+            None takes :func:`discrete_register`'s.
 
     The capture range of a level is ``pool * spacing * radius`` voxels of ``F``; the cost tensor
     holds ``(2 * radius + 1)^ndim * prod(G)`` values.
@@ -73,10 +80,18 @@ class LevelConfig:
     fixed_sampling: str = "area"
     prior: float | None = None
     field_smooth: int = 0
+    aggregate: int = 0
+    alpha: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if int(self.smooth) != self.smooth or self.smooth < 0:
             raise ValueError(f"LevelConfig: 'smooth' must be an integer >= 0, got {self.smooth!r}")
+        if int(self.aggregate) != self.aggregate or self.aggregate < 0:
+            raise ValueError(
+                f"LevelConfig: 'aggregate' must be an integer >= 0, got {self.aggregate!r}"
+            )
+        if self.alpha is not None and len(self.alpha) != 6:
+            raise ValueError(f"LevelConfig: 'alpha' must hold six weights, got {self.alpha!r}")
         if self.fixed_sampling not in ("area", "point"):
             raise ValueError(
                 "LevelConfig: 'fixed_sampling' must be 'area' or 'point', "
@@ -161,6 +176,29 @@ def _to_grid(feat: Tensor, stride: int, how: str) -> Tensor:
     size = tuple(max(1, -(-s // stride)) for s in feat.shape[2:])
     mode = "trilinear" if feat.dim() == 5 else "bilinear"
     return F.interpolate(feat, size=size, mode=mode, align_corners=False)
+
+
+def _block_mean(cost: Tensor, radius: int, stride: int) -> Tensor:
+    """The mean of ``cost`` ``(B, L, *P)`` over a window around each control point of the
+    grid ``G = P / stride`` (``P`` a multiple of ``stride``): the points where
+    :func:`_to_grid` samples (``i * stride + (stride - 1) / 2``), windows of ``2 * radius +
+    1`` voxels (``2 * radius + 2`` for even strides, centred there), replicate borders; one
+    strided average pool, without the dense filtered volume."""
+    ndim = cost.dim() - 2
+    k = 2 * radius + 1 + (1 - stride % 2)
+    start = (stride - 1) // 2 - radius
+    pad = []
+    for n in reversed(cost.shape[2:]):
+        g = n // stride
+        pad += [max(0, -start), max(0, (g - 1) * stride + start + k - n)]
+    pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
+    parts = []
+    for chunk in cost.split(256, 1):  # the padded copy one chunk of displacements at a time
+        x = F.pad(chunk, pad, mode="replicate") if any(pad) else chunk
+        if start > 0:
+            x = x[(slice(None), slice(None), *([slice(start, None)] * ndim))]
+        parts.append(pool(x, k, stride))
+    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
 
 def _pad_to(x: Tensor, stride: int) -> Tensor:
@@ -312,13 +350,22 @@ def level_step(
     del moved
     pshape = tuple(mov_p.shape[2:])
     fix_p, mov_p = _pad_to(fix_p, level.grid_stride), _pad_to(mov_p, level.grid_stride)
-    fix_g = _to_grid(fix_p, level.grid_stride, level.fixed_sampling)
-    del fix_p
-    padded, gshape = tuple(mov_p.shape[2:]), tuple(fix_g.shape[2:])
-    cost = correlation(
-        fix_g, mov_p, level.radius, level.spacing, padding=padding, max_memory=max_memory
-    )
-    del fix_g, mov_p
+    padded = tuple(mov_p.shape[2:])
+    if level.aggregate:
+        # block matching: the cost at every voxel of P, averaged over the window, then sampled
+        # at the control points as the fixed features are
+        cost = correlation(
+            fix_p, mov_p, level.radius, level.spacing, padding=padding, max_memory=max_memory
+        )
+        cost = _block_mean(cost, level.aggregate, level.grid_stride)
+    else:
+        fix_g = _to_grid(fix_p, level.grid_stride, level.fixed_sampling)
+        cost = correlation(
+            fix_g, mov_p, level.radius, level.spacing, padding=padding, max_memory=max_memory
+        )
+        del fix_g
+    del fix_p, mov_p
+    gshape = tuple(cost.shape[2:])
     if fixed_mask is not None or moving_mask is not None:
         fw = None
         if fixed_mask is not None:
@@ -337,7 +384,10 @@ def level_step(
         cost = cost / mean if grad else cost.div_(mean)
     if isinstance(cost_scale, Tensor) or cost_scale != 1.0:
         cost = cost * cost_scale if grad else cost.mul_(cost_scale)
-    a = alpha if alpha is not None else torch.as_tensor(DEFAULT_ALPHA, dtype=torch.float32)
+    if level.alpha is not None:
+        a = torch.tensor(level.alpha, dtype=torch.float32)
+    else:
+        a = alpha if alpha is not None else torch.as_tensor(DEFAULT_ALPHA, dtype=torch.float32)
     c = regularise(cost, a.to(device=cost.device, dtype=cost.dtype), max_memory=max_memory)
     level_prior = prior if level.prior is None else level.prior
     if level_prior and level.radius > 0:
