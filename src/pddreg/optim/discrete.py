@@ -64,7 +64,9 @@ class LevelConfig:
             displacement is averaged before it is sampled at the control points (block
             matching: the mean SSD over the window, not the SSD of window-averaged features,
             which flattens the cost of coarse levels; 0: none). The correlation then runs at
-            every voxel of ``P``, so the level costs ``grid_stride^ndim`` times more.
+            every voxel of ``P``, so the level costs ``grid_stride^ndim`` times more; the
+            windows are centred where ``"point"`` sampling puts the control points
+            (``fixed_sampling`` does not apply).
         alpha: this level's six regularisation weights (see ``pddreg.cost.regularise``);
             None takes :func:`discrete_register`'s.
 
@@ -352,8 +354,9 @@ def level_step(
     fix_p, mov_p = _pad_to(fix_p, level.grid_stride), _pad_to(mov_p, level.grid_stride)
     padded = tuple(mov_p.shape[2:])
     if level.aggregate:
-        # block matching: the cost at every voxel of P, averaged over the window, then sampled
-        # at the control points as the fixed features are
+        # block matching: the cost at every voxel of P, averaged over the window around each
+        # control point (a strided pool: sampling the box-filtered cost by F.interpolate took
+        # 0.9 s of a 2D capture level at 240x320, this 0.34 s)
         cost = correlation(
             fix_p, mov_p, level.radius, level.spacing, padding=padding, max_memory=max_memory
         )
