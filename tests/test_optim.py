@@ -281,3 +281,32 @@ def test_block_matching_level_follows_a_near_layer():
 
     errors = block_error(blocks), block_error(flat)
     assert errors[0] < 1.0 and errors[1] > 2.0, errors
+
+
+def test_mind_follows_a_near_layer_through_the_block_capture_level(monkeypatch):
+    # a block moves 40 px (16 % of the width), the background 6 px: mind's smooth capture level
+    # alone loses the block, the block-matching candidate kept region by region follows it
+    import pddreg.optim.mindreg as M
+
+    g = torch.Generator().manual_seed(0)
+    shape = (192, 256)
+    noise = torch.randn(1, 1, *shape, generator=g)
+    moving = F.avg_pool2d(noise, 7, 1, 3) + F.avg_pool2d(noise, 15, 1, 7)
+    moving = (moving - moving.min()) / (moving.max() - moving.min())
+    u = torch.zeros(1, 2, *shape)
+    u[:, 1] = 6.0
+    u[:, 1, 50:140, 60:150] = 40.0
+    fixed = warp(moving, u)
+    block = M.block_capture_level(2, shape, M.default_levels(2, shape))
+    assert block is not None and block.aggregate > 0
+    assert block.pool * block.radius >= 1.2 * M.CAPTURE_FRACTION * max(shape)
+    assert M.block_capture_level(3, (64, 64, 64), M.default_levels(3)) is None
+
+    def layer_error() -> float:
+        d = M.register_mind(fixed, moving)
+        return float((d - u).norm(dim=1)[0, 60:130, 70:140].mean())
+
+    with_blocks = layer_error()
+    monkeypatch.setattr(M, "block_capture_level", lambda *args: None)
+    without = layer_error()
+    assert with_blocks < 8.0 and without > 12.0, (with_blocks, without)

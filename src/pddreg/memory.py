@@ -190,7 +190,7 @@ def _mind_parts(work_shape: tuple[int, ...]) -> dict[str, int]:
     """Feature, cost-volume and instance-optimisation bytes of ``register_mind`` on ``W``."""
     from .cost._lattice import CORRELATION_CHUNK_BYTES, DEFAULT_MAX_MEMORY, make_plan
     from .features.mind import mind_channels
-    from .optim.mindreg import MindConfig, capture_level
+    from .optim.mindreg import MindConfig, block_capture_level, capture_level
 
     ndim = len(work_shape)
     cfg = MindConfig().resolved(ndim, work_shape)
@@ -202,7 +202,12 @@ def _mind_parts(work_shape: tuple[int, ...]) -> dict[str, int]:
     extra = capture_level(ndim, fshape, levels)
     if extra is not None:
         levels.append(extra)
+    block = block_capture_level(ndim, fshape, list(cfg.levels or ()))
     largest = 0
+    if block is not None:
+        # block matching: the cost at every pooled voxel, then its windowed mean
+        dense = (2 * block.radius + 1) ** ndim * _prod(_ceil_div(fshape, block.pool)) * FLOAT
+        largest = int(1.5 * dense)
     for lv in levels:
         pshape = _ceil_div(fshape, lv.pool)
         grid = _ceil_div(pshape, lv.grid_stride)

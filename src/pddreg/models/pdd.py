@@ -581,7 +581,9 @@ class PDDNet(nn.Module):
         the image extent, the levels run once more from the field of ``mind``'s capture level
         (:func:`pddreg.optim.capture_start` on MIND-SSC at the network's stride) and the run
         whose warped moving MIND features match better (:func:`pddreg.optim.keep_better`,
-        region by region) is kept; False (default): the levels alone. 3D images above
+        region by region) is kept, in 2D also against a third run from the block-matching
+        capture level (:func:`pddreg.optim.block_capture_level`); False (default): the
+        levels alone. 3D images above
         ``pddreg.optim.mindreg.LARGE_VOLUME`` voxels (``level_specs`` models) are area-pooled
         by 2 for the network (its field upsampled; the refinement runs at full size). The kept
         run is the last forward pass (what a forward hook, e.g. the uncertainty recording, sees
@@ -673,6 +675,19 @@ class PDDNet(nn.Module):
         disp = keep_better(
             plain["disp"], wide["disp"], feat_fixed, feat_moving, fixed_mask, moving_mask
         )
+        blocks = capture_start(
+            fixed,
+            moving,
+            self.level_configs,
+            stride,
+            fixed_mask=fixed_mask,
+            moving_mask=moving_mask,
+            block=True,
+        )
+        if blocks is not None:
+            # 2D: the levels from the block-matching capture level, a third candidate
+            third = self(fixed, moving, fixed_mask, moving_mask, init=blocks[0])["disp"]
+            disp = keep_better(disp, third, feat_fixed, feat_moving, fixed_mask, moving_mask)
         if torch.equal(disp, plain["disp"]):
             return plain
         to_plain, to_wide = blend_distances(disp, plain["disp"], wide["disp"])

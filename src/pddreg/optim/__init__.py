@@ -23,6 +23,7 @@ from .discrete import (
 from .instance import cost_objective, feature_objective, feature_optimise, instance_optimise
 from .mindreg import (
     MindConfig,
+    block_capture_level,
     capture_start,
     default_levels,
     keep_better,
@@ -38,6 +39,7 @@ __all__ = [
     "LevelOutput",
     "MindConfig",
     "Posterior",
+    "block_capture_level",
     "capture_start",
     "cost_objective",
     "default_levels",
