@@ -254,6 +254,21 @@ def test_block_mean_is_the_box_filtered_cost_at_the_control_points():
         LevelConfig(alpha=(1.0, 2.0))
 
 
+def _near_layer_pair(
+    shape: tuple[int, int], block: tuple[slice, slice]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(fixed, moving, u)``: smooth noise whose background moves 6 px along x and whose
+    ``block`` moves 40 px (stereo-like), ``fixed = moving(x + u(x))``."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 1, *shape, generator=g)
+    moving = F.avg_pool2d(noise, 7, 1, 3) + F.avg_pool2d(noise, 15, 1, 7)
+    moving = (moving - moving.min()) / (moving.max() - moving.min())
+    u = torch.zeros(1, 2, *shape)
+    u[:, 1] = 6.0
+    u[(slice(None), 1, *block)] = 40.0
+    return warp(moving, u), moving, u
+
+
 def test_block_matching_level_follows_a_near_layer():
     # a block moves 40 px, the background 6 px (stereo-like): a coarse level that averages the
     # cost over 10 x 10 pooled voxels (aggregate) with a data-led regulariser follows both; the
@@ -261,15 +276,7 @@ def test_block_matching_level_follows_a_near_layer():
     from pddreg.optim.discrete import level_step
     from pddreg.optim.mindreg import mind_features
 
-    g = torch.Generator().manual_seed(0)
-    shape = (160, 240)
-    noise = torch.randn(1, 1, *shape, generator=g)
-    moving = F.avg_pool2d(noise, 7, 1, 3) + F.avg_pool2d(noise, 15, 1, 7)
-    moving = (moving - moving.min()) / (moving.max() - moving.min())
-    u = torch.zeros(1, 2, *shape)
-    u[:, 1] = 6.0
-    u[:, 1, 40:120, 60:140] = 40.0
-    fixed = warp(moving, u)
+    fixed, moving, u = _near_layer_pair((160, 240), (slice(40, 120), slice(60, 140)))
     feats = mind_features(fixed), mind_features(moving)
     common = dict(pool=2, grid_stride=4, radius=22, fixed_sampling="point", prior=1.0)
     blocks = LevelConfig(**common, aggregate=4, alpha=(1.0, 0.5, 1.0, 0.5, 0.0, 16.0))
@@ -288,15 +295,8 @@ def test_mind_follows_a_near_layer_through_the_block_capture_level(monkeypatch):
     # alone loses the block, the block-matching candidate kept region by region follows it
     import pddreg.optim.mindreg as M
 
-    g = torch.Generator().manual_seed(0)
     shape = (192, 256)
-    noise = torch.randn(1, 1, *shape, generator=g)
-    moving = F.avg_pool2d(noise, 7, 1, 3) + F.avg_pool2d(noise, 15, 1, 7)
-    moving = (moving - moving.min()) / (moving.max() - moving.min())
-    u = torch.zeros(1, 2, *shape)
-    u[:, 1] = 6.0
-    u[:, 1, 50:140, 60:150] = 40.0
-    fixed = warp(moving, u)
+    fixed, moving, u = _near_layer_pair(shape, (slice(50, 140), slice(60, 150)))
     block = M.block_capture_level(2, shape, M.default_levels(2, shape))
     assert block is not None and block.aggregate > 0
     assert block.pool * block.radius >= 1.2 * M.CAPTURE_FRACTION * max(shape)

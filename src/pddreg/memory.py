@@ -200,9 +200,9 @@ def _mind_parts(work_shape: tuple[int, ...]) -> dict[str, int]:
     fmap = channels * _prod(fshape) * FLOAT
     levels = list(cfg.levels or ())
     extra = capture_level(ndim, fshape, levels)
+    block = block_capture_level(ndim, fshape, levels)
     if extra is not None:
         levels.append(extra)
-    block = block_capture_level(ndim, fshape, list(cfg.levels or ()))
     largest = 0
     if block is not None:
         # block matching: the cost at every pooled voxel, then its windowed mean

@@ -659,14 +659,9 @@ class PDDNet(nn.Module):
         from pddreg.optim.mindreg import blend_distances
 
         stride = int(getattr(self.features, "stride", 1))
-        start = capture_start(
-            fixed,
-            moving,
-            self.level_configs,
-            stride,
-            fixed_mask=fixed_mask,
-            moving_mask=moving_mask,
-        )
+        args = (fixed, moving, self.level_configs, stride)
+        masks = {"fixed_mask": fixed_mask, "moving_mask": moving_mask}
+        start = capture_start(*args, **masks)
         if start is None:
             return None
         field, feat_fixed, feat_moving = start
@@ -675,15 +670,7 @@ class PDDNet(nn.Module):
         disp = keep_better(
             plain["disp"], wide["disp"], feat_fixed, feat_moving, fixed_mask, moving_mask
         )
-        blocks = capture_start(
-            fixed,
-            moving,
-            self.level_configs,
-            stride,
-            fixed_mask=fixed_mask,
-            moving_mask=moving_mask,
-            block=True,
-        )
+        blocks = capture_start(*args, **masks, block=True, features=(feat_fixed, feat_moving))
         if blocks is not None:
             # 2D: the levels from the block-matching capture level, a third candidate
             third = self(fixed, moving, fixed_mask, moving_mask, init=blocks[0])["disp"]

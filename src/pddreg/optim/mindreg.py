@@ -149,6 +149,11 @@ def default_levels(
     return (replace(first, radius=radius), *levels[1:])
 
 
+def _capture_need(extent: int) -> float:
+    """The range a capture level must reach on a feature map of longest extent ``extent``."""
+    return 1.2 * CAPTURE_FRACTION * extent
+
+
 def capture_level(
     ndim: int, feature_shape: Sequence[int], levels: Sequence[LevelConfig]
 ) -> LevelConfig | None:
@@ -161,7 +166,7 @@ def capture_level(
     capture range grows with the image.
     """
     extent = max(int(s) for s in feature_shape)
-    need = 1.2 * CAPTURE_FRACTION * extent
+    need = _capture_need(extent)
     if capture(levels) >= need:
         return None
     pool = 2 ** max(1, round(math.log2(extent / CAPTURE_GRID[ndim])))
@@ -203,16 +208,14 @@ def block_capture_level(
     (``LevelConfig.aggregate``): 92 % there, but no answer in flat organ interiors, hence a
     second candidate kept region by region (:func:`keep_better`), not a replacement.
     """
-    wide = capture_level(ndim, feature_shape, levels)
-    if wide is None or ndim != 2:
+    if ndim != 2 or capture_level(ndim, feature_shape, levels) is None:
         return None
     extent = max(int(s) for s in feature_shape)
     pool = max(1, math.ceil(extent / BLOCK_GRID))
-    need = 1.2 * CAPTURE_FRACTION * extent
     return LevelConfig(
         pool=pool,
         grid_stride=BLOCK_STRIDE,
-        radius=math.ceil(need / pool),
+        radius=math.ceil(_capture_need(extent) / pool),
         spacing=1.0,
         fixed_sampling="point",
         prior=CAPTURE_PRIOR,
@@ -396,9 +399,10 @@ def register_mind(
     logger.debug("register_mind: %s, config %s", tuple(fixed.shape), cfg)
     levels = tuple(cfg.levels or default_levels(ndim))
     fshape = [-(-s // stride) for s in fixed.shape[2:]]
+    reach = levels if not cfg.capture else ()  # the levels whose range the capture counts on
     extra = None
     if cfg.capture or (cfg.capture is None and not user_levels):
-        extra = capture_level(ndim, fshape, levels if not cfg.capture else ())
+        extra = capture_level(ndim, fshape, reach)
     if extra is None:
         return discrete_register(
             fixed, moving, features, levels, instance=cfg.instance, posterior=posterior, **common
@@ -411,7 +415,7 @@ def register_mind(
         fixed, moving, features, (extra, *levels), posterior=posts[1], **common
     )
     chosen = keep_better(plain, wide, features(fixed), features(moving), fixed_mask, moving_mask)
-    block = block_capture_level(ndim, fshape, levels if not cfg.capture else ())
+    block = block_capture_level(ndim, fshape, reach)
     if block is not None:
         # 2D: block matching as a third candidate (layers that move further than the rest)
         blocks = discrete_register(fixed, moving, features, (block, *levels), **common)
@@ -516,6 +520,7 @@ def capture_start(
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
     block: bool = False,
+    features: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """The capture level alone, as the start of another method's levels (``pdd``).
 
@@ -533,6 +538,8 @@ def capture_start(
         fixed_mask, moving_mask: ``(B, 1, *S)`` masks or None (see :func:`register_mind`).
         block: the block-matching capture level instead (:func:`block_capture_level`; None
             in 3D).
+        features: the MIND-SSC features ``(B, C, *F)`` of ``fixed`` and ``moving`` at
+            ``stride`` where a first call made them already (None: computed here).
     """
     ndim = fixed.dim() - 2
     fshape = [-(-int(n) // stride) for n in fixed.shape[2:]]
@@ -540,7 +547,7 @@ def capture_start(
     if extra is None:
         return None
     with torch.no_grad():
-        feats = [mind_features(x.float(), stride) for x in (fixed, moving)]
+        feats = features or [mind_features(x.float(), stride) for x in (fixed, moving)]
         field = discrete_register(
             fixed,
             moving,
