@@ -19,12 +19,20 @@ repository), and ``--resume`` continues it, also towards a larger ``--steps``:
     nice -n 10 python scripts/pretrain.py --dim 3 --steps 2000 --resume
     python scripts/pretrain.py --dim 2 --steps 200 --device cuda   # on a GPU where one is at hand
     python scripts/pretrain.py --dim 2 --refresh-config   # the refinement settings only
+
+A second phase starts from weights already made, with a fresh optimiser (typically a lower
+``--lr``): ``--init`` names them, and the log keeps their own log's rows up to the step they were
+saved at (their best validation), the new steps counting on from there. The phase's start is
+recorded next to the checkpoint (``pretrain{2,3}d.json``), so ``--resume`` continues it:
+
+    python scripts/pretrain.py --dim 2 --init src/pddreg/weights/pdd2d.pt --lr 1e-4 --steps 1000
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 import time
@@ -34,7 +42,7 @@ import numpy as np
 import torch
 
 from pddreg.data.cases import make_case, random_field
-from pddreg.models import PDDNet, default_config, save_model
+from pddreg.models import PDDNet, default_config, load_model, save_model
 from pddreg.train import TrainConfig, train
 from pddreg.train.realwarp import MixedDataset, RealWarpConfig
 from pddreg.train.synth import SynthDataset
@@ -174,7 +182,19 @@ def evaluate_cases(model: PDDNet, cases: list) -> dict[str, float]:
     return out
 
 
-def _plot(rows: list[dict[str, float]], names: list[str], path: Path, baseline: dict) -> None:
+def _read_log(path: Path) -> list[dict[str, float]]:
+    with open(path) as fh:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
+def _plot(
+    rows: list[dict[str, float]],
+    names: list[str],
+    path: Path,
+    baseline: dict,
+    phase: tuple[int, float] | None = None,
+) -> None:
+    """Loss and validation against the steps; ``phase``: ``(step, lr)`` of a second phase."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,6 +210,10 @@ def _plot(rows: list[dict[str, float]], names: list[str], path: Path, baseline: 
         ax[1].plot([r["step"] for r in val], [r[name] for r in val], marker="o", ms=3, label=name)
     for name in names:
         ax[1].axhline(baseline[name], lw=0.5, ls=":", color="grey")
+    if phase is not None:
+        for a in ax:
+            a.axvline(phase[0], lw=0.8, ls="--", color="k")
+        ax[1].annotate(f" lr {phase[1]:g} from here", (phase[0], ax[1].get_ylim()[1]), va="top")
     ax[1].set(xlabel="step", ylabel="end-point error (voxels)", title="validation: real images")
     ax[1].legend(fontsize=7)
     fig.tight_layout()
@@ -221,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--resume", action="store_true", help="continue the checkpoint")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start a second phase from these weights (fresh optimiser; --steps counts its steps)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-data", type=Path, default=REAL, help="real images for validation")
@@ -253,20 +283,43 @@ def main(argv: list[str] | None = None) -> int:
     log.info("validation cases: %s", ", ".join(f"{k} ({v:.2f})" for k, v in baseline.items()))
 
     rows: list[dict[str, float]] = []
+    phase = ckpt.with_suffix(".json")
+    base, init = 0, None  # the step the phase starts from, and the weights it starts from
+    if args.plot_only or (args.resume and ckpt.is_file()):
+        if phase.is_file():
+            start = json.loads(phase.read_text())
+            base, init = int(start["step"]), Path(start["init"])
+    elif args.init is not None:
+        init = args.init
+        history = _read_log(init.with_name(init.stem + "_log.csv"))
+        best_row = min(
+            (r for r in history if r.get("val_epe") == r.get("val_epe")),
+            key=lambda r: r["val_epe"],
+            default=None,
+        )
+        base = int(best_row["step"]) if best_row else 0
+        rows = [r for r in history if r["step"] <= base]
+        phase.write_text(json.dumps({"init": str(init), "step": base, "lr": args.lr}) + "\n")
+    else:  # a run from scratch
+        phase.unlink(missing_ok=True)
+    marker = None if init is None else (base, float(json.loads(phase.read_text())["lr"]))
     if args.plot_only:
-        with open(log_csv) as fh:
-            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
-        _plot(rows, names, out.with_name(out.stem + "_log.png"), baseline)
+        rows = _read_log(log_csv)
+        _plot(rows, names, out.with_name(out.stem + "_log.png"), baseline, marker)
         return 0
     if args.resume and ckpt.is_file() and log_csv.is_file():
-        with open(log_csv) as fh:
-            rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        rows = _read_log(log_csv)
     torch.manual_seed(args.seed)
-    model = PDDNet(default_config(ndim))
+    if init is not None:
+        model = load_model(init)
+        if type(model) is not PDDNet or model.config.ndim != ndim:
+            raise SystemExit(f"{init}: not {ndim}D PDD-Net weights")
+    else:
+        model = PDDNet(default_config(ndim))
     config = TrainConfig(
         steps=steps,
         lr=args.lr,
-        alpha_lr=2e-3,
+        alpha_lr=4 * args.lr,  # 2e-3 at the default --lr
         batch=BATCH[ndim],
         seed=args.seed,
         augment=False,  # the generator is random enough (and the field would not follow)
@@ -279,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
     )
     t0 = time.perf_counter()
+    elapsed = rows[-1]["time_s"] if rows else 0.0  # a resumed run or a phase counts on
 
     def write_log() -> None:
         keys = ["step", "loss", "time_s", "val_epe", *names]
@@ -298,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def callback(step: int, logs: dict[str, float]) -> None:
-        row = {"step": step, "loss": logs["loss"], "time_s": time.perf_counter() - t0}
+        at = step  # the phase's own step (its checkpoint's)
+        step = base + step
+        row = {"step": step, "loss": logs["loss"], "time_s": elapsed + time.perf_counter() - t0}
         row["val_epe"] = float("nan")
-        if cases and (step % args.val_every == 0 or step == steps):
+        if cases and (at % args.val_every == 0 or at == steps):
             errs = evaluate_cases(model, cases)
             row.update(errs)
             row["val_epe"] = float(np.mean(list(errs.values())))
@@ -318,10 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                 ", ".join(f"{k} {v:.2f}" for k, v in errs.items()),
             )
         rows.append(row)
-        if step % config.checkpoint_every == 0 or step == steps:
+        if at % config.checkpoint_every == 0 or at == steps:
             write_log()
 
-    if not rows and cases:  # the untrained network: MIND channels, mind's levels
+    if not rows and cases and init is None:  # the untrained network: MIND channels, mind's levels
         errs = evaluate_cases(model, cases)
         rows.append(
             {
@@ -333,14 +389,23 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         log.info("untrained: val EPE %.3f", rows[-1]["val_epe"])
+    if init is not None and not args.resume and cases:
+        # the phase's start measured again with today's inference code: the bar to beat
+        errs = evaluate_cases(model, cases)
+        val = float(np.mean(list(errs.values())))
+        log.info("%s: val EPE %.3f (at step %d of its log: %.3f)", init, val, base, best["epe"])
+        if rows:
+            rows[-1].update(errs, val_epe=val)
+        best["epe"] = val
+        write_log()
     model = train(dataset, config, model=model.train(), callback=callback)
     write_log()
-    log.info("trained to step %d in %.0f s", steps, time.perf_counter() - t0)
+    log.info("trained to step %d in %.0f s", base + steps, time.perf_counter() - t0)
     if not cases:
         save_model(model, out)
     log.info("%s: the weights of the best validation EPE %.3f", out, best["epe"])
     if cases:
-        _plot(rows, names, out.with_name(out.stem + "_log.png"), baseline)
+        _plot(rows, names, out.with_name(out.stem + "_log.png"), baseline, marker)
     dataset.close()
     return 0
 
