@@ -284,25 +284,26 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, float]] = []
     phase = ckpt.with_suffix(".json")
-    base, init = 0, None  # the step the phase starts from, and the weights it starts from
+    start = None  # a second phase: {"init": weights, "step": where it starts, "lr": ...}
     if args.plot_only or (args.resume and ckpt.is_file()):
         if phase.is_file():
             start = json.loads(phase.read_text())
-            base, init = int(start["step"]), Path(start["init"])
     elif args.init is not None:
-        init = args.init
-        history = _read_log(init.with_name(init.stem + "_log.csv"))
+        history = _read_log(args.init.with_name(args.init.stem + "_log.csv"))
         best_row = min(
             (r for r in history if r.get("val_epe") == r.get("val_epe")),
             key=lambda r: r["val_epe"],
             default=None,
         )
-        base = int(best_row["step"]) if best_row else 0
-        rows = [r for r in history if r["step"] <= base]
-        phase.write_text(json.dumps({"init": str(init), "step": base, "lr": args.lr}) + "\n")
+        start = {"init": str(args.init), "step": int(best_row["step"]) if best_row else 0}
+        start["lr"] = args.lr
+        rows = [r for r in history if r["step"] <= start["step"]]
+        phase.write_text(json.dumps(start) + "\n")
     else:  # a run from scratch
         phase.unlink(missing_ok=True)
-    marker = None if init is None else (base, float(json.loads(phase.read_text())["lr"]))
+    base = 0 if start is None else int(start["step"])
+    init = None if start is None else Path(start["init"])
+    marker = None if start is None else (base, float(start["lr"]))
     if args.plot_only:
         rows = _read_log(log_csv)
         _plot(rows, names, out.with_name(out.stem + "_log.png"), baseline, marker)
