@@ -310,3 +310,56 @@ def test_mind_follows_a_near_layer_through_the_block_capture_level(monkeypatch):
     monkeypatch.setattr(M, "block_capture_level", lambda *args: None)
     without = layer_error()
     assert with_blocks < 8.0 and without > 12.0, (with_blocks, without)
+
+
+def test_restore_layers_brings_back_a_dragged_layer_and_nothing_else():
+    # a 40 px block before a 6 px background: the start (the true, sharp field) against a
+    # field whose layer edges were smeared (the Adam steps' drag): the start comes back along
+    # the edges; a field within LAYER_MOVE of the start, or a small spot, is left as it is
+    import pddreg.optim.mindreg as M
+    from pddreg.features.mind import _box_filter
+
+    shape = (128, 160)
+    fixed, moving, u = _near_layer_pair(shape, (slice(32, 96), slice(40, 120)))
+    feats = M.mind_features(fixed), M.mind_features(moving)
+    smeared = _box_filter(u, 10)  # a band of about 20 px (the drag is wider than one voxel)
+    edge = (smeared - u).norm(dim=1) > 5.0
+    out = M.restore_layers(smeared, u, *feats, None, None)
+
+    def err(d):
+        return float((d - u).norm(dim=1)[edge].mean())
+
+    # (not on the side the block moves towards: the true field folds there, and a start that
+    # folds is not taken for a layer)
+    assert err(out) < 0.6 * err(smeared), (err(out), err(smeared))
+    near = u + 0.9 * M.LAYER_MOVE / 2**0.5  # moved less than LAYER_MOVE everywhere
+    assert torch.equal(M.restore_layers(near, u, *feats, None, None), near)
+    spot = u.clone()
+    spot[:, 1, 60:64, 10:14] += 10.0  # a 4 x 4 spot, smaller than the opening
+    assert torch.equal(M.restore_layers(spot, u, *feats, None, None), spot)
+    # a fixed mask that excludes the layer keeps the smeared field there
+    mask = torch.ones(1, 1, *shape)
+    mask[..., 20:108, 28:132] = 0.0
+    kept = M.restore_layers(smeared, u, *feats, mask, None)
+    assert torch.equal(kept[..., 40:88, 48:112], smeared[..., 40:88, 48:112])
+
+
+def test_refine_mind_keeps_the_sharp_start_of_a_layer(monkeypatch):
+    # from the true layered field, the Adam steps alone drag the block's edges; refine_mind
+    # puts its start back there
+    import pddreg.optim.mindreg as M
+
+    shape = (128, 160)
+    fixed, moving, u = _near_layer_pair(shape, (slice(32, 96), slice(40, 120)))
+
+    def edge_error():
+        out = M.refine_mind(fixed, moving, u, coarse=50, iters=50, lambda_=0.7)
+        band = torch.zeros(shape, dtype=torch.bool)
+        band[24:104, 32:128] = True
+        band[40:88, 48:112] = False
+        return float((out - u).norm(dim=1)[0][band].mean())
+
+    restored = edge_error()
+    monkeypatch.setattr(M, "LAYER_MOVE", float("inf"))
+    dragged = edge_error()
+    assert restored < 0.5 * dragged, (restored, dragged)

@@ -30,6 +30,7 @@ from .mindreg import (
     mind_features,
     refine_mind,
     register_mind,
+    restore_layers,
 )
 from .uncertainty import Posterior, soft_label_transfer, uncertainty_map
 
@@ -53,6 +54,7 @@ __all__ = [
     "pool_features",
     "refine_mind",
     "register_mind",
+    "restore_layers",
     "soft_label_transfer",
     "uncertainty_map",
 ]
