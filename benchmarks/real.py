@@ -37,6 +37,8 @@ objects (a translation), and says so. Keywords a ``register`` lacks are dropped 
 
 Times are wall-clock seconds of the registration call (pddreg: ``result.runtime_s``, which
 leaves out reading and normalising; peers: the whole call), after a warm-up call per method.
+The summary also gives pddreg's deformable stage alone (``details["timings"]["deformable"]``:
+without the global stage, which every method but ``none`` runs first).
 """
 
 from __future__ import annotations
@@ -312,9 +314,15 @@ class Api:
 
 
 def run_ours(
-    api: Api, method: str, fixed: Any, moving: Any, extra: dict[str, Any]
+    api: Api,
+    method: str,
+    fixed: Any,
+    moving: Any,
+    extra: dict[str, Any],
+    stages: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, float]:
-    """``pddreg.register`` for one row; returns (disp ``(ndim, *S_fixed)``, seconds)."""
+    """``pddreg.register`` for one row; returns (disp ``(ndim, *S_fixed)``, seconds); the
+    seconds per stage (``global``, ``deformable``, ...) go into ``stages`` when given."""
     import pddreg
 
     if method == "default":
@@ -326,6 +334,8 @@ def run_ours(
     else:
         kw = {"method": method, **extra}
     res = pddreg.register(fixed, moving, **api.kwargs(kw))
+    if stages is not None:
+        stages.update((getattr(res, "details", None) or {}).get("timings", {}))
     return np.asarray(res.disp, dtype=np.float32), float(res.runtime_s)
 
 
@@ -372,9 +382,10 @@ def run_method(
     spacing: Sequence[float],
     args: argparse.Namespace,
     extra: dict[str, Any] | None = None,
+    stages: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, float]:
     if name in OURS:
-        return run_ours(api, name, fixed, moving, extra or {})
+        return run_ours(api, name, fixed, moving, extra or {}, stages)
     return run_peer(name, fixed, moving, spacing, args.threads)
 
 
@@ -494,8 +505,10 @@ def bench_known(args: argparse.Namespace, api: Api, names: Sequence[str]) -> lis
                 "max_true": float(np.sqrt((case.disp**2).sum(0)).max()),
             }
             try:
-                disp, sec = run_method(api, name, f, m, case.spacing, args, extra)
+                stages: dict[str, float] = {}
+                disp, sec = run_method(api, name, f, m, case.spacing, args, extra, stages)
                 row.update(epe_after=epe(disp, case.disp, case.mask), time=sec)
+                row.update(stage=stages.get("deformable", math.nan))
                 row.update(folding=folding_pct(disp))
             except Exception as exc:
                 log.exception("%s on %s failed", name, case.name)
@@ -899,8 +912,8 @@ def table_known(rows: list[dict[str, Any]], names: Sequence[str]) -> str:
     lines += [
         "| method | "
         + " | ".join(f"EPE {d}D {c}" for d in (2, 3) for c in ("same", "remap"))
-        + " | EPE all | time (s) 2D | time (s) 3D | % folding |",
-        "|---|" + "---|" * 8,
+        + " | EPE all | time (s) 2D | time (s) 3D | % folding | deformable stage (s) 2D / 3D |",
+        "|---|" + "---|" * 9,
     ]
     before = {
         (d, c): _mean(
@@ -916,7 +929,7 @@ def table_known(rows: list[dict[str, Any]], names: Sequence[str]) -> str:
     lines.append(
         "| (before) | "
         + " | ".join(_f(before[(d, c)]) for d in (2, 3) for c in ("same", "remap"))
-        + f" | {_f(_mean([r['epe_before'] for r in rows if r['method'] == names[0]]))} | | | |"
+        + f" | {_f(_mean([r['epe_before'] for r in rows if r['method'] == names[0]]))} | | | | |"
     )
     for n in names:
         rs = [r for r in rows if r["method"] == n]
@@ -931,7 +944,9 @@ def table_known(rows: list[dict[str, Any]], names: Sequence[str]) -> str:
             + f" | {_f(_mean([r['epe_after'] for r in rs]))}"
             + f" | {_f(_mean([r['time'] for r in rs if r['dim'] == 2]))}"
             + f" | {_f(_mean([r['time'] for r in rs if r['dim'] == 3]))}"
-            + f" | {_f(_mean([r['folding'] for r in rs]), 3)} |"
+            + f" | {_f(_mean([r['folding'] for r in rs]), 3)}"
+            + f" | {_f(_mean([r.get('stage', math.nan) for r in rs if r['dim'] == 2]))}"
+            + f" / {_f(_mean([r.get('stage', math.nan) for r in rs if r['dim'] == 3]))} |"
         )
     errors = [
         f"- `{r['method']}` on {r['case']} {r['dim']}D {r['contrast']}: {r['error']}"
