@@ -363,3 +363,23 @@ def test_refine_mind_keeps_the_sharp_start_of_a_layer(monkeypatch):
     monkeypatch.setattr(M, "LAYER_MOVE", float("inf"))
     dragged = edge_error()
     assert restored < 0.5 * dragged, (restored, dragged)
+
+
+def test_restore_layers_native_and_reference_agree(monkeypatch):
+    # the native warped SSD (float32 CPU) and grid_sample give the same choice
+    import pddreg.optim.mindreg as M
+    from pddreg.cost import _native
+    from pddreg.features.mind import _box_filter
+
+    if not _native.available():
+        pytest.skip("native kernels unavailable")
+    fixed, moving, u = _near_layer_pair((96, 128), (slice(24, 72), slice(32, 96)))
+    feats = M.mind_features(fixed), M.mind_features(moving)
+    smeared = _box_filter(u, 10)
+    mask = torch.ones(1, 1, 96, 128)
+    mask[..., :10, :] = 0.0
+    native = M.restore_layers(smeared, u, *feats, mask, mask)
+    monkeypatch.setattr(_native, "supports", lambda *ts: False)
+    reference = M.restore_layers(smeared, u, *feats, mask, mask)
+    assert not torch.equal(native, smeared)
+    assert torch.allclose(native, reference, atol=1e-4)

@@ -605,6 +605,21 @@ LAYER_OPENING = 5
 LAYER_FOLD_PASSES = 4
 
 
+def _max_filter(x: Tensor, radius: int) -> Tensor:
+    """Maximum over the ``(2 * radius + 1)``-voxel square / cube around each voxel of
+    ``(B, C, *S)`` (2D or 3D), one axis at a time (a cube of 11 voxels at once took 1 s on a
+    97x97x80 grid, by axes 0.07 s)."""
+    import torch.nn.functional as F
+
+    ndim = x.dim() - 2
+    pool = F.max_pool2d if ndim == 2 else F.max_pool3d
+    for axis in range(ndim):
+        kernel = [1] * ndim
+        kernel[axis] = 2 * radius + 1
+        x = pool(x, tuple(kernel), 1, tuple(k // 2 for k in kernel))
+    return x
+
+
 def restore_layers(
     refined: Tensor,
     start: Tensor,
@@ -641,32 +656,42 @@ def restore_layers(
     """
     import torch.nn.functional as F
 
+    from pddreg.cost import _native
     from pddreg.features.mind import _box_filter
     from pddreg.spatial import jacobian_det, resize_field
 
     from .discrete import _area
+    from .instance import _native_warped_ssd
 
     ndim = refined.dim() - 2
     fshape = tuple(feat_fixed.shape[2:])
     fields = [resize_field(d, fshape) for d in (refined, start)]
     moved = (fields[0] - fields[1]).norm(dim=1, keepdim=True) > LAYER_MOVE
-    if not bool(moved.any()):
+    r = LAYER_OPENING
+    # what is kept lies inside the opening of `moved`: nothing to compare if that is empty
+    moved_wide = (-_max_filter(-moved.to(refined.dtype), r)) > 0
+    if not bool(moved_wide.any()):
         return refined
     fm = None if fixed_mask is None else _area(fixed_mask.to(feat_fixed.dtype), fshape)
     mm = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
     local = []
+    inside = torch.ones_like(feat_moving[:, :1]) if mm is None else mm
+    native = _native.supports(feat_fixed, feat_moving, inside, *fields)
+    ssd_fn = _native_warped_ssd(feat_fixed, feat_moving, inside) if native else None
     for d in fields:
-        ssd, w = _weighted_ssd(feat_fixed, feat_moving, d, fm, mm)
+        if ssd_fn is None:
+            ssd, w = _weighted_ssd(feat_fixed, feat_moving, d, fm, mm)
+        else:  # the same on the native kernel (3x faster than grid_sample in 3D)
+            ssd, w = ssd_fn(d)
+            w = w if fm is None else w * fm
         den = _box_filter(w, LAYER_RADIUS)
         local.append((_box_filter(w * ssd, LAYER_RADIUS) / den.clamp_min(1e-6), den))
     valid = torch.minimum(local[0][1], local[1][1]) > 0.5
     take = (moved & valid & (local[1][0] < (1.0 - LAYER_MARGIN) * local[0][0])).to(refined.dtype)
-    k, r = 2 * LAYER_OPENING + 1, LAYER_OPENING
-    pool = F.max_pool2d if ndim == 2 else F.max_pool3d
     # not where the start folds (a noisy start, not a layer), with the opening's margin
     folds = (jacobian_det(fields[1]) <= 0).to(refined.dtype).unsqueeze(1)
-    take = take * (1.0 - pool(folds, k, 1, r))
-    take = pool(-pool(-take, k, 1, r), k, 1, r)  # opening: erosion, then dilation
+    take = take * (1.0 - _max_filter(folds, r))
+    take = _max_filter(-_max_filter(-take, r), r)  # opening: erosion, then dilation
     weight = _box_filter(take, 1)
     logger.debug("restore_layers: the start kept on %.2f %% of the image", 100 * weight.mean())
     mode = "bilinear" if ndim == 2 else "trilinear"
