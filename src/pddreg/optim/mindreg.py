@@ -248,12 +248,20 @@ def _weighted_ssd(
 ) -> tuple[Tensor, Tensor]:
     """The SSD ``(B, 1, *F)`` of ``feat_fixed`` against ``feat_moving`` warped by ``disp``
     (voxels of ``F``) and its weight ``(B, 1, *F)``: inside ``fixed_mask``, and displaced
-    inside the moving map (and ``moving_mask``); masks on ``F`` or None."""
+    inside the moving map (and ``moving_mask``); masks on ``F`` or None. On the native kernel
+    of the instance optimisation where it runs (float32 CPU: 3x faster than ``grid_sample``
+    in 3D), else by :func:`pddreg.spatial.warp`."""
+    from pddreg.cost import _native
     from pddreg.spatial import warp
 
-    ssd = (feat_fixed - warp(feat_moving, disp)).square().sum(1, keepdim=True)
+    from .instance import _native_warped_ssd
+
     inside = torch.ones_like(feat_moving[:, :1]) if moving_mask is None else moving_mask
-    w = warp(inside.to(ssd.dtype), disp, padding="zeros")
+    if _native.supports(feat_fixed, feat_moving, inside, disp):
+        ssd, w = _native_warped_ssd(feat_fixed, feat_moving, inside)(disp)
+    else:
+        ssd = (feat_fixed - warp(feat_moving, disp)).square().sum(1, keepdim=True)
+        w = warp(inside.to(ssd.dtype), disp, padding="zeros")
     if fixed_mask is not None:
         w = w * fixed_mask.to(ssd.dtype)
     return ssd, w
@@ -600,9 +608,6 @@ LAYER_RADIUS = 2
 #: ... on regions that survive an opening by a (2 * LAYER_OPENING + 1) voxel square / cube
 #: (isolated spots where a noisy start matches by chance do not come back).
 LAYER_OPENING = 5
-#: Passes of the fold guard of :func:`restore_layers` (the refined field alone if the blend
-#: still folds where it did not after them).
-LAYER_FOLD_PASSES = 4
 
 
 def _max_filter(x: Tensor, radius: int) -> Tensor:
@@ -656,12 +661,10 @@ def restore_layers(
     """
     import torch.nn.functional as F
 
-    from pddreg.cost import _native
     from pddreg.features.mind import _box_filter
     from pddreg.spatial import jacobian_det, resize_field
 
     from .discrete import _area
-    from .instance import _native_warped_ssd
 
     ndim = refined.dim() - 2
     fshape = tuple(feat_fixed.shape[2:])
@@ -675,15 +678,8 @@ def restore_layers(
     fm = None if fixed_mask is None else _area(fixed_mask.to(feat_fixed.dtype), fshape)
     mm = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
     local = []
-    inside = torch.ones_like(feat_moving[:, :1]) if mm is None else mm
-    native = _native.supports(feat_fixed, feat_moving, inside, *fields)
-    ssd_fn = _native_warped_ssd(feat_fixed, feat_moving, inside) if native else None
     for d in fields:
-        if ssd_fn is None:
-            ssd, w = _weighted_ssd(feat_fixed, feat_moving, d, fm, mm)
-        else:  # the same on the native kernel (3x faster than grid_sample in 3D)
-            ssd, w = ssd_fn(d)
-            w = w if fm is None else w * fm
+        ssd, w = _weighted_ssd(feat_fixed, feat_moving, d, fm, mm)
         den = _box_filter(w, LAYER_RADIUS)
         local.append((_box_filter(w * ssd, LAYER_RADIUS) / den.clamp_min(1e-6), den))
     valid = torch.minimum(local[0][1], local[1][1]) > 0.5
