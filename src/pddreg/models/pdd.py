@@ -202,13 +202,17 @@ SHIPPED_LEVELS = {
 #: Urban2 1.90 -> 1.44) with diffusion 0.7 (the best of 0.5 / 0.7 / 1 / 1.5) 1.05, no folding;
 #: the first 100 of them on MIND-SSC pooled by 2 (``io_coarse``): 1.04, and 2.3 s instead of
 #: 3.3 s for the steps on a 384x512 echo frame;
-#: 3D one level 0.547, two 0.544 (Adam alone 0.562, ``mind`` 0.551), but on the larger volumes
-#: of ``benchmarks/bench_speed3d.py`` one level gained nothing (brain MR 91x109x91 and 128^3:
-#: EPE 0.32 / 0.33 either way) for 1.4x the default's time: 3D keeps the Adam steps alone
-#: (diffusion 0.7 was worse there too).
+#: 3D one level 0.547, two 0.544 (Adam alone 0.562, ``mind`` 0.551); on the larger volumes
+#: of ``benchmarks/bench_speed3d.py`` one level gains nothing (brain MR 91x109x91 and 128^3:
+#: EPE 0.32 / 0.33 either way) for about 0.5 s more at 91x109x91, but on the real pairs as they
+#: are it does (the two brain MRs of different patients: NCC 0.652 -> 0.661, where ``mind``
+#: reaches 0.693; the two chest CTs 0.672 -> 0.676 with SDlogJ 0.573 -> 0.512), and on the 3D
+#: known-answer cases 0.523 -> 0.518 (remapped brain MR 0.75 -> 0.73, ``mind`` 0.73): 3D runs
+#: ``mind``'s finest level, then 50 Adam steps (two levels: brain NCC 0.680, but the chest CTs
+#: folded, 0.72 %, SDlogJ 1.85; diffusion 0.7 was worse too).
 SHIPPED_REFINEMENT: dict[int, dict[str, Any]] = {
     2: {"io_levels": 2, "io_coarse": 100, "io_iters": 100, "io_lambda": 0.7},
-    3: {"io_levels": 0, "io_iters": 50},
+    3: {"io_levels": 1, "io_iters": 50},
 }
 
 
@@ -234,7 +238,7 @@ def default_config(ndim: int) -> PDDNetConfig:
     trained on synthetic pairs against their true fields (``field_loss``). :meth:`PDDNet.register`
     refines the network's field on MIND-SSC by default (``instance_opt``, ``io_features``):
     :data:`SHIPPED_REFINEMENT` (2D: ``mind``'s two finest discrete levels from the network's
-    field, then Adam steps; 3D: the Adam steps), the inference settings that
+    field, then Adam steps; 3D: the finest one, then Adam steps), the inference settings that
     ``scripts/pretrain.py --refresh-config`` writes into the shipped files.
     """
     if ndim not in (2, 3):
