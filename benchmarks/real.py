@@ -16,7 +16,8 @@ and Middlebury frame pairs. None comes with ground-truth correspondences, so:
     different grids), the abdominal MR at flip angles 10-25 degrees against 2 degrees (contrast
     changes, the body breathes), echo cine frame 0 against frames 10, 20, ..., and Middlebury
     ``frame10`` against ``frame11``. Scored by image similarity before and after (NCC inside
-    the fixed object for one contrast, MIND-SSC SSD for different contrasts, lower is better),
+    the fixed object for one contrast, MIND-SSC SSD for different contrasts, lower is better;
+    the Middlebury frames less a band of 5 % along their edges, whose content leaves the view),
     Dice of masks derived from each image by thresholds (CT: body and lungs; MR: head or body;
     echo: the dark, low-echo region inside the sector, mostly blood), % folding, SDlogJ and
     time.
@@ -615,6 +616,24 @@ def similarity_mask(arr: np.ndarray, kind: str) -> np.ndarray | None:
     return None
 
 
+#: Fraction of each axis left out along the frame's edges in the similarity of the photo pairs.
+PHOTO_BAND = 0.05
+
+
+def score_mask(arr: np.ndarray, kind: str) -> np.ndarray | None:
+    """Where a real pair's similarity is measured: :func:`similarity_mask`; for the photo pairs
+    (consecutive video frames) the frame less :data:`PHOTO_BAND` of each axis along its edges:
+    the content there moves out of view or comes into it, so every method, ANTs included,
+    compared padding there (Yosemite's full-frame NCC fell from 0.967 to 0.957-0.965 for all
+    of them, while away from the edges it rose to 0.997)."""
+    if kind != "photo":
+        return similarity_mask(arr, kind)
+    inner = np.zeros(arr.shape, dtype=bool)
+    band = [max(1, int(round(PHOTO_BAND * n))) for n in arr.shape]
+    inner[tuple(slice(b, n - b) for b, n in zip(band, arr.shape, strict=True))] = True
+    return inner
+
+
 @dataclass
 class Pair:
     """A real pair. ``given_*`` are what the methods get: the files/arrays as they are, or (old
@@ -758,7 +777,7 @@ def _score_pair(
     f_masks = derived_masks(f.array, pair.kind)
     m_masks = derived_masks(gm.array, pair.kind)
     m_masks_raw = derived_masks(pair.moving.array, pair.kind)
-    sim_mask = similarity_mask(f.array, pair.kind)
+    sim_mask = score_mask(f.array, pair.kind)
     metric = "NCC" if pair.contrast == "same" else "MIND-SSD"
     f_norm = _normalise_like(f.array, f.array)
     bg = _background(pair.moving.array, pair.kind)
