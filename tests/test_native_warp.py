@@ -1,6 +1,7 @@
 """The native warped-feature SSD of the instance optimisation (``pdd_warp_ssd``): values and
 gradients equal PyTorch's ``grid_sample`` path, with and without a moving mask, and
-``feature_optimise`` ends where the PyTorch path ends."""
+``feature_optimise`` ends where the PyTorch path ends; the native 3D linear sampler of
+``pddreg.spatial.sample`` (``pdd_sample3``) gives ``grid_sample``'s values."""
 
 from __future__ import annotations
 
@@ -129,3 +130,52 @@ def test_feature_optimise_native_broadcasts_a_mask_of_batch_one(monkeypatch):
     native = feature_optimise(ff, fm, init, iters=5, moving_mask=mask)
     monkeypatch.setattr(_native, "supports", lambda *a: False)
     torch.testing.assert_close(native, feature_optimise(ff, fm, init, iters=5, moving_mask=mask))
+
+
+def _grid_sample_reference(image: torch.Tensor, coords: torch.Tensor, padding: str) -> torch.Tensor:
+    """``pddreg.spatial.sample``'s PyTorch path (``grid_sample``), in float64."""
+    import torch.nn.functional as F
+
+    from pddreg.spatial.grid import voxel_to_normalised
+
+    b = max(image.shape[0], coords.shape[0])
+    img = image.double().expand(b, *image.shape[1:])
+    grid = voxel_to_normalised(coords.double().expand(b, *coords.shape[1:]), image.shape[2:])
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+
+
+@pytest.mark.parametrize("shape", [(7, 9, 8), (1, 6, 5), (4, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_native_sample_matches_grid_sample(shape, padding):
+    """3D linear sampling (``pdd_sample3``, what ``spatial.sample`` runs outside autograd) gives
+    grid_sample's values: coordinates leaving the volume on every side, size-1 axes, NaN and
+    infinite coordinates, a batch of 1 broadcast against 2."""
+    from pddreg.spatial import sample, warp
+
+    gen = torch.Generator().manual_seed(sum(shape) + len(padding))
+    image = torch.rand(1, 4, *shape, generator=gen)
+    coords = torch.stack([torch.rand(2, *shape, generator=gen) * (n + 6) - 3 for n in shape], dim=1)
+    coords[0, :, 0, 0, 0] = float("nan")
+    coords[1, 1, -1, -1, -1] = float("inf")
+    coords[1, 2, 0, -1, 0] = -float("inf")
+    ref = _grid_sample_reference(image, coords, padding)
+    out = sample(image, coords, padding=padding)
+    assert out.dtype == torch.float32 and out.shape == (2, 4, *shape)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5, equal_nan=True)
+    # under autograd the PyTorch path runs, with the same values
+    with torch.enable_grad():
+        img = image.clone().requires_grad_(True)
+        diff = sample(img, coords, padding=padding).detach()
+    torch.testing.assert_close(out, diff, rtol=0, atol=1e-5, equal_nan=True)
+    # warp: displacements of a volume, a batch of 2 images against one field
+    disp = 3 * torch.randn(1, 3, *shape, generator=gen)
+    images = torch.rand(2, 3, *shape, generator=gen)
+    from pddreg.spatial.grid import identity_grid
+
+    grid = identity_grid(shape, "cpu", torch.float32)[None] + disp
+    torch.testing.assert_close(
+        warp(images, disp, padding=padding).double(),
+        _grid_sample_reference(images, grid, padding),
+        rtol=0,
+        atol=1e-5,
+    )

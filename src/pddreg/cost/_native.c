@@ -1375,6 +1375,66 @@ void pdd_warp_ssd(const float* f, const float* m, const float* u, float* ssd, fl
     FTZ_END
 }
 
+/* Trilinear samples of a channels-first volume x (C, S0, S1, S2) at the voxel coordinates q
+ * (3, N) (component a along array axis a; align_corners=True voxel centres), output points
+ * [p0, p1) of y (C, N), as grid_sample(mode="bilinear", align_corners=True): with zeros == 0
+ * ("border") every coordinate is clamped into [0, S - 1] (NaN reads index S - 1); with zeros != 0
+ * corners outside the volume read 0 (a NaN coordinate gives 0); an axis of size 1 always reads
+ * its only voxel, as pddreg.spatial.voxel_to_normalised maps it.  The eight corner offsets and
+ * weights are computed once per point and serve every channel. */
+void pdd_sample3(const float* x, const float* q, float* y, const int64_t* S, int C, int64_t N,
+                 int zeros, int64_t p0, int64_t p1) {
+    FTZ_BEGIN
+    const int64_t n0 = S[0], n1 = S[1], n2 = S[2], V = n0 * n1 * n2;
+    for (int64_t p = p0; p < p1; ++p) {
+        float c[3] = {q[p], q[N + p], q[2 * N + p]};
+        const int64_t n[3] = {n0, n1, n2};
+        int64_t i0[3], i1[3];
+        float t[3], w0[3], w1[3];
+        int nan = 0;
+        for (int a = 0; a < 3; ++a) {
+            if (n[a] == 1) c[a] = 0.0f; /* a size-1 axis reads its only voxel (grid_sample) */
+            if (!(c[a] == c[a])) { nan = 1; c[a] = zeros ? 0.0f : (float)(n[a] - 1); }
+            if (!zeros) {
+                if (!(c[a] > 0.0f)) c[a] = 0.0f;
+                if (c[a] > (float)(n[a] - 1)) c[a] = (float)(n[a] - 1);
+            }
+            const float f = floorf(c[a]);
+            i0[a] = (int64_t)f;
+            i1[a] = i0[a] + 1;
+            t[a] = c[a] - f;
+            w0[a] = 1.0f - t[a];
+            w1[a] = t[a];
+            if (zeros) {
+                if (i0[a] < 0 || i0[a] >= n[a]) w0[a] = 0.0f, i0[a] = 0;
+                if (i1[a] < 0 || i1[a] >= n[a]) w1[a] = 0.0f, i1[a] = 0;
+            } else if (i1[a] >= n[a]) {
+                i1[a] = n[a] - 1;  /* weight t == 0 there (clamped to n - 1) */
+            }
+        }
+        if (nan && zeros) {
+            for (int ch = 0; ch < C; ++ch) y[ch * N + p] = 0.0f;
+            continue;
+        }
+        int64_t off[8];
+        float w[8];
+        for (int k = 0; k < 8; ++k) {
+            const int64_t a = (k & 4) ? i1[0] : i0[0], b = (k & 2) ? i1[1] : i0[1],
+                          d = (k & 1) ? i1[2] : i0[2];
+            off[k] = (a * n1 + b) * n2 + d;
+            w[k] = ((k & 4) ? w1[0] : w0[0]) * ((k & 2) ? w1[1] : w0[1]) *
+                   ((k & 1) ? w1[2] : w0[2]);
+        }
+        for (int ch = 0; ch < C; ++ch) {
+            const float* RESTRICT xc = x + ch * V;
+            float v = 0.0f;
+            for (int k = 0; k < 8; ++k) v += w[k] * xc[off[k]];
+            y[ch * N + p] = v;
+        }
+    }
+    FTZ_END
+}
+
 /* Box mean along the middle axis of x (P, n, Q), replicate borders, rows [p0, p1) and columns
  * [q0, q1): y[p, i, q] = (x[p, c(i - r), q] + x[p, c(i - r + 1), q] + ... + x[p, c(i + r), q])
  * / (2r + 1) with c clamping to [0, n), summed in that order (as the padded form, so the result

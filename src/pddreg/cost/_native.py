@@ -17,6 +17,10 @@ moving features warped by a field, their SSD against the fixed ones and its grad
 respect to the field in one pass (``grid_sample``'s forward and backward otherwise).
 ``pdd_box`` (:func:`box_filter`) is the replicate-border box mean of MIND-SSC and of the
 levels' feature smoothing, one pass per axis instead of ``2r + 1`` slice additions.
+``pdd_sample3`` (:func:`sample3`) is the 3D linear sampling of ``pddreg.spatial.sample`` outside
+autograd (every warp of multi-channel feature maps in the levels, the images and masks): the
+corner weights once per point for all channels, 3-4x faster than ``grid_sample`` on 12 MIND-SSC
+channels at 91x109x91-128^3 on two cores.
 
 Used only where it computes exactly what the PyTorch code does: float32 tensors on the CPU
 (:func:`usable`: outside autograd, for inference; :func:`supports`: also under autograd, where
@@ -98,6 +102,7 @@ _SIGNATURES = {
     "pdd_softmax_bwd": [_p, _p, _p, _p, _p, _p, _l, _l, _i, _l, _l, _p],
     "pdd_warp_ssd": [_p, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i, _l, _l],
     "pdd_box": [_p, _p, _l, _l, _i, _l, _l, _l, _l, _p],
+    "pdd_sample3": [_p, _p, _p, _p, _i, _l, _i, _l, _l],
 }
 
 
@@ -739,6 +744,24 @@ def warp_ssd(
     tensors = [fixed, moving, disp, ssd, grad, mk, wk, gk]
     _per_item(tensors, call, _split(math.prod(shape), 1024, 8 * C), 1)
     return (ssd, grad, wk, gk) if masked else (ssd, grad)
+
+
+def sample3(image: torch.Tensor, coords: torch.Tensor, zeros: bool = False) -> torch.Tensor:
+    """Trilinear samples of ``image`` ``(B, C, *S)`` at voxel coordinates ``coords``
+    ``(B, 3, *T)`` (float32, contiguous, same batch): ``(B, C, *T)``, what ``grid_sample``
+    (``align_corners=True``, border or zeros padding) gives on the normalised coordinates."""
+    B, C = image.shape[:2]
+    out_shape = tuple(coords.shape[2:])
+    n = math.prod(out_shape)
+    sizes = torch.tensor(tuple(image.shape[2:]), dtype=torch.int64)
+    out = empty_like(image, (B, C, *out_shape))
+    lib = _library()
+
+    def call(x: int, q: int, y: int, p0: int, p1: int, work: int) -> None:
+        lib.pdd_sample3(x, q, y, sizes.data_ptr(), C, n, int(zeros), p0, p1)
+
+    _per_item([image, coords, out], call, _split(n, 1024, 8 * C), 1)
+    return out
 
 
 def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:

@@ -96,6 +96,10 @@ def sample(
         coords2 = torch.cat([coords, torch.zeros_like(coords)], dim=1).unsqueeze(-1)
         return sample(image.unsqueeze(-1), coords2, mode, padding).squeeze(-1)
     image, coords = _match_batch(image, coords, fn, ("image", "coords"))
+    if ndim == 3 and mode == "linear":
+        out = _native_sample(image, coords, padding)
+        if out is not None:
+            return out
     # Coordinates stay in at least float32 (float16 voxel coordinates are off by up to 1/8
     # voxel at 256). grid_sample wants the grid in the image's dtype, and a float16/bfloat16
     # grid misplaces samples by up to a voxel: such images are sampled in float32 and the
@@ -108,6 +112,26 @@ def sample(
         src, grid, mode=_MODES[mode], padding_mode=_PADDINGS[padding], align_corners=True
     )
     return out.to(image.dtype)
+
+
+def _native_sample(image: torch.Tensor, coords: torch.Tensor, padding: str) -> torch.Tensor | None:
+    """3D linear sampling on the native kernel (float32 CPU tensors outside autograd: 3-4x
+    faster than ``grid_sample`` for multi-channel feature maps, the weights of the eight
+    corners computed once per point for every channel), or None where it does not apply.
+    Equal to ``grid_sample`` up to its float32 rounding of the normalised coordinates
+    (about 1e-5 of the intensity range)."""
+    from pddreg.cost import _native
+
+    if coords.dtype != torch.float32 or not _native.usable(image, coords):
+        return None
+
+    def inner(t: torch.Tensor) -> torch.Tensor:
+        # a batch broadcast by expand keeps stride 0 on the batch axis (no copy)
+        if t.stride(0) == 0 and t[:1].is_contiguous():
+            return t
+        return t.contiguous()
+
+    return _native.sample3(inner(image), inner(coords), zeros=padding == "zeros")
 
 
 def _coord_dtype(*dtypes: torch.dtype) -> torch.dtype:
