@@ -386,3 +386,24 @@ def test_strong_viewpoint_change_needs_the_tilted_search():
     assert res.mode == "projective" and err(res) < 1.0
     plain = align(f, m, mode="auto", config=AlignConfig(tilts=()))
     assert err(plain) > 5.0
+
+
+def test_point_sampler_native_matches_grid_sample(monkeypatch):
+    """The global stage's 3D point samples on the native trilinear kernel equal grid_sample's
+    (points mapped partly outside the volume: border padding)."""
+    import pddreg.align._features as AF
+
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 2, 9, 11, 10, generator=gen)
+    points = torch.rand(50, 3, generator=gen) * torch.tensor([12.0, 14.0, 13.0]) - 1.5
+    matrix = torch.eye(4, dtype=torch.float64)
+    matrix[:3, :3] += 0.05 * torch.randn(3, 3, generator=gen).double()
+    matrix[:3, 3] = torch.tensor([0.5, -0.7, 0.3], dtype=torch.float64)
+    offsets = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, -1, 0], [0, 0, 2]])
+    sampler = AF.PointSampler(image)
+    native, centre = sampler(points, matrix, offsets)
+    monkeypatch.setattr(AF, "_native_ok", lambda *a: False)
+    ref, centre_ref = sampler(points, matrix, offsets)
+    assert native.shape == ref.shape == (2, 50, 4)
+    torch.testing.assert_close(native, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(centre, centre_ref)

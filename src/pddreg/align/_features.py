@@ -63,6 +63,7 @@ class PointSampler:
         self.image = image
         self.ndim = image.dim() - 2
         self.to_norm = normaliser(tuple(image.shape[2:]))
+        self.from_norm = torch.linalg.inv(self.to_norm)
 
     def __call__(self, points: Tensor, matrix: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
         """Samples ``(C, N, K)`` and the points' own normalised coordinates ``(N, ndim)``
@@ -79,6 +80,15 @@ class PointSampler:
             d = offsets.to(points.dtype) @ lin.t()  # (K, n)
             pts = centre[:, None, :] + d[None]
             k = d.shape[0]
+        if n == 3 and _native_ok(self.image, pts):
+            # the native trilinear sampler on voxel indices (the same values, 3x faster)
+            from pddreg.cost import _native
+
+            back = self.from_norm.to(pts.device, pts.dtype)
+            vox = pts.reshape(-1, n) @ back[:n, :n].t() + back[:n, -1]
+            coords = vox.t().reshape(1, n, points.shape[0], k, 1).contiguous()
+            out = _native.sample3(self.image.contiguous(), coords)
+            return out.reshape(self.image.shape[1], points.shape[0], k), centre
         grid = pts.reshape((1, points.shape[0], k) + (1,) * (n - 2) + (n,))
         out = F.grid_sample(
             self.image,
@@ -88,6 +98,12 @@ class PointSampler:
             align_corners=True,
         )
         return out.reshape(self.image.shape[1], points.shape[0], k), centre
+
+
+def _native_ok(image: Tensor, pts: Tensor) -> bool:
+    from pddreg.cost import _native
+
+    return pts.dtype == torch.float32 and image.shape[0] == 1 and _native.usable(image, pts)
 
 
 @lru_cache(maxsize=8)
