@@ -55,15 +55,15 @@ class PointSampler:
     ``__call__(points, matrix, offsets)``: ``points`` ``(N, ndim)``, ``matrix`` float64
     homogeneous map of the points' frame to voxel indices of the image, ``offsets``
     ``(K, ndim)`` in the points' frame; returns ``(C, N, K)`` samples at
-    ``matrix @ (point + offset)``. Same as :func:`pddreg.spatial.sample` with the index ->
-    normalised conversion folded into the matrix (one small matmul per call).
+    ``matrix @ (point + offset)``: 3D affine maps through :func:`pddreg.spatial.sample` on the
+    voxel indices (its native kernel on the CPU), 2D and homographies by ``grid_sample`` with
+    the index -> normalised conversion folded into the matrix (one small matmul per call).
     """
 
     def __init__(self, image: Tensor) -> None:
         self.image = image
         self.ndim = image.dim() - 2
         self.to_norm = normaliser(tuple(image.shape[2:]))
-        self.from_norm = torch.linalg.inv(self.to_norm)
 
     def __call__(self, points: Tensor, matrix: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
         """Samples ``(C, N, K)`` and the points' own normalised coordinates ``(N, ndim)``
@@ -77,18 +77,20 @@ class PointSampler:
             k = offsets.shape[0]
         else:
             centre = points @ lin.t() + off  # (N, n), already in grid_sample's (x, y, z) order
+            if n == 3:
+                # pddreg.spatial.sample on the voxel indices (its native trilinear kernel on
+                # the CPU, 3x faster than grid_sample here)
+                vm = matrix.to(points.device, points.dtype)
+                vox = (points @ vm[:n, :n].t() + vm[:n, -1])[:, None, :] + (
+                    offsets.to(points.dtype) @ vm[:n, :n].t()
+                )[None]
+                k = offsets.shape[0]
+                coords = vox.permute(2, 0, 1).reshape(1, n, points.shape[0], k, 1)
+                out = sample(self.image, coords)
+                return out.reshape(self.image.shape[1], points.shape[0], k), centre
             d = offsets.to(points.dtype) @ lin.t()  # (K, n)
             pts = centre[:, None, :] + d[None]
             k = d.shape[0]
-        if n == 3 and _native_ok(self.image, pts):
-            # the native trilinear sampler on voxel indices (the same values, 3x faster)
-            from pddreg.cost import _native
-
-            back = self.from_norm.to(pts.device, pts.dtype)
-            vox = pts.reshape(-1, n) @ back[:n, :n].t() + back[:n, -1]
-            coords = vox.t().reshape(1, n, points.shape[0], k, 1).contiguous()
-            out = _native.sample3(self.image.contiguous(), coords)
-            return out.reshape(self.image.shape[1], points.shape[0], k), centre
         grid = pts.reshape((1, points.shape[0], k) + (1,) * (n - 2) + (n,))
         out = F.grid_sample(
             self.image,
@@ -98,12 +100,6 @@ class PointSampler:
             align_corners=True,
         )
         return out.reshape(self.image.shape[1], points.shape[0], k), centre
-
-
-def _native_ok(image: Tensor, pts: Tensor) -> bool:
-    from pddreg.cost import _native
-
-    return pts.dtype == torch.float32 and image.shape[0] == 1 and _native.usable(image, pts)
 
 
 @lru_cache(maxsize=8)

@@ -267,6 +267,32 @@ def _weighted_ssd(
     return ssd, w
 
 
+def _windowed_mismatch(
+    feat_fixed: Tensor,
+    feat_moving: Tensor,
+    fields: Sequence[Tensor],
+    fixed_mask: Tensor | None,
+    moving_mask: Tensor | None,
+    radius: int,
+) -> list[tuple[Tensor, Tensor]]:
+    """Per field ``(B, ndim, *F)`` (voxels of the feature grid ``F``): the box means over
+    ``(2 radius + 1)``-voxel windows of the weighted feature SSD and of its weight
+    (:func:`_weighted_ssd`; their ratio is the windowed mean mismatch), each ``(B, 1, *F)``;
+    ``fixed_mask``, ``moving_mask`` ``(B, 1, *S)`` or None, area-resampled onto ``F``."""
+    from pddreg.features.mind import _box_filter
+
+    from .discrete import _area
+
+    fshape = tuple(feat_fixed.shape[2:])
+    fm = None if fixed_mask is None else _area(fixed_mask.to(feat_fixed.dtype), fshape)
+    mm = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
+    out = []
+    for d in fields:
+        ssd, w = _weighted_ssd(feat_fixed, feat_moving, d, fm, mm)
+        out.append((_box_filter(w * ssd, radius), _box_filter(w, radius)))
+    return out
+
+
 @dataclass
 class MindConfig:
     """Settings of :func:`register_mind`; the defaults work on 2D slices and 3D volumes.
@@ -483,7 +509,7 @@ def refine_mind(
             the same spacing) before the ``iters`` steps at full resolution: a quarter of the
             cost per step in 2D for the long way of large motion (0: none).
 
-    Where the Adam steps dragged a layer of the levels' field (``init`` without ``levels``),
+    Where the Adam steps dragged a layer of their start (``init``, after the ``levels``),
     :func:`restore_layers` puts it back.
 
     Returns:
@@ -625,6 +651,11 @@ def _max_filter(x: Tensor, radius: int) -> Tensor:
     return x
 
 
+def _min_filter(x: Tensor, radius: int) -> Tensor:
+    """Minimum over the ``(2 * radius + 1)``-voxel square / cube (an erosion)."""
+    return -_max_filter(-x, radius)
+
+
 def restore_layers(
     refined: Tensor,
     start: Tensor,
@@ -664,30 +695,27 @@ def restore_layers(
     from pddreg.features.mind import _box_filter
     from pddreg.spatial import jacobian_det, resize_field
 
-    from .discrete import _area
-
     ndim = refined.dim() - 2
     fshape = tuple(feat_fixed.shape[2:])
     fields = [resize_field(d, fshape) for d in (refined, start)]
     moved = (fields[0] - fields[1]).norm(dim=1, keepdim=True) > LAYER_MOVE
     r = LAYER_OPENING
     # what is kept lies inside the opening of `moved`: nothing to compare if that is empty
-    moved_wide = (-_max_filter(-moved.to(refined.dtype), r)) > 0
+    moved_wide = _min_filter(moved.to(refined.dtype), r) > 0
     if not bool(moved_wide.any()):
         return refined
-    fm = None if fixed_mask is None else _area(fixed_mask.to(feat_fixed.dtype), fshape)
-    mm = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
-    local = []
-    for d in fields:
-        ssd, w = _weighted_ssd(feat_fixed, feat_moving, d, fm, mm)
-        den = _box_filter(w, LAYER_RADIUS)
-        local.append((_box_filter(w * ssd, LAYER_RADIUS) / den.clamp_min(1e-6), den))
+    local = [
+        (num / den.clamp_min(1e-6), den)
+        for num, den in _windowed_mismatch(
+            feat_fixed, feat_moving, fields, fixed_mask, moving_mask, LAYER_RADIUS
+        )
+    ]
     valid = torch.minimum(local[0][1], local[1][1]) > 0.5
     take = (moved & valid & (local[1][0] < (1.0 - LAYER_MARGIN) * local[0][0])).to(refined.dtype)
     # not where the start folds (a noisy start, not a layer), with the opening's margin
     folds = (jacobian_det(fields[1]) <= 0).to(refined.dtype).unsqueeze(1)
     take = take * (1.0 - _max_filter(folds, r))
-    take = _max_filter(-_max_filter(-take, r), r)  # opening: erosion, then dilation
+    take = _max_filter(_min_filter(take, r), r)  # opening: erosion, then dilation
     weight = _box_filter(take, 1)
     logger.debug("restore_layers: the start kept on %.2f %% of the image", 100 * weight.mean())
     mode = "bilinear" if ndim == 2 else "trilinear"
@@ -721,17 +749,11 @@ def keep_better(
     from pddreg.features.mind import _box_filter
     from pddreg.spatial import resize_field
 
-    from .discrete import _area
-
     fshape = tuple(feat_fixed.shape[2:])
     radius = max(2, round(CAPTURE_WINDOW * max(fshape) / 2))
-    fm = None if fixed_mask is None else _area(fixed_mask.to(feat_fixed.dtype), fshape)
-    mm = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
-    local = []
-    for d in (plain, wide):
-        ssd, w = _weighted_ssd(feat_fixed, feat_moving, resize_field(d, fshape), fm, mm)
-        # windowed mean over the valid voxels; windows without any count as no gain
-        local.append((_box_filter(w * ssd, radius), _box_filter(w, radius)))
+    # windowed mean over the valid voxels; windows without any count as no gain
+    fields = [resize_field(d, fshape) for d in (plain, wide)]
+    local = _windowed_mismatch(feat_fixed, feat_moving, fields, fixed_mask, moving_mask, radius)
     dims = tuple(range(1, feat_fixed.dim()))
     whole = [num.sum(dims) / den.sum(dims).clamp_min(1e-6) for num, den in local]
     whole = [w.view(-1, *([1] * len(dims))) for w in whole]
