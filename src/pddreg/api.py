@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._heap import reuse_freed_memory
 from .errors import InputError, RegistrationError
 from .methods import DEFAULT_METHOD, METHODS
 
@@ -432,6 +433,7 @@ def _world_of(img: Any, arr: np.ndarray, spacing: tuple[float, ...] | None) -> n
     return np.diag([*(float(v) for v in sp), 1.0])
 
 
+@reuse_freed_memory()
 def register(
     fixed: Any,
     moving: Any,

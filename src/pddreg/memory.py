@@ -19,13 +19,17 @@ The estimate counts the buffers that dominate, each times a factor measured on t
   ``|L| * prod(G)`` floats three times (the cost and two regularisation buffers), one
   correlation chunk and the instance optimisation;
 * ``pdd``: the feature net's activations, and every level's raw cost, regularised cost and
-  probabilities (kept until the end of the forward pass) plus two regularisation buffers.
+  probabilities (kept until the end of the forward pass) plus two regularisation buffers; with
+  the refinement on MIND-SSC (the shipped models) each part at least ``mind``'s.
 
 It is an upper bound: on the CPU it was 1.3-2.0 times the measured peak of the registration
 call for every size from 64^3 (and 512^2) up to 256^3, with ``mind`` and ``pdd``, and more for
 tiny images (a fixed allowance of :data:`OVERHEAD`); the interpreter's own memory is not
-counted. The global stage (:mod:`pddreg.align`) works on coarse grids and is covered by the
-margin; on CUDA the factors are not calibrated yet (no GPU was at hand).
+counted. A registration keeps its freed buffers for reuse (:mod:`pddreg._heap`), so its peak
+is higher (the heap fragments): the estimate was still 1.85x / 1.34x the peak of ``mind`` at
+128^3 / 192x160x256, and 1.5x / 1.2x / 2.3x that of ``pdd`` with its refinement at
+91x109x91 / 128^3 / 192x160x256. The global stage (:mod:`pddreg.align`) works on coarse grids
+and is covered by the margin; on CUDA the factors are not calibrated yet (no GPU was at hand).
 """
 
 from __future__ import annotations
@@ -289,10 +293,17 @@ def _pdd_parts(work_shape: tuple[int, ...], model: Any) -> dict[str, int]:
         if int(getattr(cfg, "levels", 1)) == 2:
             levels.append((int(cfg.radius2), int(cfg.grid_stride2)))
     volumes = [(2 * r + 1) ** ndim * _prod(_ceil_div(fshape, g)) * FLOAT for r, g in levels]
-    return {
+    parts = {
         "features": int(PDD_FEATURE_MAPS * fmap),
         "cost volumes": int(3 * sum(volumes) + 2 * max(volumes)),
     }
+    if getattr(cfg, "instance_opt", False) and getattr(cfg, "io_features", "") == "mind":
+        # the refinement on MIND-SSC (pddreg.optim.refine_mind) runs after the network has
+        # freed its levels: each part is the larger of the two (it was missing from the
+        # estimate: 0.9x the measured peak at 128^3)
+        for key, value in _mind_parts(work_shape).items():
+            parts[key] = max(parts.get(key, 0), value)
+    return parts
 
 
 def estimate_registration(
