@@ -408,3 +408,20 @@ def test_point_sampler_native_matches_grid_sample(monkeypatch):
     assert native.shape == ref.shape == (2, 50, 4)
     torch.testing.assert_close(native, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(centre, centre_ref)
+
+
+def test_finalists_of_one_pose_are_refined_once():
+    from types import SimpleNamespace
+
+    from pddreg.align.core import _distinct
+
+    pts = torch.rand(200, 3, dtype=torch.float64) * 50
+    problem = SimpleNamespace(points=pts, spacing=(2.0, 2.0, 2.0))
+    eye = torch.eye(4, dtype=torch.float64)
+    near = eye.clone()
+    near[0, 3] = 0.6  # 0.3 voxel of the level
+    far = eye.clone()
+    far[1, 3] = 4.0  # 2 voxels
+    kept = _distinct([(near, 0.2), (far, 0.3), (eye, 0.1)], problem, 0.5)
+    assert [c for _, c in kept] == [0.1, 0.3]  # best first; ``near`` is ``eye``'s pose
+    assert len(_distinct([(near, 0.2), (eye, 0.1)], problem, 0.25)) == 2

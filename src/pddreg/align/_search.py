@@ -64,14 +64,16 @@ def rotation_set(ndim: int, range_deg: float, step_deg: float) -> list[Tensor]:
 
 
 def _fft_size(n: int) -> int:
-    """Smallest 2^a 3^b 5^c >= n."""
-    m = n
+    """Smallest even 2^a 3^b 5^c >= n: odd lengths are slow in real FFTs (a batch of 48 real
+    volumes of 24^3 zero-padded to 45^3 took 21.5 ms, to 48^3 14.1 ms, to 40^3 8.3 ms; 2
+    threads), and an odd last axis slowed a whole 3D transform by up to 1.7x."""
+    m = max(2, n)
     while True:
         x = m
         for p in (2, 3, 5):
             while x % p == 0:
                 x //= p
-        if x == 1:
+        if x == 1 and m % 2 == 0:
             return m
         m += 1
 

@@ -134,6 +134,11 @@ class AlignConfig:
             Urban2 0.21 -> 0.98 px, 3D chest CT 0.41 -> 0.46 voxels) ...
         min_motion: ... and when it moves the fixed points by at least this many voxels of
             the finest level on average (smaller motions are left to the deformable stage).
+    Finalists:
+        same_pose: finalists that map the fixed points of the next finer level within this
+            many of its voxels (mean) of a better one are the same pose: only the better one
+            is refined there (3D: their refinement on the finer level was a third of the
+            stage).
         seed: seed of the point subsets (results are deterministic).
         threads: PyTorch intra-op threads during the call (restored afterwards; None: leave
             the setting alone). The stage runs many small ops: on a machine with more runnable
@@ -178,6 +183,7 @@ class AlignConfig:
     margin: float = 0.10
     margin_abs: float = 1e-4
     min_motion: float = 1.0
+    same_pose: float = 0.5
     seed: int = 0
     threads: int | None = None
 
@@ -295,6 +301,21 @@ def _check(
                     f"got {shape}"
                 )
     return ndim
+
+
+def _distinct(
+    finals: list[tuple[Tensor, float]], problem: LevelProblem, tol: float
+) -> list[tuple[Tensor, float]]:
+    """``finals`` (transform, cost), best first, less those that map ``problem``'s fixed points
+    within ``tol`` voxels of its level (mean distance) of a better one."""
+    pts = problem.points.double()
+    step = torch.tensor(problem.spacing, dtype=torch.float64, device=pts.device)
+    kept: list[tuple[Tensor, float, Tensor]] = []
+    for t, c in sorted(finals, key=lambda tc: tc[1]):
+        moved = apply_h(t, pts)
+        if all(float(((moved - q) / step).norm(dim=1).mean()) > tol for _, _, q in kept):
+            kept.append((t, c, moved))
+    return [(t, c) for t, c, _ in kept]
 
 
 def _mask(m: Tensor | None, like: Tensor) -> Tensor | None:
@@ -537,6 +558,8 @@ def _align(
         # with several finalists, each is refined on the next finer level and compared there
         # (coarse levels can prefer a wrong pose, e.g. a remapped CT at 11 mm)
         start_fine = search_level + 1
+        if len(finals) > 1 and start_fine < len(problems) and problems[start_fine] is not None:
+            finals = _distinct(finals, problems[start_fine], cfg.same_pose)
         if len(finals) > 1 and start_fine < len(problems):
             iters = cfg.iterations if start_fine == finest else cfg.mid_iterations
             finals = [
