@@ -243,3 +243,15 @@ def test_dice_label_lost_by_warping_scores_zero_with_reference():
     moving_without_2 = moving.copy()
     moving_without_2[moving_without_2 == 2] = 0
     assert math.isnan(dice(fixed, warped, reference=moving_without_2)[2])
+
+
+def test_jacobian_metrics_equal_the_two_metrics():
+    from pddreg.metrics import folding_fraction, jacobian_metrics, sdlogj
+
+    d = torch.randn(2, 3, 10, 12, 9, generator=torch.Generator().manual_seed(3)) * 0.7
+    mask = np.random.default_rng(1).random((10, 12, 9)) > 0.4
+    for m in (None, mask):
+        both = jacobian_metrics(d, m)
+        assert both["sdlogj"] == sdlogj(d, m)
+        assert both["folding_fraction"] == folding_fraction(d, m)
+        assert 0.0 < both["folding_fraction"] < 1.0

@@ -422,7 +422,7 @@ def deformation_metrics(disp: np.ndarray) -> dict[str, float | None]:
     from . import metrics as M
 
     d = torch.from_numpy(np.ascontiguousarray(disp))[None]
-    return {"sdlogj": _finite(M.sdlogj(d)), "folding_fraction": _finite(M.folding_fraction(d))}
+    return {k: _finite(v) for k, v in M.jacobian_metrics(d).items()}
 
 
 def _world_of(img: Any, arr: np.ndarray, spacing: tuple[float, ...] | None) -> np.ndarray:

@@ -8,7 +8,7 @@ Learn2Reg evaluation. Displacements follow :mod:`pddreg.spatial` (voxel units,
 
 from __future__ import annotations
 
-from .deformation import JACOBIAN_CLIP, epe, folding_fraction, sdlogj, tre
+from .deformation import JACOBIAN_CLIP, epe, folding_fraction, jacobian_metrics, sdlogj, tre
 from .segmentation import dice, hd95, mean_dice, mean_hd95, nanmean
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "dice",
     "epe",
     "folding_fraction",
+    "jacobian_metrics",
     "hd95",
     "mean_dice",
     "mean_hd95",

@@ -172,7 +172,7 @@ def evaluate_method(
         :func:`pddreg.metrics.tre`) and ``landmarks`` (their number); pairs with landmarks
         need no label maps.
     """
-    from pddreg.metrics import dice, folding_fraction, hd95, sdlogj, tre
+    from pddreg.metrics import dice, hd95, jacobian_metrics, tre
     from pddreg.spatial import warp_labels
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -260,13 +260,14 @@ def evaluate_method(
             int(k): _finite_or_nan(v)
             for k, v in hd95(fixed_np, warped, spacing=spacing, labels=labels).items()
         }
+        jm = jacobian_metrics(disp[0])
         record.update(
             dice=d,
             hd95=h,
             mean_dice=_nanmean(d.values()),
             mean_hd95=_nanmean(h.values()),
-            sdlogj=_finite_or_nan(sdlogj(disp[0])),
-            folding=_finite_or_nan(folding_fraction(disp[0])),
+            sdlogj=_finite_or_nan(jm["sdlogj"]),
+            folding=_finite_or_nan(jm["folding_fraction"]),
         )
         records.append(record)
     return records
