@@ -143,3 +143,16 @@ def test_register_command_writes_uncertainty_and_tre(tmp_path, capsys):
     assert main(["register", *bad, "-o", str(tmp_path / "bad")]) == 2
     assert "3 fixed" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_uncertainty_figure_shows_planes_at_their_physical_aspect():
+    from pddreg.report.uncertainty import plane_aspects, uncertainty_figure
+
+    assert plane_aspects(3, (0.6, 0.6, 5.0)) == [0.12, 0.12, 1.0]
+    assert plane_aspects(3, (2.0, 1.0, 1.0)) == [1.0, 2.0, 2.0]
+    assert plane_aspects(2, (1.0, 0.5)) == [2.0]
+    assert plane_aspects(3, None) == [1.0, 1.0, 1.0]
+    vol = np.random.default_rng(0).random((20, 24, 6)).astype(np.float32)
+    fig = uncertainty_figure(vol, vol, spacing=(0.6, 0.6, 5.0))
+    aspects = [ax.get_aspect() for ax in fig.axes if ax.images]
+    assert aspects[:2] == [0.12, 0.12] and aspects[-1] == 1.0

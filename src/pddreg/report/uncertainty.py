@@ -13,12 +13,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["uncertainty_figure", "uncertainty_summary", "write_uncertainty_outputs"]
+__all__ = [
+    "plane_aspects",
+    "uncertainty_figure",
+    "uncertainty_summary",
+    "write_uncertainty_outputs",
+]
 
 
 def uncertainty_summary(uncertainty: np.ndarray) -> dict[str, float]:
@@ -31,12 +37,32 @@ def uncertainty_summary(uncertainty: np.ndarray) -> dict[str, float]:
     }
 
 
+def plane_aspects(ndim: int, spacing: Sequence[float] | None) -> list[float]:
+    """``imshow`` aspect (row pitch / column pitch) of each plane of
+    :func:`pddreg.report.figures.middle_slices` for voxels of ``spacing`` (None: square): a
+    CT of 0.6 x 0.6 x 5 mm shows its 48 slices at their 240 mm, not as a strip of 48 rows."""
+    if spacing is None or len(spacing) != ndim:
+        return [1.0] * (1 if ndim == 2 else 3)
+    sp = [float(v) for v in spacing]
+    if ndim == 2:
+        return [sp[0] / sp[1]]
+    out = []
+    for axis in range(3):
+        rows, cols = (a for a in range(3) if a != axis)
+        out.append(sp[rows] / sp[cols])
+    return out
+
+
 def uncertainty_figure(
-    fixed: np.ndarray, uncertainty: np.ndarray, warped_prob: np.ndarray | None = None
+    fixed: np.ndarray,
+    uncertainty: np.ndarray,
+    warped_prob: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Any:
     """A matplotlib Figure: per plane (2D: the image; 3D: the middle slices) the fixed image,
     the uncertainty (voxels) over it, and with ``warped_prob`` ``(K, *S)`` the probability of
-    the foreground (1 - background) from the soft label transfer."""
+    the foreground (1 - background) from the soft label transfer; with ``spacing`` (mm per
+    axis) every plane at its physical aspect."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -51,6 +77,7 @@ def uncertainty_figure(
     axes = fig.subplots(len(planes), cols, squeeze=False)
     top = float(np.percentile(uncertainty, 99)) or 1.0
     lo, hi = np.percentile(fixed, [1, 99])
+    aspects = plane_aspects(np.asarray(fixed).ndim, spacing)
     for r, ((name, img), (_, u)) in enumerate(zip(planes, unc, strict=True)):
         ax = axes[r][0]
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
@@ -66,6 +93,7 @@ def uncertainty_figure(
             fig.colorbar(im, ax=ax, shrink=0.8)
             ax.set_title("soft label transfer: P(foreground)", fontsize=9)
         for ax in axes[r]:
+            ax.set_aspect(aspects[r])
             ax.set_axis_off()
     fig.tight_layout()
     return fig
@@ -96,5 +124,7 @@ def write_uncertainty_outputs(folder: Path, result: Any, fixed: Any) -> dict[str
         np.save(folder / "warped_prob.npy", prob)
         if nifti:
             _nifti(folder / "warped_prob.nii.gz", np.moveaxis(prob, 0, -1), fixed)
-    save_figure(uncertainty_figure(np.asarray(fixed.array), unc, prob), folder / "uncertainty.png")
+    spacing = getattr(result, "spacing", None)
+    fig = uncertainty_figure(np.asarray(fixed.array), unc, prob, spacing)
+    save_figure(fig, folder / "uncertainty.png")
     return uncertainty_summary(unc)
