@@ -59,15 +59,16 @@ class AlignConfig:
 
     Pyramid (levels in mm, each image area-downsampled on its own grid):
         search_size: voxels along the fixed image's longest physical extent at the search
-            level (2D 64, 3D 20; ``small_search_size``, 3D 24, on grids whose longest axis
-            has fewer than ``small_grid`` voxels, 3D 96). Against 24 at 91x109x91 the search
+            level (2D 64, 3D 20; at least 24 on 3D grids whose longest axis has fewer than
+            96 voxels, ``small_grid``). Against 24 at 91x109x91 the search
             level is 15x18x15 voxels instead of 22x27x22 and its FFTs 30x32x30 instead of
             40x48x40: search 0.5 -> 0.2 s of the stage's 0.8-1.0 s, at equal capture
             (``benchmarks/bench_capture.py``) and equal or lower EPE (``benchmarks/real.py``).
             On small grids the integer block factors round that level down to about 16
             voxels, which lost a 32^3 volume turned by 10 degrees and a 40x40x20 one of
             1 x 1 x 3 mm (0.79 voxel, 0.95 mm against 0.7).
-        small_grid, small_search_size: see ``search_size``.
+        small_grid: per dimension ``(voxels, size)``: grids whose longest axis has fewer
+            than ``voxels`` voxels search at no fewer than ``size`` (see ``search_size``).
         coarser: refinement-only levels coarser than the search level (2D 1, 3D 0).
         levels: the search level and the finer ones, each halving the spacing (2D 3, 3D 2: a
             third 3D level cost half the time for 0.02 voxel of a rotated, shifted brain MR
@@ -155,8 +156,7 @@ class AlignConfig:
     """
 
     search_size: dict[int, int] = field(default_factory=lambda: {2: 64, 3: 20})
-    small_grid: dict[int, int] = field(default_factory=lambda: {3: 96})
-    small_search_size: dict[int, int] = field(default_factory=lambda: {2: 64, 3: 24})
+    small_grid: dict[int, tuple[int, int]] = field(default_factory=lambda: {3: (96, 24)})
     coarser: dict[int, int] = field(default_factory=lambda: {2: 1, 3: 0})
     levels: dict[int, int] = field(default_factory=lambda: {2: 3, 3: 2})
     blur: dict[int, tuple[float, float]] = field(
@@ -423,8 +423,9 @@ def _align(
         # pyramids in mm: `coarser` refinement-only levels, the search level, finer levels
         extent = max(n * s for n, s in zip(fixed.shape[2:], sf, strict=True))
         size = cfg.search_size[ndim]
-        if max(fixed.shape[2:]) < cfg.small_grid.get(ndim, 0):
-            size = max(size, cfg.small_search_size[ndim])
+        small, small_size = cfg.small_grid.get(ndim, (0, 0))
+        if max(fixed.shape[2:]) < small:
+            size = max(size, small_size)
         h0 = extent / size
         targets = [
             h0 * 2.0 ** (cfg.coarser[ndim] - k)
