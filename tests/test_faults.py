@@ -272,6 +272,7 @@ torch.manual_seed(0)
 model = train(Shapes(), TrainConfig(**{config!r}, device="cpu"), model=_tiny())
 if dist.get_rank() == 0:
     save_model(model, {out!r})
+dist.barrier()
 dist.destroy_process_group()
 """
 

@@ -116,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         save_model(model, out)
         log.info("wrote %s (validation Dice %.3f)", out, getattr(model, "val_dice", float("nan")))
     if dist.is_initialized():
+        # every rank leaves together: one tearing its connections down while another still
+        # writes the model can abort the other inside gloo
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
