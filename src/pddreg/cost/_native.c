@@ -1361,7 +1361,32 @@ void pdd_warp_ssd(const float* f, const float* m, const float* u, float* ssd, fl
         ssd[p] = s;
         g[(nd - 2) * N + p] = 2.0f * oy * gy;
         g[(nd - 1) * N + p] = 2.0f * ox * gx;
-        if (mk) {
+        if (mk && ox * oy * (nd == 3 ? oz : 1.0f) != 0.0f) {
+            /* inside on every axis: the mask's corners are the features' (same grid, same
+             * weights), no padding to check */
+            const float* RESTRICT k = mk + (iz * ny + iy) * nx + ix;
+            const int64_t ky = ny > 1 ? nx : 0, kz = nz > 1 ? ny * nx : 0, kx = nx > 1 ? 1 : 0;
+            const float k000 = k[0], k001 = k[kx], k010 = k[ky], k011 = k[ky + kx];
+            const float x00 = k001 - k000, x01 = k011 - k010;
+            const float e00 = k000 + tx * x00, e01 = k010 + tx * x01;
+            const float f0 = e00 + ty * (e01 - e00);
+            if (nd == 2) {
+                wk[p] = f0;
+                gk[p] = e01 - e00;
+                gk[N + p] = x00 + ty * (x01 - x00);
+            } else {
+                const float k100 = k[kz], k101 = k[kz + kx], k110 = k[kz + ky],
+                            k111 = k[kz + ky + kx];
+                const float x10 = k101 - k100, x11 = k111 - k110;
+                const float e10 = k100 + tx * x10, e11 = k110 + tx * x11;
+                const float f1 = e10 + ty * (e11 - e10);
+                const float h0 = x00 + ty * (x01 - x00), h1 = x10 + ty * (x11 - x10);
+                wk[p] = f0 + tz * (f1 - f0);
+                gk[p] = f1 - f0;
+                gk[N + p] = (e01 - e00) + tz * ((e11 - e10) - (e01 - e00));
+                gk[2 * N + p] = h0 + tz * (h1 - h0);
+            }
+        } else if (mk) {
             float q[3], gq[3];
             q[nd - 1] = (float)x + u[(nd - 1) * N + p];
             q[nd - 2] = (float)y + u[(nd - 2) * N + p];
