@@ -156,3 +156,27 @@ def test_uncertainty_figure_shows_planes_at_their_physical_aspect():
     fig = uncertainty_figure(vol, vol, spacing=(0.6, 0.6, 5.0))
     aspects = [ax.get_aspect() for ax in fig.axes if ax.images]
     assert aspects[:2] == [0.12, 0.12] and aspects[-1] == 1.0
+
+
+def test_uncertainty_map_weights_each_axis_by_its_voxel_size():
+    from pddreg.optim.uncertainty import uncertainty_map
+
+    var = torch.ones(1, 3, 2, 3, 4)
+    var[:, 2] = 4.0  # 2 voxels of spread along the last axis
+    assert torch.allclose(uncertainty_map(var), torch.full((1, 1, 2, 3, 4), 6.0**0.5))
+    mm = uncertainty_map(var, (0.5, 0.5, 5.0))  # 0.25 + 0.25 + 4 * 25 mm^2
+    assert torch.allclose(mm, torch.full((1, 1, 2, 3, 4), 100.5**0.5))
+    with pytest.raises(ValueError, match="3 values"):
+        uncertainty_map(var, (1.0, 1.0))
+
+
+def test_register_uncertainty_is_in_mm():
+    img = _texture((48, 56), 1)
+    moving = np.roll(img, (2, -1), axis=(0, 1))
+    vox = pddreg.register(img, moving, method="mind", affine="off", uncertainty=True)
+    mm = pddreg.register(
+        img, moving, method="mind", affine="off", uncertainty=True, spacing=(2.0, 2.0)
+    )
+    # the same search on voxels twice as large: the same field in voxels, twice the spread in mm
+    assert np.array_equal(vox.disp, mm.disp)
+    assert np.allclose(mm.uncertainty, 2.0 * vox.uncertainty, rtol=1e-5, atol=1e-6)

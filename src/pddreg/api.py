@@ -70,8 +70,9 @@ class RegistrationResult:
             the headers' alignment, ``"translation"``, ``"rigid"``, ``"affine"``).
         details: global-stage similarities and parameters, working grid, times per stage.
         uncertainty: with ``uncertainty=True`` (``mind``, ``pdd``): ``(*S)`` float32, per fixed
-            voxel the expected spread of the displacement in fixed voxels, from the
-            displacement probabilities (:mod:`pddreg.optim.uncertainty`); else None.
+            voxel the expected spread of the displacement in mm (the fixed image's spacing;
+            voxels for arrays without one), from the displacement probabilities
+            (:mod:`pddreg.optim.uncertainty`); else None.
         warped_prob: with ``uncertainty=True`` and ``moving_seg``: ``(K, *S)`` float32
             per-label probabilities of the moving labels on the fixed grid (soft label
             transfer, channel ``k`` = label ``k``); else None.
@@ -663,6 +664,7 @@ def register(
             None if mseg is None else torch.from_numpy(mseg)[None, None].to(dev),
             m_map,
             res.affine,
+            tuple(float(v) for v in metric_spacing),
         )
     return RegistrationResult(
         disp=disp_np,

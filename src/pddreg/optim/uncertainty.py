@@ -8,8 +8,9 @@ outputs need from them (pass one to :func:`pddreg.optim.discrete_register` or
 
 - the per-axis **variance** of the displacement of every level, brought to the image grid and
   summed over the levels (the levels refine one another, so their uncertainties add up as those
-  of independent steps would): ``uncertainty = sqrt(sum_i var_i)``, the expected spread of the
-  displacement in voxels (:func:`uncertainty_map`);
+  of independent steps would): ``uncertainty = sqrt(sum_i s_i^2 var_i)``, the expected spread
+  of the displacement in mm for a voxel size ``s`` (voxels with ``s = 1``;
+  :func:`uncertainty_map`);
 - the **probabilities of the last level** on a grid ``R`` over the image extent (about the size
   of its control grid) with its displacement set in image voxels, for **soft label transfer**
   (:func:`soft_label_transfer`): at each point the moving one-hot labels are sampled at every
@@ -204,10 +205,22 @@ def variance_to_grid(variance: Tensor, shape: Sequence[int]) -> Tensor:
     return _interp(variance, shape) * (ratio**2).view(1, ndim, *([1] * ndim))
 
 
-def uncertainty_map(variance: Tensor) -> Tensor:
-    """``sqrt(sum_i var_i)``: ``(B, ndim, *S)`` -> ``(B, 1, *S)``, the expected spread (root
-    mean square distance from the mean) of the displacement, in voxels."""
-    return variance.clamp_min(0).sum(1, keepdim=True).sqrt()
+def uncertainty_map(variance: Tensor, spacing: Sequence[float] | None = None) -> Tensor:
+    """``sqrt(sum_i s_i^2 var_i)``: ``(B, ndim, *S)`` -> ``(B, 1, *S)``, the expected spread
+    (root mean square distance from the mean) of the displacement; ``variance`` per axis in
+    voxels, ``spacing`` ``s`` in mm per axis (None: 1, the spread in voxels). On anisotropic
+    voxels only the spread in mm means one thing: a variance of one voxel^2 along 5 mm slices is
+    25 times one along 1 mm."""
+    var = variance.clamp_min(0)
+    if spacing is not None:
+        ndim = var.shape[1]
+        if len(spacing) != ndim:
+            raise ValueError(
+                f"uncertainty_map(): 'spacing' must hold {ndim} values, got {tuple(spacing)}"
+            )
+        sq = torch.tensor([float(v) ** 2 for v in spacing], dtype=var.dtype, device=var.device)
+        var = var * sq.view(1, ndim, *([1] * (var.dim() - 2)))
+    return var.sum(1, keepdim=True).sqrt()
 
 
 def soft_label_transfer(
@@ -309,6 +322,7 @@ def posterior_outputs(
     moving_seg: Tensor | None = None,
     grid_map: np.ndarray | None = None,
     affine: np.ndarray | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The uncertainty map and the soft label transfer of a registration on the fixed grid.
 
@@ -319,9 +333,11 @@ def posterior_outputs(
         grid_map: ``M`` fixed voxel -> moving voxel (None: one grid).
         affine: the global stage ``A`` in fixed voxels (its linear part maps the variances and
             the offsets), or None.
+        spacing: the fixed grid's voxel size in mm per axis (None: the spread in voxels).
 
     Returns:
-        ``(uncertainty (*S) float32 in fixed voxels, warped_prob (K, *S) float32 or None)``.
+        ``(uncertainty (*S) float32 in mm (voxels without spacing), warped_prob (K, *S)
+        float32 or None)``.
     """
     if posterior.variance is None:
         raise ValueError("posterior_outputs(): the posterior recorded no level")
@@ -331,7 +347,7 @@ def posterior_outputs(
     if affine is not None:  # diagonal of A diag(var) A^T
         lin = torch.as_tensor(np.asarray(affine)[:ndim, :ndim], dtype=var.dtype, device=var.device)
         var = torch.einsum("ij,bj...->bi...", lin**2, var)
-    unc = uncertainty_map(var)[0, 0].cpu().numpy().astype(np.float32)
+    unc = uncertainty_map(var, spacing)[0, 0].cpu().numpy().astype(np.float32)
     prob = None
     if moving_seg is not None and posterior.prob is not None:
         k = int(moving_seg.max()) + 1 if moving_seg.numel() else 1

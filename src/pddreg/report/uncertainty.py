@@ -1,8 +1,8 @@
 """The uncertainty outputs of ``pddreg register`` and their picture.
 
 - ``uncertainty.npy`` ``(*S)`` float32 (and ``uncertainty.nii.gz`` for NIfTI fixed images): per
-  fixed voxel the expected spread of the displacement in fixed voxels, from the displacement
-  probabilities (:mod:`pddreg.optim.uncertainty`);
+  fixed voxel the expected spread of the displacement in mm (voxels for arrays without a
+  spacing), from the displacement probabilities (:mod:`pddreg.optim.uncertainty`);
 - ``warped_prob.npy`` ``(K, *S)`` float32 with a moving segmentation (``warped_prob.nii.gz``,
   layout ``(*S, K)``, for NIfTI fixed images): per-label probabilities of the moving labels on
   the fixed grid (soft label transfer);
@@ -28,12 +28,13 @@ __all__ = [
 
 
 def uncertainty_summary(uncertainty: np.ndarray) -> dict[str, float]:
-    """Mean, median and 95th percentile of the uncertainty map (fixed voxels)."""
+    """Mean, median and 95th percentile of the uncertainty map (mm; voxels of 1 mm for
+    arrays without a spacing)."""
     u = np.asarray(uncertainty, dtype=np.float64)
     return {
-        "uncertainty_mean_vox": float(u.mean()),
-        "uncertainty_median_vox": float(np.median(u)),
-        "uncertainty_p95_vox": float(np.percentile(u, 95)),
+        "uncertainty_mean_mm": float(u.mean()),
+        "uncertainty_median_mm": float(np.median(u)),
+        "uncertainty_p95_mm": float(np.percentile(u, 95)),
     }
 
 
@@ -60,7 +61,7 @@ def uncertainty_figure(
     spacing: Sequence[float] | None = None,
 ) -> Any:
     """A matplotlib Figure: per plane (2D: the image; 3D: the middle slices) the fixed image,
-    the uncertainty (voxels) over it, and with ``warped_prob`` ``(K, *S)`` the probability of
+    the uncertainty (mm) over it, and with ``warped_prob`` ``(K, *S)`` the probability of
     the foreground (1 - background) from the soft label transfer; with ``spacing`` (mm per
     axis) every plane at its physical aspect."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -85,7 +86,7 @@ def uncertainty_figure(
         ax = axes[r][1]
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
         im = ax.imshow(u, cmap="magma", vmin=0, vmax=top, alpha=0.75)
-        fig.colorbar(im, ax=ax, shrink=0.8, label="voxels")
+        fig.colorbar(im, ax=ax, shrink=0.8, label="mm")
         ax.set_title("uncertainty (expected spread)", fontsize=9)
         if fg is not None:
             ax = axes[r][2]
