@@ -29,13 +29,18 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-def _mmapped_blocks() -> int | None:
-    """glibc's count of blocks served by mmap (None without ``mallinfo2``)."""
+def _mallinfo() -> _MallInfo2 | None:
     lib = H._glibc()
     if lib is None or not hasattr(lib, "mallinfo2"):
         return None
     lib.mallinfo2.restype = _MallInfo2
-    return int(lib.mallinfo2().hblks)
+    return lib.mallinfo2()
+
+
+def _mmapped_blocks() -> int | None:
+    """glibc's count of blocks served by mmap (None without ``mallinfo2``)."""
+    info = _mallinfo()
+    return None if info is None else int(info.hblks)
 
 
 def test_large_buffers_come_from_the_heap_inside_and_from_mmap_outside():
@@ -47,7 +52,10 @@ def test_large_buffers_come_from_the_heap_inside_and_from_mmap_outside():
         x = torch.empty(n)
         inside = _mmapped_blocks()
         del x
-    outside_x = torch.empty(n)
+    # outside, a block larger than all the heap's free memory (which earlier tests may have
+    # left in pieces large enough for 48 MiB) must come from mmap
+    free = int(_mallinfo().fordblks)
+    outside_x = torch.empty(max(n, (free + 2**25) // 4))
     outside = _mmapped_blocks()
     del outside_x
     assert inside == before
