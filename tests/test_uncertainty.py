@@ -180,3 +180,24 @@ def test_register_uncertainty_is_in_mm():
     # the same search on voxels twice as large: the same field in voxels, twice the spread in mm
     assert np.array_equal(vox.disp, mm.disp)
     assert np.allclose(mm.uncertainty, 2.0 * vox.uncertainty, rtol=1e-5, atol=1e-6)
+
+
+def test_pdd_uncertainty_counts_the_refinement_levels():
+    from pddreg.models import pretrained
+    from pddreg.optim.uncertainty import record_forward
+
+    img = _texture((48, 56), 1)
+    moving = np.roll(img, (2, -1), axis=(0, 1))
+    f, m = (torch.from_numpy(x)[None, None] for x in (img, moving))
+    net = pretrained(2)
+    assert net.config.io_features == "mind" and net.config.io_levels > 0
+    network_only, both = Posterior(), Posterior()
+    with record_forward(net, network_only, img.shape):
+        a = net.register(f, m)
+    with record_forward(net, both, img.shape):
+        b = net.register(f, m, posterior=both)
+    assert torch.equal(a, b)  # recording changes nothing
+    assert both.levels == network_only.levels + net.config.io_levels
+    # the refinement's spread adds to the network's
+    assert bool((both.variance >= network_only.variance - 1e-6).all())
+    assert float(both.variance.sum()) > float(network_only.variance.sum())

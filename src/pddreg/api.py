@@ -369,7 +369,8 @@ def make_register_fn(
         from .optim.uncertainty import record_forward
 
         with record_forward(net, posterior, tuple(fixed.shape[2:])):
-            return net.register(fixed, moving, **kwargs, **masks).detach()
+            # the network's levels through the hook, then the refinement's own levels
+            return net.register(fixed, moving, **kwargs, **masks, posterior=posterior).detach()
 
     return pdd_fn
 

@@ -564,6 +564,7 @@ class PDDNet(nn.Module):
         fixed_mask: Tensor | None = None,
         moving_mask: Tensor | None = None,
         capture: bool | None = False,
+        posterior: Any = None,
         **kwargs: Any,
     ) -> Tensor:
         """Dense displacement ``(B, ndim, *S)`` mapping the fixed grid into ``moving``.
@@ -592,6 +593,11 @@ class PDDNet(nn.Module):
         by 2 for the network (its field upsampled; the refinement runs at full size). The kept
         run is the last forward pass (what a forward hook, e.g. the uncertainty recording, sees
         last).
+
+        ``posterior``: a :class:`pddreg.optim.uncertainty.Posterior` to which the refinement's
+        discrete levels (``"mind"`` with ``io_levels``) add their probabilities, after the
+        network's levels that :func:`pddreg.optim.uncertainty.record_forward` recorded
+        (None: not recorded).
         """
         from pddreg.spatial import resize_field
 
@@ -627,7 +633,13 @@ class PDDNet(nn.Module):
             opts.setdefault("levels", cfg.io_levels)
             opts.setdefault("coarse", cfg.io_coarse)
             return refine_mind(
-                fixed, moving, out["disp"], fixed_mask=fixed_mask, moving_mask=moving_mask, **opts
+                fixed,
+                moving,
+                out["disp"],
+                fixed_mask=fixed_mask,
+                moving_mask=moving_mask,
+                posterior=posterior,
+                **opts,
             )
         io = InstanceConfig(mode="features", **opts)
         feat_fixed, feat_moving = out["features"]

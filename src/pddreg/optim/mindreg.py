@@ -482,6 +482,7 @@ def refine_mind(
     moving_mask: Tensor | None = None,
     levels: int = 0,
     coarse: int = 0,
+    posterior: Posterior | None = None,
     **instance: float,
 ) -> Tensor:
     """The instance optimisation that ends :func:`register_mind`, started from any field;
@@ -508,6 +509,9 @@ def refine_mind(
         coarse: Adam steps on the MIND-SSC features average-pooled by 2 (the control grid of
             the same spacing) before the ``iters`` steps at full resolution: a quarter of the
             cost per step in 2D for the long way of large motion (0: none).
+        posterior: a :class:`pddreg.optim.uncertainty.Posterior` to which the ``levels`` add
+            their displacement probabilities (on top of what it holds, e.g. the network's
+            levels: they refine that field), or None.
 
     Where the Adam steps dragged a layer of their start (``init``, after the ``levels``),
     :func:`restore_layers` puts it back.
@@ -538,7 +542,9 @@ def refine_mind(
     fixed, moving, init = fixed.float(), moving.float(), init.float()
     with torch.no_grad():
         if fine:
-            init = discrete_register(fixed, moving, features, fine, init=init, **common)
+            init = discrete_register(
+                fixed, moving, features, fine, init=init, posterior=posterior, **common
+            )
         if inst is None:
             return init
         start = init
