@@ -179,3 +179,26 @@ def test_native_sample_matches_grid_sample(shape, padding):
         rtol=0,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("masks", [(False, False), (True, False), (False, True), (True, True)])
+def test_hand_written_gradient_of_the_objective_is_autograds(stride, masks):
+    """The Adam steps' objective and gradient without autograd equal autograd through the
+    native SSD's autograd function (float32), with and without masks, on the feature grid and
+    on a coarser control grid."""
+    gen = torch.Generator().manual_seed(10 + stride)
+    shape = (9, 11, 8)
+    ff, fm = torch.rand(2, 1, 5, *shape, generator=gen)
+    grid = tuple(-(-s // stride) for s in shape)
+    params = 0.8 * torch.randn(1, 3, *grid, generator=gen)
+    fmask = torch.rand(1, 1, *shape, generator=gen) if masks[0] else None
+    mmask = (torch.rand(1, 1, *shape, generator=gen) > 0.2).float() if masks[1] else None
+    a = params.clone().requires_grad_(True)
+    ssd_fn = inst._native_warped_ssd(ff, fm, mmask)
+    loss = inst._objective(ssd_fn, shape, a, 0.7, 1, fmask)
+    loss.backward()
+    raw = inst._native_raw_ssd(ff, fm, mmask)
+    value, grad = inst._native_objective_and_grad(raw, shape, params, 0.7, 1, fmask)
+    torch.testing.assert_close(value, loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, a.grad, rtol=1e-4, atol=1e-6)

@@ -184,20 +184,12 @@ class _Box3(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        # per axis, in reverse order: y_i = (x_{i-1} + x_i + x_{i+1}) / 3 with x_{-1} = x_0 and
-        # x_n = x_{n-1}, so dx_j = (g_{j-1} + g_j + g_{j+1}) / 3 (zeros outside) plus g_0 / 3
-        # at j = 0 and g_{n-1} / 3 at j = n - 1
-        g = grad
-        for axis in range(g.dim() - 1, 1, -1):
-            n = g.shape[axis]
-            out = g.clone()
-            if n > 1:
-                out.narrow(axis, 1, n - 1).add_(g.narrow(axis, 0, n - 1))
-                out.narrow(axis, 0, n - 1).add_(g.narrow(axis, 1, n - 1))
-            out.narrow(axis, 0, 1).add_(g.narrow(axis, 0, 1))
-            out.narrow(axis, n - 1, 1).add_(g.narrow(axis, n - 1, 1))
-            g = out.div_(3.0)
-        return g
+        from pddreg.features.mind import _box_filter
+
+        # per axis y_i = (x_{i-1} + x_i + x_{i+1}) / 3 with x_{-1} = x_0 and x_n = x_{n-1}: a
+        # symmetric matrix (rows 0 and n-1 are (2, 1) / 3 and (1, 2) / 3, as their columns), and
+        # the axes' passes commute, so the transpose is the filter itself
+        return _box_filter(grad.contiguous(), 1)
 
 
 def _dense(params: Tensor, shape: tuple[int, ...], smooth: int) -> Tensor:
@@ -277,6 +269,27 @@ def _native_warped_ssd(
     return ssd
 
 
+def _native_raw_ssd(
+    feat_fixed: Tensor, feat_moving: Tensor, moving_mask: Tensor | None
+) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """``dense -> pddreg.cost._native.warp_ssd(...)`` on the features laid out channels last
+    once (the SSD, its gradient and with ``moving_mask`` the warped mask and its gradient)."""
+    from pddreg.cost import _native
+
+    perm = (0, *range(2, feat_fixed.dim()), 1)
+    fixed = feat_fixed.permute(perm).contiguous()
+    moving = feat_moving.permute(perm).contiguous()
+    mask = None
+    if moving_mask is not None:  # the kernel reads one mask per batch item
+        batch = feat_fixed.shape[0]
+        mask = moving_mask.float().expand(batch, *moving_mask.shape[1:]).contiguous()
+
+    def raw(dense: Tensor) -> tuple[Tensor, ...]:
+        return _native.warp_ssd(fixed, moving, dense.contiguous(), mask)
+
+    return raw
+
+
 def _objective(
     ssd_fn: WarpedSSD,
     shape: tuple[int, ...],
@@ -303,6 +316,81 @@ def _objective(
         [f / g for f, g in zip(shape, params.shape[2:], strict=True)], dtype=params.dtype
     ).to(params.device)
     return data + lambda_ * diffusion(params * scale.view(1, ndim, *([1] * ndim)))
+
+
+def _native_objective_and_grad(
+    raw: Callable[[Tensor], tuple[Tensor, ...]],
+    shape: tuple[int, ...],
+    params: Tensor,
+    lambda_: float,
+    smooth: int,
+    fixed_mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_objective` and its gradient with respect to ``params`` without autograd where
+    it costs most: ``raw(dense)`` is :func:`pddreg.cost._native.warp_ssd` (``ssd, d ssd /
+    d dense`` and with a moving mask ``mask, d mask / d dense``), the weighted mean and the
+    diffusion term are differentiated by hand, the control field's map to the dense one (box-3
+    passes, self-adjoint, then linear upsampling) through autograd only where it upsamples.
+    About 2x faster per Adam step than autograd through :func:`_objective` on 12 MIND channels
+    in 3D; equal to it to float32 rounding (``tests/test_native_warp.py``)."""
+    from pddreg.features.mind import _box_filter
+    from pddreg.spatial import resize_field
+
+    ndim = len(shape)
+    grid = tuple(params.shape[2:])
+    p = params.detach()
+    if grid == shape:
+        upsample, dense = None, p
+        for _ in range(smooth):
+            dense = _box_filter(dense, 1)
+    else:
+        with torch.enable_grad():
+            upsample = p.clone().requires_grad_(True)
+            dense = resize_field(_smooth(upsample, smooth), shape)
+    out = raw(dense.detach())
+    ssd, g = out[0], out[1]
+    moved = out[2] if len(out) > 2 else None
+    if fixed_mask is None and moved is None:
+        data = ssd.mean()
+        gd = g / ssd.numel()
+    else:
+        fm = None if fixed_mask is None else fixed_mask.to(ssd.dtype)
+        w = moved if fm is None else (fm if moved is None else fm * moved)
+        w = w.expand_as(ssd)
+        total = w.sum()
+        norm = total.clamp_min(1e-6)
+        data = (w * ssd).sum() / norm
+        gd = w * g
+        if moved is not None:  # d w / d dense = fixed_mask * d mask / d dense
+            centred = ssd - data if bool(total > 1e-6) else ssd
+            gk = out[3] * centred if fm is None else out[3] * (fm * centred)
+            gd.add_(gk)
+        gd.div_(norm)
+    if upsample is None:
+        grad = gd
+        for _ in range(smooth):
+            grad = _box_filter(grad, 1)
+    else:
+        dense.backward(gd)
+        grad = upsample.grad
+    # diffusion of q = params * scale: sum_j mean(d_j^2), d_j the forward differences along j
+    scale = [f / n for f, n in zip(shape, grid, strict=True)]
+    view = (1, ndim, *([1] * ndim))
+    sc = torch.tensor(scale, dtype=p.dtype, device=p.device).view(view)
+    q = p * sc
+    reg = p.new_zeros(())
+    gq = torch.zeros_like(q)
+    for j in range(ndim):
+        axis, n = 2 + j, q.shape[2 + j]
+        if n < 2:
+            continue
+        d = q.narrow(axis, 1, n - 1) - q.narrow(axis, 0, n - 1)
+        reg = reg + d.square().mean()
+        k = 2.0 / d.numel()
+        gq.narrow(axis, 1, n - 1).add_(d, alpha=k)
+        gq.narrow(axis, 0, n - 1).sub_(d, alpha=k)
+    grad = grad + (lambda_ * sc) * gq
+    return data + lambda_ * reg, grad
 
 
 def feature_optimise(
@@ -361,7 +449,18 @@ def feature_optimise(
     params = params0.clone().requires_grad_(True)
     opt = _Adam(params, lr=lr)
     native = _native.supports(feat_fixed, feat_moving, params, fixed_mask, moving_mask)
-    ssd_fn = (_native_warped_ssd if native else _warped_ssd)(feat_fixed, feat_moving, moving_mask)
+    if native:
+        raw = _native_raw_ssd(feat_fixed, feat_moving, moving_mask)
+        for it in range(iters):
+            loss, params.grad = _native_objective_and_grad(
+                raw, shape, params, lambda_, smooth, fixed_mask
+            )
+            opt.step()
+            if it == 0 or it == iters - 1:
+                logger.debug("feature_optimise: iter %d objective %.5f", it, loss.item())
+        with torch.no_grad():
+            return _dense(params.detach(), shape, smooth)
+    ssd_fn = _warped_ssd(feat_fixed, feat_moving, moving_mask)
     with torch.enable_grad():
         for it in range(iters):
             loss = _objective(ssd_fn, shape, params, lambda_, smooth, fixed_mask)
