@@ -655,6 +655,7 @@ def register(
             "parameters": _jsonable(res.align.parameters),
             "matrix_voxels": res.affine.tolist() if res.affine is not None else None,
         }
+    spacing_mm = tuple(float(v) for v in metric_spacing)
     unc = wprob = None
     if posterior is not None and posterior.variance is not None:
         from .optim.uncertainty import posterior_outputs
@@ -665,7 +666,7 @@ def register(
             None if mseg is None else torch.from_numpy(mseg)[None, None].to(dev),
             m_map,
             res.affine,
-            tuple(float(v) for v in metric_spacing),
+            spacing_mm,
         )
     return RegistrationResult(
         disp=disp_np,
@@ -674,7 +675,7 @@ def register(
         metrics=metrics,
         runtime_s=runtime,
         method=method,
-        spacing=tuple(float(s) for s in metric_spacing),
+        spacing=spacing_mm,
         fixed_world=world_f,
         moving_world=world_m,
         grid_map=m_map,

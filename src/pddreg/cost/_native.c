@@ -1281,6 +1281,27 @@ static inline float mk_at(const float* mk, const int64_t* S, int64_t z, int64_t 
     return mk[(z * S[1] + y) * S[2] + x];
 }
 
+/* Multilinear value of the corners c (000, 001, 010, 011, 100, 101, 110, 111: z, y, x bits; the
+ * first four in 2D) at fractions (tz, ty, tx), and its gradient in gq (axes in array order). */
+static inline float lerp_corners(const float* c, int nd, float tz, float ty, float tx, float* gq) {
+    const float x00 = c[1] - c[0], x01 = c[3] - c[2];
+    const float e00 = c[0] + tx * x00, e01 = c[2] + tx * x01;
+    const float f0 = e00 + ty * (e01 - e00);
+    if (nd == 2) {
+        gq[0] = e01 - e00;
+        gq[1] = x00 + ty * (x01 - x00);
+        return f0;
+    }
+    const float x10 = c[5] - c[4], x11 = c[7] - c[6];
+    const float e10 = c[4] + tx * x10, e11 = c[6] + tx * x11;
+    const float f1 = e10 + ty * (e11 - e10);
+    gq[0] = f1 - f0;
+    gq[1] = (e01 - e00) + tz * ((e11 - e10) - (e01 - e00));
+    const float h0 = x00 + ty * (x01 - x00), h1 = x10 + ty * (x11 - x10);
+    gq[2] = h0 + tz * (h1 - h0);
+    return f0 + tz * (f1 - f0);
+}
+
 static float mask_at(const float* mk, int nd, const int64_t* S, const float* q, float* gq) {
     for (int a = 0; a < nd; ++a) gq[a] = 0.0f;
     for (int a = 0; a < nd; ++a)
@@ -1289,27 +1310,10 @@ static float mask_at(const float* mk, int nd, const int64_t* S, const float* q, 
     const float qz = nd == 3 ? q[0] : 0.0f, qy = q[nd - 2], qx = q[nd - 1];
     const float fz = floorf(qz), fy = floorf(qy), fx = floorf(qx);
     const int64_t z = (int64_t)fz, y = (int64_t)fy, x = (int64_t)fx;
-    const float tz = qz - fz, ty = qy - fy, tx = qx - fx;
-    const float m000 = mk_at(mk, S3, z, y, x), m001 = mk_at(mk, S3, z, y, x + 1);
-    const float m010 = mk_at(mk, S3, z, y + 1, x), m011 = mk_at(mk, S3, z, y + 1, x + 1);
-    const float x00 = m001 - m000, x01 = m011 - m010;
-    const float e00 = m000 + tx * x00, e01 = m010 + tx * x01;
-    const float f0 = e00 + ty * (e01 - e00);
-    if (nd == 2) {
-        gq[0] = e01 - e00;
-        gq[1] = x00 + ty * (x01 - x00);
-        return f0;
-    }
-    const float m100 = mk_at(mk, S3, z + 1, y, x), m101 = mk_at(mk, S3, z + 1, y, x + 1);
-    const float m110 = mk_at(mk, S3, z + 1, y + 1, x), m111 = mk_at(mk, S3, z + 1, y + 1, x + 1);
-    const float x10 = m101 - m100, x11 = m111 - m110;
-    const float e10 = m100 + tx * x10, e11 = m110 + tx * x11;
-    const float f1 = e10 + ty * (e11 - e10);
-    gq[0] = f1 - f0;
-    gq[1] = (e01 - e00) + tz * ((e11 - e10) - (e01 - e00));
-    const float h0 = x00 + ty * (x01 - x00), h1 = x10 + ty * (x11 - x10);
-    gq[2] = h0 + tz * (h1 - h0);
-    return f0 + tz * (f1 - f0);
+    float c[8];
+    for (int k = 0; k < (nd == 3 ? 8 : 4); ++k)
+        c[k] = mk_at(mk, S3, z + (k >> 2), y + ((k >> 1) & 1), x + (k & 1));
+    return lerp_corners(c, nd, qz - fz, qy - fy, qx - fx, gq);
 }
 
 void pdd_warp_ssd(const float* f, const float* m, const float* u, float* ssd, float* g,
@@ -1366,26 +1370,11 @@ void pdd_warp_ssd(const float* f, const float* m, const float* u, float* ssd, fl
              * weights), no padding to check */
             const float* RESTRICT k = mk + (iz * ny + iy) * nx + ix;
             const int64_t ky = ny > 1 ? nx : 0, kz = nz > 1 ? ny * nx : 0, kx = nx > 1 ? 1 : 0;
-            const float k000 = k[0], k001 = k[kx], k010 = k[ky], k011 = k[ky + kx];
-            const float x00 = k001 - k000, x01 = k011 - k010;
-            const float e00 = k000 + tx * x00, e01 = k010 + tx * x01;
-            const float f0 = e00 + ty * (e01 - e00);
-            if (nd == 2) {
-                wk[p] = f0;
-                gk[p] = e01 - e00;
-                gk[N + p] = x00 + ty * (x01 - x00);
-            } else {
-                const float k100 = k[kz], k101 = k[kz + kx], k110 = k[kz + ky],
-                            k111 = k[kz + ky + kx];
-                const float x10 = k101 - k100, x11 = k111 - k110;
-                const float e10 = k100 + tx * x10, e11 = k110 + tx * x11;
-                const float f1 = e10 + ty * (e11 - e10);
-                const float h0 = x00 + ty * (x01 - x00), h1 = x10 + ty * (x11 - x10);
-                wk[p] = f0 + tz * (f1 - f0);
-                gk[p] = f1 - f0;
-                gk[N + p] = (e01 - e00) + tz * ((e11 - e10) - (e01 - e00));
-                gk[2 * N + p] = h0 + tz * (h1 - h0);
-            }
+            float c[8], gq[3];
+            for (int j = 0; j < (nd == 3 ? 8 : 4); ++j)
+                c[j] = k[(j >> 2) * kz + ((j >> 1) & 1) * ky + (j & 1) * kx];
+            wk[p] = lerp_corners(c, nd, tz, ty, tx, gq);
+            for (int a = 0; a < nd; ++a) gk[a * N + p] = gq[a];
         } else if (mk) {
             float q[3], gq[3];
             q[nd - 1] = (float)x + u[(nd - 1) * N + p];
