@@ -184,7 +184,8 @@ def _write_register_outputs(
 
     The compressed NIfTI files are written by a few threads at once (zlib releases the GIL):
     for two chest CTs at 512x512x48 the four of them took 11 s one after the other, more than
-    the registration itself."""
+    the registration itself. The uncertainty outputs go first: submitted last, they ran alone
+    after the fields on the two brain MRs (256x256x25), 1.6 s instead of 1.2 s on 2 cores."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .data.io import write_image
@@ -225,7 +226,8 @@ def _write_register_outputs(
     if getattr(result, "uncertainty", None) is not None:
         from .report.uncertainty import write_uncertainty_outputs
 
-        jobs.append(lambda: write_uncertainty_outputs(tmp, result, fixed))  # its summary
+        # first: the longest job (two files and a figure) while the others share the rest
+        jobs.insert(0, lambda: write_uncertainty_outputs(tmp, result, fixed))  # its summary
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         pending = [pool.submit(job) for job in jobs]
         doc = {

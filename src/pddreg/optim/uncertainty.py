@@ -281,7 +281,9 @@ def soft_label_transfer(
     with torch.no_grad():
         for start in range(0, num_labels, label_chunk):
             labels = torch.arange(start, min(num_labels, start + label_chunk), device=dev)
-            onehot = (seg == labels.view(1, -1, *([1] * ndim))).float()
+            # contiguous once: a label map read from a file may be a transposed view, which
+            # every one of the samples below would otherwise copy (3D: about 1 s)
+            onehot = (seg == labels.view(1, -1, *([1] * ndim))).float().contiguous()
             acc = torch.zeros((1, len(labels), *rshape), device=dev)
             for lab in range(offsets.shape[0]):
                 delta = offsets[lab].view(1, ndim, *([1] * ndim)) - mean
