@@ -172,3 +172,31 @@ def test_make_register_fn_shapes():
     assert out.shape == (1, 3, 4, 5, 6) and not out.any()
     with pytest.raises(InputError, match="--method"):
         make_register_fn("x", 2)
+
+
+def test_import_sets_a_short_openmp_spin_before_torch_loads():
+    """``import pddreg`` before torch sets libgomp's spin count (see ``pddreg/__init__``) and
+    leaves a wait policy or spin count of the user's alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, pddreg, sys; "
+        "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'), "
+        "'torch' in sys.modules)"
+    )
+
+    def run(**env: str) -> str:
+        base = {
+            k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert run() == "1000 None False"
+    assert run(OMP_WAIT_POLICY="PASSIVE") == "None PASSIVE False"
+    assert run(GOMP_SPINCOUNT="5") == "5 None False"

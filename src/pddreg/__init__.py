@@ -6,11 +6,17 @@ import os
 import sys
 from typing import Any
 
-# OpenMP threads that spin while idle steal the cores the native cost kernels' own threads
-# need: on a loaded 2-core machine a 3D ``mind`` registration took 27-31 s with the default
-# wait policy and 8-10 s with PASSIVE (same run). It only takes effect before torch loads.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads spin a while after each parallel region before they sleep, and while they
+# spin they hold the cores that the native cost kernels' own threads need. libgomp's default
+# (300000 spins, milliseconds) made a 3D ``mind`` registration on a loaded 2-core machine take
+# 27-31 s against 8-10 s without spinning (PASSIVE); but PASSIVE wakes the threads with a
+# system call for each of PyTorch's many small parallel ops. A short spin (1000) against
+# PASSIVE, 2 threads, interleaved runs: 2D ``pdd`` on a 480x640 photo pair 2.3-2.7 s against
+# 3.3-3.8 s, ``mind`` on a chest CT at 128^3 2.4-2.7 s against 3.4-3.6 s; with two busy
+# processes beside it, ``mind`` at 91x109x91 3.6-4.2 s against 2.6-4.0 s. Read when libgomp
+# loads (with torch): set only before that, never over the user's own OMP_WAIT_POLICY.
+if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from .errors import InputError, PddregError
 
