@@ -1070,6 +1070,9 @@ def table_pairs(rows: list[dict[str, Any]], names: Sequence[str]) -> str:
 
 def setup(args: argparse.Namespace) -> None:
     """Threads for torch and ITK; quiet the per-call warnings of pddreg."""
+    import pddreg  # noqa: F401  (first: its OpenMP setting applies only before torch loads)
+
+    # isort: split
     import torch
 
     torch.set_num_threads(args.threads)
