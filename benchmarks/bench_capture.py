@@ -107,35 +107,52 @@ def global_field(
     return affine_field(shape, translation=translation, spacing=spacing, matrix=rot * mis.scaling)
 
 
-def capture_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (source, contrast, misalignment) case: dicts with the KnownCase and labels."""
-    from pddreg.data import compose_fields, make_case, object_mask, random_field
-
-    grid = QUICK if args.quick else FULL
+def capture_sources(args: argparse.Namespace) -> list[Any]:
+    """The real MR and CT sources of the cases (``--quick``: one volume, two slices)."""
     srcs = [s for s in R.sources(args.data, args.quick, args.dims) if s.kind in ("mr", "ct")]
-    if args.quick:  # one volume, two slices
+    if args.quick:
         srcs = [s for s in srcs if s.vol.ndim == 2 or s.vol.name == "brain MR"]
         srcs = [s for s in srcs if s.vol.ndim == 3 or s.vol.name != "abdomen MR"]
+    return srcs
+
+
+def source_deform(src: Any, k: int, amplitude: float) -> np.ndarray:
+    """The smooth deformation of the ``k``-th source (the same for all its cases)."""
+    from pddreg.data import random_field
+
+    mean = float(np.mean(src.vol.array.shape))
+    return random_field(src.vol.array.shape, amplitude * mean, 0.3 * mean, seed=300 + k)
+
+
+def capture_case(
+    src: Any, k: int, deform: np.ndarray, mis: Misalignment, remap: bool, noise: float
+) -> dict[str, Any]:
+    """One case of the ``k``-th source: ``deform`` then the global map of ``mis``."""
+    from pddreg.data import compose_fields, make_case, object_mask
+
+    shape, sp = src.vol.array.shape, src.vol.spacing
+    mask = src.mask if src.mask is not None else object_mask(src.vol.array)
+    case = make_case(
+        src.vol.array,
+        compose_fields(deform, global_field(shape, sp, mis)),
+        remap=remap,
+        noise=noise,
+        seed=400 + k,
+        spacing=sp,
+        name=src.vol.name,
+        source_mask=mask,
+    )
+    return {"case": case, "mis": mis, "source_mask": mask}
+
+
+def capture_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (source, contrast, misalignment) case: dicts with the KnownCase and labels."""
+    grid = QUICK if args.quick else FULL
     out = []
-    for k, src in enumerate(srcs):
-        shape, sp = src.vol.array.shape, src.vol.spacing
-        mean = float(np.mean(shape))
-        deform = random_field(shape, args.amplitude * mean, 0.3 * mean, seed=300 + k)
-        mask = src.mask if src.mask is not None else object_mask(src.vol.array)
+    for k, src in enumerate(capture_sources(args)):
+        deform = source_deform(src, k, args.amplitude)
         for remap in (False, True):
-            for mis in grid:
-                disp = compose_fields(deform, global_field(shape, sp, mis))
-                case = make_case(
-                    src.vol.array,
-                    disp,
-                    remap=remap,
-                    noise=args.noise,
-                    seed=400 + k,
-                    spacing=sp,
-                    name=src.vol.name,
-                    source_mask=mask,
-                )
-                out.append({"case": case, "mis": mis, "source_mask": mask})
+            out += [capture_case(src, k, deform, mis, remap, args.noise) for mis in grid]
     return out
 
 

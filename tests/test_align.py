@@ -436,30 +436,22 @@ def test_auto_keeps_a_far_map_with_a_small_gain(monkeypatch):
     of view: the right affine map gains only 6.9 % of the MIND similarity (below ``margin``)
     but moves the points by 0.27 of the axis, beyond the deformable stage's reach; ``auto``
     keeps it (``far_margin``) and the registration ends within a voxel (7.9 without it)."""
+    import argparse
     import sys
 
     import numpy as np
 
     import pddreg
-    from pddreg.data import compose_fields, make_case, object_mask, random_field
     from pddreg.metrics import epe as field_epe
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_capture as bc
-    import real as r
 
-    src = next(
-        s for s in r.sources(REAL, True, [2, 3]) if s.vol.name == "chest CT" and s.vol.ndim == 2
-    )
-    shape, sp = src.vol.array.shape, src.vol.spacing
-    deform = random_field(
-        shape, 0.04 * float(np.mean(shape)), 0.3 * float(np.mean(shape)), seed=302
-    )
-    mask = src.mask if src.mask is not None else object_mask(src.vol.array)
-    disp = compose_fields(deform, bc.global_field(shape, sp, bc.Misalignment(shift=0.25)))
-    case = make_case(
-        src.vol.array, disp, remap=True, noise=0.01, seed=402, spacing=sp, source_mask=mask
-    )
+    args = argparse.Namespace(data=REAL, quick=True, dims=[2, 3])
+    srcs = bc.capture_sources(args)
+    k = next(i for i, s in enumerate(srcs) if s.vol.name == "chest CT" and s.vol.ndim == 2)
+    deform = bc.source_deform(srcs[k], k, 0.04)
+    case = bc.capture_case(srcs[k], k, deform, bc.Misalignment(shift=0.25), True, 0.01)["case"]
     res = pddreg.register(case.fixed, case.moving, uncertainty=False)
     assert res.affine_mode == "affine"
     assert field_epe(np.asarray(res.disp), case.disp, case.mask) < 1.0

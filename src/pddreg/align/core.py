@@ -680,14 +680,14 @@ def _align(
             motion = float(((moved - pts) / step).norm(dim=1).mean())
             # beyond the deformable stage's reach a smaller gain suffices (the similarity of a
             # remapped contrast gains little even from the right map)
-            far = motion >= cfg.far_motion * max(fpyr[finest].shape)
-            margin = cfg.far_margin if far else cfg.margin
+            reach = motion / max(fpyr[finest].shape)  # of the finest level's longest axis
+            margin = cfg.far_margin if reach >= cfg.far_motion else cfg.margin
             better = after < (1.0 - margin) * before and after < before - cfg.margin_abs
             logger.debug(
                 "align: auto: gain %.1f %%, motion %.2f voxels (%.3f of the finest level's axis)",
                 100.0 * (1.0 - after / max(before, 1e-12)),
                 motion,
-                motion / max(fpyr[finest].shape),
+                reach,
             )
             if not better or motion < cfg.min_motion:
                 transform, after, used = ident, before, "identity"
