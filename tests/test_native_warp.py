@@ -184,9 +184,10 @@ def test_native_sample_matches_grid_sample(shape, padding):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("masks", [(False, False), (True, False), (False, True), (True, True)])
 def test_hand_written_gradient_of_the_objective_is_autograds(stride, masks):
-    """The Adam steps' objective and gradient without autograd equal autograd through the
-    native SSD's autograd function (float32), with and without masks, on the feature grid and
-    on a coarser control grid."""
+    """The native Adam steps' objective and gradient (the data term by ``pdd_io_grad`` and the
+    control grid's passes, the diffusion term inside ``pdd_io_adam``, whose first moment is the
+    gradient itself when ``b1 = 0``) equal autograd through the PyTorch objective in float64,
+    with and without masks, on the feature grid and on a coarser control grid."""
     gen = torch.Generator().manual_seed(10 + stride)
     shape = (9, 11, 8)
     ff, fm = torch.rand(2, 1, 5, *shape, generator=gen)
@@ -194,11 +195,20 @@ def test_hand_written_gradient_of_the_objective_is_autograds(stride, masks):
     params = 0.8 * torch.randn(1, 3, *grid, generator=gen)
     fmask = torch.rand(1, 1, *shape, generator=gen) if masks[0] else None
     mmask = (torch.rand(1, 1, *shape, generator=gen) > 0.2).float() if masks[1] else None
-    a = params.clone().requires_grad_(True)
-    ssd_fn = inst._native_warped_ssd(ff, fm, mmask)
-    loss = inst._objective(ssd_fn, shape, a, 0.7, 1, fmask)
+    a = params.double().requires_grad_(True)
+    ssd_fn = inst._warped_ssd(ff.double(), fm.double(), None if mmask is None else mmask.double())
+    loss = inst._objective(ssd_fn, shape, a, 0.7, 1, None if fmask is None else fmask.double())
     loss.backward()
     raw = inst._native_raw_ssd(ff, fm, mmask)
-    value, grad = inst._native_objective_and_grad(raw, shape, params, 0.7, 1, fmask)
-    torch.testing.assert_close(value, loss.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, a.grad, rtol=1e-4, atol=1e-6)
+    data, grad = inst._native_data_term(raw, shape, params, 1, fmask)
+    scale = [f / n for f, n in zip(shape, grid, strict=True)]
+    weights = [0.7 * 2.0 / (params.numel() // n * (n - 1)) for n in grid]
+    moment, second, out = torch.zeros_like(params), torch.zeros_like(params), params.clone()
+    squares = [s * s for s in scale]
+    _native.io_adam(
+        params, grad, moment, second, out, weights, squares, (0.0, 0.999), 0.5, 1e-3, 1e-8
+    )
+    value = data + 0.7 * inst._diffusion_value(params, scale)
+    assert value == pytest.approx(loss.item(), rel=1e-5)
+    torch.testing.assert_close(moment.double(), a.grad, rtol=1e-4, atol=1e-7)
+    assert not torch.equal(out, params)  # the step moved the field

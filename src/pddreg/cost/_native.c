@@ -1389,6 +1389,105 @@ void pdd_warp_ssd(const float* f, const float* m, const float* u, float* ssd, fl
     FTZ_END
 }
 
+/* The rest of an instance-optimisation step after pdd_warp_ssd (feature_optimise's native
+ * loop), voxels [p0, p1) of one item of N voxels.
+ *
+ * pdd_io_sums: the weighted SSD's sums, out[0] += sum w, out[1] += sum w ssd (double), with
+ * w = fm * wk (either NULL: 1).
+ * pdd_io_grad: the gradient of the weighted mean  sum(w ssd) / norm  with respect to the dense
+ * field, in place of g (nd, N):  (w g + fm gk (ssd - data)) * inv_norm  (gk NULL: no mask
+ * term; fm NULL: 1).
+ * pdd_io_adam: g plus the diffusion term's gradient on the control grid G (nd axes) makes one
+ * Adam step from p into out (not in place: neighbours are read).  Per component a and axis j
+ * with forward differences d = q(x + e_j) - q(x) of q = p * sc[a]:
+ *   g_a += lam sc[a]^2 k[j] ((p(x) - p(x - e_j)) [x_j >= 1] - (p(x + e_j) - p(x)) [x_j <= n_j - 2])
+ * (k[j] = 2 / numel(d_j); an axis with n_j < 2 has no term), then
+ *   m = b1 m + a1 g,  v = b2 v + a2 g^2,  out = p - c1 m / (sqrt(v / c2) + eps)
+ * with a1 = 1 - b1, a2 = 1 - b2 (rounded from double: 1 - 0.999f is 1.3e-5 off), c1 = lr /
+ * (1 - b1^t), c2 = 1 - b2^t (coef: nd weights lam k[j], then nd sc[a]^2).  Items are consecutive in p, g, m, v, out. */
+void pdd_io_sums(const float* ssd, const float* wk, const float* fm, int64_t p0, int64_t p1,
+                 double* out) {
+    double sw = 0.0, sws = 0.0;
+    for (int64_t p = p0; p < p1; ++p) {
+        const double w = (double)((fm ? fm[p] : 1.0f) * (wk ? wk[p] : 1.0f));
+        sw += w;
+        sws += w * (double)ssd[p];
+    }
+    out[0] += sw;
+    out[1] += sws;
+}
+
+void pdd_io_grad(const float* ssd, float* g, const float* wk, const float* gk, const float* fm,
+                 float data, float inv_norm, int nd, int64_t N, int64_t p0, int64_t p1) {
+    FTZ_BEGIN
+    for (int64_t p = p0; p < p1; ++p) {
+        const float f = fm ? fm[p] : 1.0f;
+        const float w = f * (wk ? wk[p] : 1.0f);
+        const float c = f * (ssd[p] - data);
+        for (int a = 0; a < nd; ++a) {
+            float v = w * g[a * N + p];
+            if (gk) v += gk[a * N + p] * c;
+            g[a * N + p] = v * inv_norm;
+        }
+    }
+    FTZ_END
+}
+
+static inline void io_adam_one(float h, float gt, float* m, float* v, float* out, float b1,
+                               float b2, float a1, float a2, float c1, float c2, float eps) {
+    const float mi = b1 * *m + a1 * gt;
+    const float vi = b2 * *v + a2 * gt * gt;
+    *m = mi;
+    *v = vi;
+    *out = h - c1 * mi / (sqrtf(vi / c2) + eps);
+}
+
+void pdd_io_adam(const float* p, const float* g, float* m, float* v, float* out, int nd,
+                 const int64_t* G, const float* coef, float b1, float b2, float a1, float a2,
+                 float c1, float c2, float eps, int64_t r0, int64_t r1) {
+    /* rows [r0, r1) of the grid (z, y; 2D: y), each along x */
+    FTZ_BEGIN
+    const int64_t nz = nd == 3 ? G[0] : 1, ny = G[nd - 2], nx = G[nd - 1];
+    const int64_t N = nz * ny * nx, plane = ny * nx;
+    const float wz = nd == 3 && nz >= 2 ? coef[0] : 0.0f;
+    const float wy = ny >= 2 ? coef[nd - 2] : 0.0f, wx = nx >= 2 ? coef[nd - 1] : 0.0f;
+    for (int a = 0; a < nd; ++a) {
+        const float sa = coef[nd + a];
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t z = r / ny, y = r % ny, o = a * N + r * nx;
+            const float* RESTRICT row = p + o;
+            /* a missing neighbour reads the voxel itself: its difference is 0 */
+            const float* RESTRICT yb = y >= 1 ? row - nx : row;
+            const float* RESTRICT yf = y <= ny - 2 ? row + nx : row;
+            const float* RESTRICT zb = z >= 1 ? row - plane : row;
+            const float* RESTRICT zf = z <= nz - 2 ? row + plane : row;
+            const float* RESTRICT gr = g + o;
+            float* RESTRICT mr = m + o;
+            float* RESTRICT vr = v + o;
+            float* RESTRICT outr = out + o;
+            /* the ends of the row apart, so that the inner loop has no branch */
+            const int64_t last = nx - 1;
+            for (int64_t x = 0; x <= last; x += last > 0 ? last : 1) {
+                const float h = row[x];
+                const float xb = x >= 1 ? row[x - 1] : h, xf = x < last ? row[x + 1] : h;
+                const float lap = wz * ((h - zb[x]) - (zf[x] - h)) +
+                                  wy * ((h - yb[x]) - (yf[x] - h)) + wx * ((h - xb) - (xf - h));
+                io_adam_one(h, gr[x] + sa * lap, mr + x, vr + x, outr + x, b1, b2, a1, a2, c1, c2,
+                            eps);
+            }
+            for (int64_t x = 1; x < last; ++x) {
+                const float h = row[x];
+                const float lap = wz * ((h - zb[x]) - (zf[x] - h)) +
+                                  wy * ((h - yb[x]) - (yf[x] - h)) +
+                                  wx * ((h - row[x - 1]) - (row[x + 1] - h));
+                io_adam_one(h, gr[x] + sa * lap, mr + x, vr + x, outr + x, b1, b2, a1, a2, c1, c2,
+                            eps);
+            }
+        }
+    }
+    FTZ_END
+}
+
 /* Trilinear samples of a channels-first volume x (C, S0, S1, S2) at the voxel coordinates q
  * (3, N) (component a along array axis a; align_corners=True voxel centres), output points
  * [p0, p1) of y (C, N), as grid_sample(mode="bilinear", align_corners=True): with zeros == 0

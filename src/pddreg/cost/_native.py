@@ -55,6 +55,9 @@ __all__ = [
     "box_filter",
     "correlation",
     "empty_like",
+    "io_adam",
+    "io_grad",
+    "io_sums",
     "lattice_sums",
     "meanfield",
     "meanfield_t",
@@ -103,6 +106,9 @@ _SIGNATURES = {
     "pdd_warp_ssd": [_p, _p, _p, _p, _p, _p, _p, _p, _i, _p, _i, _l, _l],
     "pdd_box": [_p, _p, _l, _l, _i, _l, _l, _l, _l, _p],
     "pdd_sample3": [_p, _p, _p, _p, _i, _l, _i, _l, _l],
+    "pdd_io_sums": [_p, _p, _p, _l, _l, _p],
+    "pdd_io_grad": [_p, _p, _p, _p, _p, _f, _f, _i, _l, _l, _l],
+    "pdd_io_adam": [_p, _p, _p, _p, _p, _i, _p, _p, _f, _f, _f, _f, _f, _f, _f, _l, _l],
 }
 
 
@@ -744,6 +750,94 @@ def warp_ssd(
     tensors = [fixed, moving, disp, ssd, grad, mk, wk, gk]
     _per_item(tensors, call, _split(math.prod(shape), 1024, 8 * C), 1)
     return (ssd, grad, wk, gk) if masked else (ssd, grad)
+
+
+def io_sums(
+    ssd: torch.Tensor, moved_mask: torch.Tensor | None, fixed_mask: torch.Tensor | None
+) -> tuple[float, float]:
+    """``(sum w, sum w ssd)`` over every item, ``w = fixed_mask * moved_mask`` (None: 1), all
+    ``(B, 1, *S)`` contiguous float32 (the weighted SSD of the instance optimisation)."""
+    lib = _library()
+    n = math.prod(ssd.shape[2:])
+    out = torch.zeros(2, dtype=torch.float64)
+    for b in range(ssd.shape[0]):
+        ptrs = [_item_ptr(t, b) for t in (ssd, moved_mask, fixed_mask)]
+        lib.pdd_io_sums(*ptrs, 0, n, out.data_ptr())
+    return float(out[0]), float(out[1])
+
+
+def io_grad(
+    ssd: torch.Tensor,
+    grad: torch.Tensor,
+    moved_mask: torch.Tensor | None,
+    mask_grad: torch.Tensor | None,
+    fixed_mask: torch.Tensor | None,
+    data: float,
+    inv_norm: float,
+) -> None:
+    """In place on ``grad`` ``(B, ndim, *S)`` (the SSD's gradient from :func:`warp_ssd`): the
+    gradient of the weighted mean ``sum(w ssd) / norm``, ``(w grad + fixed_mask mask_grad (ssd -
+    data)) * inv_norm`` with ``w = fixed_mask * moved_mask`` (None: 1; ``mask_grad`` None: no
+    mask term); every tensor contiguous float32, masks ``(B, 1, *S)``."""
+    nd = grad.shape[1]
+    n = math.prod(grad.shape[2:])
+    lib = _library()
+
+    def call(s: int, g: int, w: int, k: int, f: int, p0: int, p1: int, work: int) -> None:
+        lib.pdd_io_grad(s, g, w, k, f, data, inv_norm, nd, n, p0, p1)
+
+    tensors = [ssd, grad, moved_mask, mask_grad, fixed_mask]
+    _per_item(tensors, call, _split(n, 1024, 4 * nd), 1)
+
+
+def io_adam(
+    params: torch.Tensor,
+    grad: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    axis_weights: list[float],
+    component_weights: list[float],
+    betas: tuple[float, float],
+    c1: float,
+    c2: float,
+    eps: float,
+) -> None:
+    """One Adam step of the instance optimisation's control field ``params`` ``(B, ndim, *G)``
+    into ``out`` on ``grad`` plus the gradient of the diffusion term ``lambda * sum_j
+    mean(d_j^2)`` (``d_j``: forward differences of ``params * scale`` along axis ``j``), given
+    by ``axis_weights`` (``lambda * 2 / numel(d_j)``) and ``component_weights`` (``scale[a] **
+    2``); ``m``, ``v``: Adam's moments (updated in place), ``c1 = lr / (1 - b1^t)``, ``c2 = 1 -
+    b2^t``. Every tensor contiguous float32."""
+    nd = params.shape[1]
+    grid = torch.tensor(tuple(params.shape[2:]), dtype=torch.int64)
+    coef = torch.tensor([*axis_weights, *component_weights], dtype=torch.float32)
+    rows = math.prod(params.shape[2:-1])
+    lib = _library()
+    b1, b2 = betas
+
+    def call(p: int, g: int, mm: int, vv: int, o: int, p0: int, p1: int, work: int) -> None:
+        lib.pdd_io_adam(
+            p,
+            g,
+            mm,
+            vv,
+            o,
+            nd,
+            grid.data_ptr(),
+            coef.data_ptr(),
+            b1,
+            b2,
+            1 - b1,
+            1 - b2,
+            c1,
+            c2,
+            eps,
+            p0,
+            p1,
+        )
+
+    _per_item([params, grad, m, v, out], call, _split(rows, 1, 12 * nd * params.shape[-1]), 1)
 
 
 def sample3(image: torch.Tensor, coords: torch.Tensor, zeros: bool = False) -> torch.Tensor:

@@ -463,6 +463,7 @@ class PDDNet(nn.Module):
         fshape = tuple(feat_fixed.shape[2:])
         disp = None if init is None else resize_field(init.to(feat_fixed.dtype), fshape)
         levels = []
+        fixed_cache: dict = {}  # the fixed features pooled and smoothed, outside autograd
         for level, alpha in zip(self.level_configs, self.alphas, strict=True):
             out = level_step(
                 feat_fixed,
@@ -477,6 +478,7 @@ class PDDNet(nn.Module):
                 fixed_mask=fmask,
                 moving_mask=mmask,
                 want_prob=True,
+                fixed_cache=fixed_cache,
             )
             disp = out.residual if disp is None else compose(disp, out.residual)
             levels.append(

@@ -311,6 +311,7 @@ def level_step(
     want_prob: bool = False,
     keep_cost: bool = False,
     posterior: Posterior | None = None,
+    fixed_cache: dict[tuple[int, int], Tensor] | None = None,
 ) -> LevelOutput:
     """One level of :func:`discrete_register` (differentiable when autograd is on: the learned
     PDD-Net runs the same levels in training).
@@ -327,6 +328,9 @@ def level_step(
         keep_cost: also return the raw cost (for the cost-volume instance optimisation).
         posterior: a :class:`pddreg.optim.uncertainty.Posterior` that records the level's
             regularised cost (the displacement probabilities), or None.
+        fixed_cache: a dict that keeps the fixed features pooled and smoothed per ``(pool,
+            smooth)`` for the next levels of the same features (they do not move; without
+            gradients only), or None.
 
     Returns:
         :class:`LevelOutput`.
@@ -347,7 +351,13 @@ def level_step(
     ndim = feat_fixed.dim() - 2
     fshape = tuple(feat_fixed.shape[2:])
     moved = feat_moving if disp is None else warp(feat_moving, disp, padding="border")
-    fix_p = _box_filter(pool_features(feat_fixed, level.pool), level.smooth)
+    key = (level.pool, level.smooth)
+    if fixed_cache is not None and key in fixed_cache:
+        fix_p = fixed_cache[key]
+    else:
+        fix_p = _box_filter(pool_features(feat_fixed, level.pool), level.smooth)
+        if fixed_cache is not None and not grad:
+            fixed_cache[key] = fix_p
     mov_p = _box_filter(pool_features(moved, level.pool), level.smooth)
     del moved
     pshape = tuple(mov_p.shape[2:])
@@ -514,6 +524,7 @@ def discrete_register(
         mmask_f = None if moving_mask is None else _area(moving_mask.to(feat_fixed.dtype), fshape)
         disp = None if init is None else resize_field(init.to(feat_fixed.dtype), fshape)
         last = None  # (the field so far is (B, ndim, *F) in voxels of F)
+        fixed_cache: dict[tuple[int, int], Tensor] = {}
         for i, level in enumerate(levels):
             keep_cost = instance is not None and instance.mode == "cost"
             out = level_step(
@@ -532,6 +543,7 @@ def discrete_register(
                 image_shape=shape,
                 keep_cost=keep_cost,
                 posterior=posterior,
+                fixed_cache=fixed_cache,
             )
             logger.debug(
                 "discrete_register: level %d grid %s labels %d |r| max %.2f",
