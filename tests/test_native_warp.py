@@ -208,7 +208,7 @@ def test_hand_written_gradient_of_the_objective_is_autograds(stride, masks):
     _native.io_adam(
         params, grad, moment, second, out, weights, squares, (0.0, 0.999), 0.5, 1e-3, 1e-8
     )
-    value = data + 0.7 * inst._diffusion_value(params, scale)
+    value = data + 0.7 * float(inst._scaled_diffusion(params, shape))
     assert value == pytest.approx(loss.item(), rel=1e-5)
     torch.testing.assert_close(moment.double(), a.grad, rtol=1e-4, atol=1e-7)
     assert not torch.equal(out, params)  # the step moved the field

@@ -1404,7 +1404,8 @@ void pdd_warp_ssd(const float* f, const float* m, const float* u, float* ssd, fl
  * (k[j] = 2 / numel(d_j); an axis with n_j < 2 has no term), then
  *   m = b1 m + a1 g,  v = b2 v + a2 g^2,  out = p - c1 m / (sqrt(v / c2) + eps)
  * with a1 = 1 - b1, a2 = 1 - b2 (rounded from double: 1 - 0.999f is 1.3e-5 off), c1 = lr /
- * (1 - b1^t), c2 = 1 - b2^t (coef: nd weights lam k[j], then nd sc[a]^2).  Items are consecutive in p, g, m, v, out. */
+ * (1 - b1^t), c2 = 1 - b2^t (coef: nd weights lam k[j], then nd sc[a]^2), on rows [r0, r1) of
+ * the grid (z, y; 2D: y).  Items are consecutive in p, g, m, v, out. */
 void pdd_io_sums(const float* ssd, const float* wk, const float* fm, int64_t p0, int64_t p1,
                  double* out) {
     double sw = 0.0, sws = 0.0;
@@ -1445,7 +1446,6 @@ static inline void io_adam_one(float h, float gt, float* m, float* v, float* out
 void pdd_io_adam(const float* p, const float* g, float* m, float* v, float* out, int nd,
                  const int64_t* G, const float* coef, float b1, float b2, float a1, float a2,
                  float c1, float c2, float eps, int64_t r0, int64_t r1) {
-    /* rows [r0, r1) of the grid (z, y; 2D: y), each along x */
     FTZ_BEGIN
     const int64_t nz = nd == 3 ? G[0] : 1, ny = G[nd - 2], nx = G[nd - 1];
     const int64_t N = nz * ny * nx, plane = ny * nx;
